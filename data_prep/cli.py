@@ -1,0 +1,112 @@
+"""`vicap prepare`: a thin Typer command over `data_prep.datasets.prepare`.
+
+`prepare_command` is a plain function with Typer-typed parameters; vicap's CLI
+registers it (`app.command("prepare")(prepare_command)`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import typer
+
+from data_prep.datasets import ADAPTERS, DataError, prepare
+from data_prep.datasets.jsonio import SourceError
+from data_prep.languages import get_language
+from data_prep.manifest import read_manifest
+from data_prep.report import PrepareReport
+from data_prep.stats import caption_stats, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def report_path(out: Path) -> Path:
+    """Where the report JSON goes: beside the manifest, `<name>.report.json`."""
+    return out.with_name(out.name.removesuffix(".jsonl") + ".report.json")
+
+
+def _parse_options(items: list[str]) -> dict[str, str]:
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--option")
+        options[key.strip().replace("-", "_")] = value
+    return options
+
+
+def prepare_command(
+    adapter: str = typer.Argument(..., help=f"Dataset adapter: {', '.join(sorted(ADAPTERS))}."),
+    source: Path = typer.Argument(..., help="The dataset as published: its folder or annotation file."),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Manifest to write (JSONL); the report goes beside it."
+    ),
+    images: Path | None = typer.Option(
+        None, "--images", help="Image folder, where the dataset keeps images apart."
+    ),
+    lang: str | None = typer.Option(
+        None, "--lang", help="Language code (vi, en, ...); default: the adapter's."
+    ),
+    strict: bool = typer.Option(
+        False, "--strict", help="Fail (exit 1) with the report if any problem is found."
+    ),
+    val_fraction: float = typer.Option(
+        0.0, "--val-fraction", help="Carve this fraction of train images into val."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of the by-image validation split."),
+    tokenizer: str | None = typer.Option(
+        None,
+        "--tokenizer",
+        help="LM tokenizer (hub name in the local cache, or folder) for length statistics.",
+    ),
+    check_images: bool = typer.Option(
+        True, "--check-images/--no-check-images", help="Open every image to find missing/broken files."
+    ),
+    max_problems: int = typer.Option(
+        20, "--max-problems", help="Problems listed per kind; the rest are counted."
+    ),
+    option: list[str] = typer.Option(
+        [], "--option", help="Adapter option KEY=VALUE (e.g. caption_column=text)."
+    ),
+) -> None:
+    """Read a dataset as published, write a clean normalized manifest, and report what was found."""
+    start = time.perf_counter()
+    try:
+        # Load the tokenizer first: a wrong name should fail before minutes of image checks.
+        tok = load_tokenizer(tokenizer) if tokenizer else None
+        report = prepare(
+            adapter,
+            source,
+            out,
+            language=lang,
+            strict=strict,
+            val_fraction=val_fraction,
+            seed=seed,
+            check_images=check_images,
+            images=images,
+            **_parse_options(option),
+        )
+    except DataError as err:
+        _finish(err.report, out, start, max_problems)
+        typer.echo(f"--strict: {len(err.report.problems)} problem(s) found; no manifest written", err=True)
+        raise typer.Exit(1) from None
+    except (KeyError, TypeError, ValueError, FileNotFoundError, SourceError) as err:
+        typer.echo(f"error: {err.args[0] if isinstance(err, KeyError) else err}", err=True)
+        raise typer.Exit(2) from None
+
+    records = read_manifest(out).records
+    report.stats = caption_stats([c for r in records for c in r.captions], get_language(report.language), tok)
+    if tokenizer and report.stats:
+        report.stats["tokenizer"] = tokenizer
+    _finish(report, out, start, max_problems)
+
+
+def _finish(report: PrepareReport, out: Path, start: float, max_problems: int) -> None:
+    report.elapsed_s = time.perf_counter() - start
+    path = report_path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    report.write(path)
+    typer.echo(report.format(max_problems=max_problems))
+    typer.echo(f"report: {path}")

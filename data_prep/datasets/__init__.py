@@ -1,0 +1,144 @@
+"""Dataset adapters: read a dataset as published, write the canonical manifest.
+
+Each adapter is a function ``fn(source: Path, *, images: Path | None = None, **options) -> AdapterOutput``
+registered with `@register_adapter(name, language=...)`. `prepare` runs one,
+validates and normalizes its output in one shared place, writes the manifest
+and returns a `PrepareReport`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from data_prep.datasets.base import Adapter, AdapterFn, AdapterOutput, RawCaption, RawImage, build_records
+from data_prep.languages import get_language
+from data_prep.manifest import write_manifest
+from data_prep.report import DataError, PrepareReport, Problem
+
+log = logging.getLogger(__name__)
+
+ADAPTERS: dict[str, Adapter] = {}
+
+__all__ = [
+    "ADAPTERS",
+    "Adapter",
+    "AdapterOutput",
+    "DataError",
+    "PrepareReport",
+    "Problem",
+    "RawCaption",
+    "RawImage",
+    "get_adapter",
+    "prepare",
+    "register_adapter",
+]
+
+
+def register_adapter(name: str, *, language: str = "generic") -> Callable[[AdapterFn], AdapterFn]:
+    """Decorator: register `fn` as adapter `name`; `language` is used when the user names none."""
+
+    def deco(fn: AdapterFn) -> AdapterFn:
+        if name in ADAPTERS:
+            raise ValueError(f"adapter {name!r} is already registered")
+        doc = inspect.getdoc(fn) or ""
+        ADAPTERS[name] = Adapter(name=name, fn=fn, language=language, doc=doc.splitlines()[0] if doc else "")
+        return fn
+
+    return deco
+
+
+def get_adapter(name: str) -> Adapter:
+    """The adapter called `name`; an unknown name lists the known ones."""
+    try:
+        return ADAPTERS[name]
+    except KeyError:
+        raise KeyError(f"unknown dataset adapter {name!r}; known: {', '.join(sorted(ADAPTERS))}") from None
+
+
+def _check_options(adapter: Adapter, options: dict) -> None:
+    params = inspect.signature(adapter.fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    allowed = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise TypeError(
+            f"adapter {adapter.name!r} got unknown option(s) {', '.join(unknown)}; it accepts: {', '.join(allowed)}"
+        )
+
+
+def prepare(
+    adapter: str,
+    source: Path,
+    out: Path,
+    *,
+    language: str | None = None,
+    strict: bool = False,
+    val_fraction: float = 0.0,
+    seed: int = 0,
+    check_images: bool = True,
+    **options,
+) -> PrepareReport:
+    """Read `source` with `adapter`, write the manifest to `out`, return what was found.
+
+    Bad items are skipped and listed in the report; with `strict=True` any problem raises
+    `DataError` (carrying the report) and no manifest is written.
+    """
+    start = time.perf_counter()
+    ad = get_adapter(adapter)
+    options = {k: v for k, v in options.items() if v is not None}
+    _check_options(ad, options)
+    source, out = Path(source), Path(out)
+    if not source.exists():
+        raise FileNotFoundError(f"dataset source not found: {source}")
+    lang = get_language(language or ad.language)
+
+    raw = ad.fn(source, **options)
+    records, problems, counts = build_records(
+        raw, lang, out, check=check_images, val_fraction=val_fraction, seed=seed
+    )
+    splits: dict[str, dict[str, int]] = {}
+    for r in records:
+        s = splits.setdefault(r.split, {"images": 0, "captions": 0})
+        s["images"] += 1
+        s["captions"] += len(r.captions)
+    report = PrepareReport(
+        adapter=adapter,
+        source=str(source),
+        out=str(out),
+        language=lang.code,
+        counts=counts,
+        splits=splits,
+        problems=problems,
+    )
+    if strict and problems:
+        report.elapsed_s = time.perf_counter() - start
+        raise DataError(report)
+    meta = {
+        "dataset": adapter,
+        "language": lang.code,
+        "source": str(source.absolute()),
+        "normalizer": f"{lang.normalizer.__module__}.{lang.normalizer.__qualname__}",
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "options": {k: str(Path(v).absolute()) if isinstance(v, Path) else v for k, v in options.items()},
+        **raw.meta,
+    }
+    write_manifest(out, records, meta)
+    report.elapsed_s = time.perf_counter() - start
+    log.info(
+        "wrote %s: %d images, %d captions, %d problems",
+        out,
+        counts["images"],
+        counts["captions"],
+        len(problems),
+    )
+    return report
+
+
+# Importing the adapter modules registers them.
+from data_prep.datasets import coco, flickr8k, karpathy, ktvic, table  # noqa: E402,F401

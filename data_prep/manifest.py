@@ -1,0 +1,173 @@
+"""The canonical manifest: one JSONL file every later stage reads.
+
+Line 1 is a header::
+
+    {"vicap_manifest": 1, "dataset": "ktvic", "language": "vi", ...extra meta}
+
+every later line is one image::
+
+    {"image_id": "42", "image": "train-images/00042.jpg", "split": "train",
+     "captions": ["..."], "caption_ids": ["7"]}
+
+`image` is relative to the manifest's directory (absolute when no relative path
+exists, e.g. another drive), so a dataset folder can be moved with its manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+FORMAT_VERSION = 1
+_RECORD_KEYS = ("image_id", "image", "split", "captions", "caption_ids")
+
+
+class ManifestError(ValueError):
+    """A manifest file that cannot be read; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image with its captions."""
+
+    image_id: str
+    image: str
+    split: str
+    captions: tuple[str, ...]
+    caption_ids: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.captions) != len(self.caption_ids):
+            raise ValueError(
+                f"image {self.image_id!r}: {len(self.captions)} captions but {len(self.caption_ids)} caption_ids"
+            )
+
+    def to_dict(self) -> dict:
+        return {
+            "image_id": self.image_id,
+            "image": self.image,
+            "split": self.split,
+            "captions": list(self.captions),
+            "caption_ids": list(self.caption_ids),
+        }
+
+
+@dataclass
+class Manifest:
+    """A read manifest: its path, header meta and records."""
+
+    path: Path
+    meta: dict
+    records: list[Record] = field(default_factory=list)
+
+    @property
+    def language(self) -> str:
+        return self.meta["language"]
+
+    @property
+    def dataset(self) -> str:
+        return self.meta["dataset"]
+
+    def resolve_image(self, record: Record) -> Path:
+        """The record's image as an absolute path."""
+        return (self.path.parent / record.image).resolve()
+
+    def split(self, name: str) -> list[Record]:
+        """Records of split `name` (e.g. "train", "val", "test")."""
+        return [r for r in self.records if r.split == name]
+
+    @property
+    def splits(self) -> dict[str, int]:
+        """Image count per split, in first-seen order."""
+        counts: dict[str, int] = {}
+        for r in self.records:
+            counts[r.split] = counts.get(r.split, 0) + 1
+        return counts
+
+
+def relative_image_path(image: str | os.PathLike, manifest_path: str | os.PathLike) -> str:
+    """`image` relative to the manifest's directory, or absolute when they share no folder but the root.
+
+    A path like "../../../data/x.jpg" would only break when the manifest moves, so it is not used.
+    """
+    image = Path(image).absolute()
+    base = Path(manifest_path).absolute().parent
+    try:
+        common = Path(os.path.commonpath([image, base]))
+    except ValueError:  # different drives on Windows
+        return image.as_posix()
+    if common == Path(common.anchor):
+        return image.as_posix()
+    return Path(os.path.relpath(image, base)).as_posix()
+
+
+def write_manifest(path: str | os.PathLike, records: Iterable[Record], meta: dict) -> None:
+    """Write header + records as JSONL (UTF-8, non-ASCII kept readable); atomic via a temp file."""
+    for key in ("dataset", "language"):
+        if not isinstance(meta.get(key), str):
+            raise ValueError(f"manifest meta needs a string {key!r}, got {meta.get(key)!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = {"vicap_manifest": FORMAT_VERSION, **{k: v for k, v in meta.items() if k != "vicap_manifest"}}
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.write(json.dumps(header, ensure_ascii=False) + "\n")
+        for r in records:
+            f.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+def _record_from(obj: object, where: str) -> Record:
+    if not isinstance(obj, dict):
+        raise ManifestError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    missing = [k for k in _RECORD_KEYS if k not in obj]
+    if missing:
+        raise ManifestError(f"{where}: missing key(s) {', '.join(missing)}")
+    for k in ("image_id", "image", "split"):
+        if not isinstance(obj[k], str):
+            raise ManifestError(f"{where}: {k!r} must be a string, got {obj[k]!r}")
+    for k in ("captions", "caption_ids"):
+        if not isinstance(obj[k], list) or not all(isinstance(x, str) for x in obj[k]):
+            raise ManifestError(f"{where}: {k!r} must be a list of strings")
+    if len(obj["captions"]) != len(obj["caption_ids"]):
+        raise ManifestError(
+            f"{where}: {len(obj['captions'])} captions but {len(obj['caption_ids'])} caption_ids"
+        )
+    return Record(
+        obj["image_id"], obj["image"], obj["split"], tuple(obj["captions"]), tuple(obj["caption_ids"])
+    )
+
+
+def read_manifest(path: str | os.PathLike) -> Manifest:
+    """Read and validate a manifest; errors name the file and the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest not found: {path} (write one with `vicap prepare`)")
+    meta: dict | None = None
+    records: list[Record] = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ManifestError(f"{where}: invalid JSON ({err.msg})") from None
+            if meta is None:
+                if not isinstance(obj, dict) or "vicap_manifest" not in obj:
+                    raise ManifestError(f"{where}: header missing (first line must hold 'vicap_manifest')")
+                if obj["vicap_manifest"] != FORMAT_VERSION:
+                    raise ManifestError(f"{where}: unsupported manifest version {obj['vicap_manifest']!r}")
+                for key in ("dataset", "language"):
+                    if not isinstance(obj.get(key), str):
+                        raise ManifestError(f"{where}: header needs a string {key!r}")
+                meta = obj
+                continue
+            records.append(_record_from(obj, where))
+    if meta is None:
+        raise ManifestError(f"{path}: empty file, header missing")
+    return Manifest(path=path, meta=meta, records=records)

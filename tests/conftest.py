@@ -1,0 +1,98 @@
+"""Shared fixtures: tiny real-format models and a tiny KTVIC-layout dataset, built once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+import vicap  # noqa: E402,F401  (installs the torchvision guard first)
+from vicap import demo  # noqa: E402
+from vicap.recipe import load_recipe  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CLIP_CFG = {
+    "embed_dim": 24,
+    "vision_cfg": {
+        "image_size": 32,
+        "patch_size": 8,
+        "width": 32,
+        "layers": 1,
+        "head_width": 16,
+        "mlp_ratio": 2.0,
+    },
+    "text_cfg": {
+        "context_length": 16,
+        "vocab_size": 64,
+        "width": 32,
+        "heads": 2,
+        "layers": 1,
+        "pool_type": "last",
+    },
+}
+
+
+@pytest.fixture(scope="session")
+def ktvic_dir(tmp_path_factory) -> Path:
+    """A tiny synthetic dataset in KTVIC's own layout."""
+    return demo.write_synthetic_ktvic(tmp_path_factory.mktemp("ktvic"), n_train=24, n_test=6, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory, ktvic_dir) -> Path:
+    """A tiny GPT-2 + byte-level BPE tokenizer, saved as a Hugging Face model folder."""
+    _, captions = demo.read_train_pairs(ktvic_dir)
+    return demo.build_tiny_lm(tmp_path_factory.mktemp("lm") / "tiny-gpt2", [c for cs in captions for c in cs])
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory) -> Path:
+    """A tiny randomly initialised open_clip model saved as a local-dir folder."""
+    import open_clip
+
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**TINY_CLIP_CFG)
+    return demo.save_open_clip(
+        model, TINY_CLIP_CFG, demo.clip_preprocess_cfg(32), tmp_path_factory.mktemp("clip") / "c"
+    )
+
+
+def tiny_recipe_overrides(tmp: Path, ktvic: Path, lm: Path, clip: Path, **extra: str) -> list[str]:
+    base = {
+        "encoder.model": f"local-dir:{clip}",
+        "decoder.model": str(lm),
+        "data.source": str(ktvic),
+        "data.features_dir": str(tmp / "features"),
+        "data.val_fraction": "0.0",
+        "train.output_dir": str(tmp / "run"),
+        "train.epochs": "2",
+        "train.batch_size": "16",
+        "train.warmup_steps": "2",
+        "train.lr": "1e-3",
+        "train.log_every": "1",
+        "train.device": "cpu",
+        "generate.max_new_tokens": "8",
+        "mapper.prefix_length": "2",
+        "eval.levels": '["syllable"]',
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path, ktvic_dir, tiny_lm_dir, tiny_clip_dir):
+    """Factory: the demo recipe pointed at the tiny models and data, with extra overrides."""
+
+    def make(**extra: str):
+        return load_recipe(
+            REPO / "recipes" / "demo_vi_synthetic.toml",
+            tiny_recipe_overrides(tmp_path, ktvic_dir, tiny_lm_dir, tiny_clip_dir, **extra),
+        )
+
+    return make

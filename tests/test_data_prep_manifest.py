@@ -1,0 +1,110 @@
+"""The manifest format: round trip, relative image paths, errors that name file and line."""
+
+import json
+
+import pytest
+
+from data_prep.manifest import Manifest, ManifestError, Record, read_manifest, write_manifest
+
+META = {"dataset": "toy", "language": "vi", "source_files": ["a.json"]}
+
+
+def test_round_trip(tmp_path):
+    path = tmp_path / "out" / "manifest.jsonl"
+    recs = [
+        Record("1", "../img/a.jpg", "train", ("Một con mèo.", "Con mèo nằm."), ("10", "11")),
+        Record("2", "../img/b.jpg", "test", ("Hai người.",), ("12",)),
+    ]
+    write_manifest(path, recs, META)
+    m = read_manifest(path)
+    assert isinstance(m, Manifest)
+    assert m.records == recs
+    assert m.meta["vicap_manifest"] == 1 and m.meta["source_files"] == ["a.json"]
+    assert m.language == "vi"
+    assert [r.image_id for r in m.split("train")] == ["1"]
+    assert m.resolve_image(recs[0]) == (tmp_path / "img" / "a.jpg").resolve()
+    # UTF-8 kept readable, not \u escapes
+    assert "Một con mèo" in path.read_text(encoding="utf-8")
+
+
+def test_relative_image_path(tmp_path):
+    from data_prep.manifest import relative_image_path
+
+    out = tmp_path / "m" / "manifest.jsonl"
+    assert relative_image_path(tmp_path / "img" / "a.jpg", out) == "../img/a.jpg"
+
+
+def test_write_requires_dataset_and_language(tmp_path):
+    with pytest.raises(ValueError, match="language"):
+        write_manifest(tmp_path / "m.jsonl", [], {"dataset": "x"})
+
+
+def test_record_length_mismatch():
+    with pytest.raises(ValueError, match="caption_ids"):
+        Record("1", "a.jpg", "train", ("a", "b"), ("1",))
+
+
+HEADER = json.dumps({"vicap_manifest": 1, "dataset": "toy", "language": "vi"})
+GOOD = json.dumps(
+    {"image_id": "1", "image": "a.jpg", "split": "train", "captions": ["x"], "caption_ids": ["1"]}
+)
+
+
+@pytest.mark.parametrize(
+    ("lines", "match"),
+    [
+        ([GOOD], r":1: header missing"),
+        ([HEADER, "{not json"], r":2: invalid JSON"),
+        (
+            [HEADER, GOOD, json.dumps({"image_id": "2", "image": "b.jpg", "split": "train"})],
+            r":3: missing key\(s\) captions, caption_ids",
+        ),
+        (
+            [
+                HEADER,
+                json.dumps(
+                    {
+                        "image_id": "1",
+                        "image": "a.jpg",
+                        "split": "train",
+                        "captions": ["x", "y"],
+                        "caption_ids": ["1"],
+                    }
+                ),
+            ],
+            r":2: 2 captions but 1 caption_ids",
+        ),
+        (
+            [
+                HEADER,
+                json.dumps(
+                    {"image_id": 1, "image": "a.jpg", "split": "t", "captions": [], "caption_ids": []}
+                ),
+            ],
+            r":2: 'image_id' must be a string",
+        ),
+        (
+            [json.dumps({"vicap_manifest": 99, "dataset": "toy", "language": "vi"})],
+            r":1: unsupported manifest version",
+        ),
+        ([], r"empty file"),
+    ],
+)
+def test_read_errors_name_file_and_line(tmp_path, lines, match):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(ManifestError, match=match) as info:
+        read_manifest(path)
+    assert str(path) in str(info.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="vicap prepare"):
+        read_manifest(tmp_path / "nope.jsonl")
+
+
+def test_image_path_outside_any_shared_folder_is_absolute(tmp_path):
+    from data_prep.manifest import relative_image_path
+
+    assert relative_image_path("/a/b.jpg", "/c/manifest.jsonl") == "/a/b.jpg"
+    assert relative_image_path("/c/img/b.jpg", "/c/out/manifest.jsonl") == "../img/b.jpg"

@@ -1,0 +1,393 @@
+"""`vicap demo`: the whole pipeline, offline, in a few minutes on a CPU.
+
+Nothing is downloaded. The demo
+1. draws a deterministic synthetic captioning set (coloured shapes: which shape, colour, how many,
+   where, on which background) with five varied Vietnamese captions per image, written in KTVIC's
+   own file layout so it is read by the same adapter as a real KTVIC copy;
+2. builds two *stand-ins* for the real pretrained models, saved in the real formats and loaded back
+   through vicap's real loaders: a tiny CLIP (open_clip `local-dir:` folder) trained contrastively
+   for a few hundred steps on the training pairs, and a tiny GPT-2 with a byte-level BPE tokenizer
+   trained on the training captions (a Hugging Face model folder). Real recipes name real CLIP and
+   GPT-2 weights instead;
+3. trains the mapper together with the tiny LM (ClipCap's "MLP + fine-tuned LM" setting: a randomly
+   initialised LM has nothing useful to keep frozen), captions the held-out images and scores them
+   beside the most-frequent-training-caption floor.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------- the synthetic world
+
+COLOURS = {  # Vietnamese colour name -> RGB
+    "đỏ": (215, 38, 38),
+    "xanh lá": (40, 165, 60),
+    "xanh dương": (35, 75, 215),
+    "vàng": (240, 200, 25),
+    "tím": (135, 55, 180),
+}
+BACKGROUNDS = {"trắng": (246, 246, 246), "xám": (125, 125, 125), "đen": (18, 18, 18)}
+SHAPES = ("hình tròn", "hình vuông", "hình tam giác")
+COUNTS = ("một", "hai", "ba")
+# position phrase -> region (x0, y0, x1, y1) as fractions of the image; regions do not overlap
+POSITIONS = {
+    "bên trái": (0.02, 0.22, 0.42, 0.78),
+    "bên phải": (0.58, 0.22, 0.98, 0.78),
+    "phía trên": (0.22, 0.02, 0.78, 0.42),
+    "phía dưới": (0.22, 0.58, 0.78, 0.98),
+    "chính giữa": (0.28, 0.28, 0.72, 0.72),
+}
+# Seven ways of saying the same scene; each image gets five of them.
+TEMPLATES = (
+    "{Count} {shape} màu {colour} ở {pos} bức ảnh.",
+    "Có {count} {shape} {colour} nằm {pos} trên nền {bg}.",
+    "Bức ảnh có {count} {shape} màu {colour} trên nền {bg}.",
+    "Trên nền {bg} là {count} {shape} màu {colour} ở {pos}.",
+    "{Count} {shape} {colour} được đặt ở {pos} khung hình.",
+    "Ở {pos} bức ảnh có {count} {shape} màu {colour}.",
+    "Hình ảnh cho thấy {count} {shape} màu {colour} trên một nền {bg}.",
+)
+# KTVIC ships underthesea-style word segmentation beside each caption; the demo's vocabulary is closed,
+# so its compounds are listed here instead of running a segmenter.
+COMPOUNDS = (
+    "hình tam giác",
+    "hình tròn",
+    "hình vuông",
+    "xanh lá",
+    "xanh dương",
+    "bức ảnh",
+    "khung hình",
+    "hình ảnh",
+    "chính giữa",
+    "cho thấy",
+    "được đặt",
+)
+
+
+@dataclass(frozen=True)
+class Scene:
+    shape: str
+    colour: str
+    count: int
+    pos: str
+    bg: str
+
+
+def segment_caption(caption: str) -> str:
+    for c in COMPOUNDS:
+        caption = caption.replace(c, c.replace(" ", "_")).replace(
+            c.capitalize(), c.capitalize().replace(" ", "_")
+        )
+    return caption.replace(".", " .").strip()
+
+
+def captions_for(scene: Scene, rng: random.Random) -> list[str]:
+    count = COUNTS[scene.count - 1]
+    words = {
+        "count": count,
+        "Count": count.capitalize(),
+        "shape": scene.shape,
+        "colour": scene.colour,
+        "pos": scene.pos,
+        "bg": scene.bg,
+    }
+    return [t.format(**words) for t in rng.sample(TEMPLATES, 5)]
+
+
+def draw_scene(scene: Scene, rng: random.Random, size: int = 96):
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (size, size), BACKGROUNDS[scene.bg])
+    draw = ImageDraw.Draw(image)
+    x0, y0, x1, y1 = (v * size for v in POSITIONS[scene.pos])
+    placed: list[tuple[float, float, float]] = []
+    for _ in range(scene.count):
+        for _attempt in range(50):  # rejection sampling so shapes do not overlap
+            r = rng.uniform(0.065, 0.085) * size
+            cx, cy = rng.uniform(x0 + r, x1 - r), rng.uniform(y0 + r, y1 - r)
+            if all(math.hypot(cx - px, cy - py) > r + pr + 1 for px, py, pr in placed):
+                break
+        placed.append((cx, cy, r))
+        fill = tuple(min(255, max(0, c + rng.randint(-15, 15))) for c in COLOURS[scene.colour])
+        if scene.shape == "hình tròn":
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        elif scene.shape == "hình vuông":
+            s = r * 0.9
+            draw.rectangle((cx - s, cy - s, cx + s, cy + s), fill=fill)
+        else:
+            draw.polygon([(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)], fill=fill)
+    return image
+
+
+def random_scene(rng: random.Random) -> Scene:
+    return Scene(
+        rng.choice(SHAPES),
+        rng.choice(list(COLOURS)),
+        rng.randint(1, 3),
+        rng.choice(list(POSITIONS)),
+        rng.choice(list(BACKGROUNDS)),
+    )
+
+
+def write_synthetic_ktvic(root: Path, n_train: int = 1500, n_test: int = 200, seed: int = 0) -> Path:
+    """Write the synthetic set in KTVIC's layout: {train,test}_data.json + train-images/, public-test-images/."""
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    ann_id = 0
+    for split_file, folder, n, first_id in (
+        ("train_data.json", "train-images", n_train, 0),
+        ("test_data.json", "public-test-images", n_test, n_train),
+    ):
+        (root / folder).mkdir(exist_ok=True)
+        images, annotations = [], []
+        for i in range(n):
+            image_id = first_id + i
+            scene = random_scene(rng)
+            filename = f"{image_id:06d}.jpg"
+            draw_scene(scene, rng).save(root / folder / filename, quality=95)
+            images.append({"id": image_id, "filename": filename})
+            for caption in captions_for(scene, rng):
+                annotations.append(
+                    {
+                        "id": ann_id,
+                        "image_id": image_id,
+                        "caption": caption,
+                        "segment_caption": segment_caption(caption),
+                    }
+                )
+                ann_id += 1
+        data = {"images": images, "annotations": annotations}
+        (root / split_file).write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
+    return root
+
+
+def read_train_pairs(root: Path) -> tuple[list[Path], list[list[str]]]:
+    data = json.loads((root / "train_data.json").read_text(encoding="utf-8"))
+    caps: dict[int, list[str]] = {}
+    for a in data["annotations"]:
+        caps.setdefault(a["image_id"], []).append(a["caption"])
+    return (
+        [root / "train-images" / im["filename"] for im in data["images"]],
+        [caps[im["id"]] for im in data["images"]],
+    )
+
+
+# --------------------------------------------------------------------------- stand-in models
+
+
+def build_tiny_lm(out: Path, captions: list[str], *, seed: int = 0) -> Path:
+    """A tiny GPT-2 and its byte-level BPE tokenizer, trained on `captions`, saved as a HF model folder."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+
+    out.mkdir(parents=True, exist_ok=True)
+    eos = "<|endoftext|>"
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(
+        captions, vocab_size=400, min_frequency=2, special_tokens=[eos], show_progress=False
+    )
+    tokenizer = GPT2TokenizerFast(
+        tokenizer_object=bpe._tokenizer, bos_token=eos, eos_token=eos, unk_token=eos
+    )
+    tokenizer.save_pretrained(out)
+    torch.manual_seed(seed)
+    eos_id = tokenizer.convert_tokens_to_ids(eos)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=64,
+        n_embd=128,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+    )
+    GPT2LMHeadModel(config).save_pretrained(out)
+    return out
+
+
+TINY_CLIP = {
+    "embed_dim": 128,
+    "vision_cfg": {
+        "image_size": 64,
+        "patch_size": 8,
+        "width": 128,
+        "layers": 3,
+        "head_width": 32,
+        "mlp_ratio": 2.0,
+    },
+    "text_cfg": {
+        "context_length": 40,
+        "width": 128,
+        "heads": 4,
+        "layers": 2,
+        "mlp_ratio": 2.0,
+        "pool_type": "last",
+    },
+}
+
+
+def build_tiny_clip(
+    out: Path,
+    images: list[Path],
+    captions: list[list[str]],
+    tokenizer_dir: Path,
+    *,
+    steps: int = 300,
+    batch_size: int = 128,
+    seed: int = 0,
+    progress: bool = True,
+) -> Path:
+    """A tiny CLIP trained contrastively on the demo's training pairs, saved as an open_clip local-dir."""
+    import open_clip
+    from open_clip.loss import ClipLoss
+    from tqdm.auto import tqdm
+    from transformers import AutoTokenizer
+
+    from vicap.images import load_image
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    cfg = json.loads(json.dumps(TINY_CLIP))
+    cfg["text_cfg"]["vocab_size"] = len(tok)
+    model = open_clip.CLIP(**cfg)
+    size = cfg["vision_cfg"]["image_size"]
+    preprocess_cfg = clip_preprocess_cfg(size)
+    preprocess = open_clip.image_transform(
+        size, is_train=False, mean=preprocess_cfg["mean"], std=preprocess_cfg["std"]
+    )
+    pixels = torch.stack([preprocess(load_image(p)) for p in images])
+    ctx = cfg["text_cfg"]["context_length"]
+
+    def encode_text(texts: list[str]) -> torch.Tensor:
+        ids = tok(texts, add_special_tokens=False)["input_ids"]
+        out = torch.full((len(ids), ctx), tok.eos_token_id, dtype=torch.long)
+        for i, t in enumerate(ids):
+            t = t[: ctx - 1] + [tok.eos_token_id]
+            out[i, : len(t)] = torch.tensor(t)
+        return out
+
+    loss_fn = ClipLoss()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.1)
+    model.train()
+    bar = tqdm(range(steps), desc="tiny CLIP", unit="step", disable=not progress)
+    for _ in bar:
+        idx = rng.sample(range(len(images)), min(batch_size, len(images)))
+        texts = encode_text([rng.choice(captions[i]) for i in idx])
+        img_f, txt_f, scale = model(pixels[idx], texts)
+        loss = loss_fn(img_f, txt_f, scale)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return save_open_clip(model, cfg, preprocess_cfg, out)
+
+
+def clip_preprocess_cfg(size: int) -> dict:
+    """open_clip's preprocessing record for a square input of `size` pixels, with OpenAI's mean and std."""
+    import open_clip
+
+    return {
+        "size": [size, size],
+        "mode": "RGB",
+        "mean": list(open_clip.OPENAI_DATASET_MEAN),
+        "std": list(open_clip.OPENAI_DATASET_STD),
+        "interpolation": "bicubic",
+        "resize_mode": "shortest",
+    }
+
+
+def save_open_clip(model: torch.nn.Module, model_cfg: dict, preprocess_cfg: dict, out: Path) -> Path:
+    """Write an open_clip model as a `local-dir:` folder: open_clip_config.json + open_clip_model.safetensors."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
+    (out / "open_clip_config.json").write_text(json.dumps(config, indent=2))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "open_clip_model.safetensors")
+    return out
+
+
+# --------------------------------------------------------------------------- the demo
+
+
+DEMO_RECIPE = "demo_vi_synthetic.toml"
+
+
+def demo_recipe_path() -> Path:
+    """recipes/demo_vi_synthetic.toml of the source checkout vicap runs from (README installs with -e)."""
+    path = Path(__file__).resolve().parents[1] / "recipes" / DEMO_RECIPE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: run the demo from a vicap checkout (pip install -e .) or pass --recipe PATH"
+        )
+    return path
+
+
+def run_demo(
+    out: Path, *, recipe_path: Path | None = None, overrides: tuple[str, ...] = (), progress: bool = True
+) -> dict:
+    """Build everything under `out`, train, evaluate; returns the evaluation report."""
+    from vicap.evaluate import evaluate_run
+    from vicap.recipe import load_recipe
+    from vicap.train import train
+
+    t0 = time.time()
+    out = Path(out)
+    data = out / "data" / "ktvic-synthetic"
+    lm_dir, clip_dir = out / "models" / "tiny-gpt2-vi", out / "models" / "tiny-clip"
+    run_dir = out / "runs" / "demo"
+    recipe = load_recipe(
+        recipe_path or demo_recipe_path(),
+        [
+            f"encoder.model=local-dir:{clip_dir}",
+            f"decoder.model={lm_dir}",
+            f"data.source={data}",
+            f"data.features_dir={out / 'features'}",
+            f"train.output_dir={run_dir}",
+            *overrides,
+        ],
+    )
+    timings = {}
+
+    def stage(name: str, done: bool, fn) -> None:
+        t = time.time()
+        if done:
+            log.info("%s: reusing %s", name, out)
+        else:
+            fn()
+        timings[name] = round(time.time() - t, 1)
+
+    stage("synthetic data", (data / "test_data.json").exists(), lambda: write_synthetic_ktvic(data))
+    images, captions = read_train_pairs(data)
+    stage(
+        "tiny GPT-2",
+        (lm_dir / "config.json").exists(),
+        lambda: build_tiny_lm(lm_dir, [c for cs in captions for c in cs]),
+    )
+    stage(
+        "tiny CLIP",
+        (clip_dir / "open_clip_model.safetensors").exists(),
+        lambda: build_tiny_clip(clip_dir, images, captions, lm_dir, progress=progress),
+    )
+    shutil.rmtree(run_dir, ignore_errors=True)
+    stage("train", False, lambda: train(recipe, progress=progress))
+    report: dict = {}
+    stage("caption + evaluate", False, lambda: report.update(evaluate_run(run_dir, progress=progress)))
+    report["timings_s"] = timings
+    report["wall_s"] = round(time.time() - t0, 1)
+    return report

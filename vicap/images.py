@@ -1,0 +1,36 @@
+"""Image decoding with PIL: EXIF orientation applied, every mode converted to RGB, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image, ImageOps
+
+# Decompression-bomb guard: PIL warns at ~89 MP and raises at twice that; vicap refuses above this.
+MAX_PIXELS = 100_000_000
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; the message names the file."""
+
+
+def load_image(path: str | Path) -> Image.Image:
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"{path}: image file not found")
+    try:
+        with Image.open(path) as im:
+            if im.width * im.height > MAX_PIXELS:
+                raise ImageError(f"{path}: {im.width}x{im.height} is over the {MAX_PIXELS:,}-pixel limit")
+            im.load()  # decode now so truncated files fail here, not inside a batch
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                # composite transparency onto white rather than letting it turn black
+                rgba = im.convert("RGBA")
+                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                return Image.alpha_composite(background, rgba).convert("RGB")
+            return im.convert("RGB")
+    except ImageError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None

@@ -1,0 +1,362 @@
+"""Recipes: one TOML file per experiment, validated into frozen dataclasses before anything heavy loads.
+
+A recipe has the sections encoder, decoder, mapper, data, train, generate and eval (plus optional
+top-level `name` and `description`). Unknown keys, wrong types and bad values raise `RecipeError`
+naming the file and the dotted key. Command-line overrides use the same dotted keys
+(`train.lr=1e-4`, `decoder.model=gpt2`); values are parsed as TOML, and a bare word is a string.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message names the file and the key."""
+
+
+def _help(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("use tuples for defaults")
+    return field(default=default, metadata={"help": text}, **kw)
+
+
+def _check(cond: bool, key: str, value: Any, why: str) -> None:
+    if not cond:
+        raise ValueError(f"{key} = {value!r}: {why}")
+
+
+def _one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
+    _check(value in choices, key, value, f"must be one of {', '.join(choices)}")
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    name: str = _help("encoder registry entry (see `vicap list`)", "open_clip")
+    model: str = _help(
+        "open_clip model name (ViT-B-32, RN50, ...), 'local-dir:PATH' for a folder holding "
+        "open_clip_config.json and weights, or 'hf-hub:org/repo'",
+        "ViT-B-32",
+    )
+    pretrained: str = _help(
+        "open_clip pretrained tag ('openai', 'laion2b_s34b_b79k', ...) or a local .safetensors file; "
+        "ignored for local-dir:/hf-hub: models",
+        "openai",
+    )
+    batch_size: int = _help("images per batch during feature extraction", 64)
+    normalize: bool = _help("L2-normalize image features before the mapper", False)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.model), "encoder.model", self.model, "must name a model")
+        _check(self.batch_size > 0, "encoder.batch_size", self.batch_size, "must be > 0")
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    model: str = _help(
+        "Hugging Face causal LM: hub id (gpt2, NlpHUST/gpt2-vietnamese) or local directory", "gpt2"
+    )
+    tuning: str = _help(
+        "'frozen' trains only the mapper; 'full' also fine-tunes the LM (ClipCap's MLP setting)", "frozen"
+    )
+
+    def __post_init__(self) -> None:
+        _check(bool(self.model), "decoder.model", self.model, "must name a model")
+        _one_of("decoder.tuning", self.tuning, ("frozen", "full"))
+
+
+@dataclass(frozen=True)
+class MapperConfig:
+    type: str = _help("mapper registry entry (see `vicap list`)", "mlp")
+    prefix_length: int = _help("number of prefix embeddings the mapper produces", 10)
+    hidden_dim: int = _help("hidden width; 0 means ClipCap's (LM width * prefix_length) // 2", 0)
+    dropout: float = _help("dropout inside the mapper", 0.0)
+
+    def __post_init__(self) -> None:
+        _check(self.prefix_length > 0, "mapper.prefix_length", self.prefix_length, "must be > 0")
+        _check(self.hidden_dim >= 0, "mapper.hidden_dim", self.hidden_dim, "must be >= 0")
+        _check(0.0 <= self.dropout < 1.0, "mapper.dropout", self.dropout, "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    adapter: str = _help("dataset adapter that reads the source (see `vicap list`)", "ktvic")
+    source: str = _help("the dataset as published: a folder or file the adapter reads", "")
+    images: str = _help("image folder, for adapters whose annotations live apart from the images", "")
+    language: str = _help("language code of the captions (vi, en, ...)", "vi")
+    segment: str = _help(
+        "what the LM sees: 'none' (syllables / raw words) or 'word' (word-segmented)", "none"
+    )
+    val_fraction: float = _help("fraction of training images held out for validation (by image)", 0.0)
+    max_tokens: int = _help("captions longer than this many LM tokens are truncated (EOS kept)", 40)
+    features_dir: str = _help("root of the on-disk feature store, shared across runs", "features")
+
+    def __post_init__(self) -> None:
+        _check(bool(self.source), "data.source", self.source, "must name the dataset folder or file")
+        _one_of("data.segment", self.segment, ("none", "word"))
+        _check(0.0 <= self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "must be in [0, 1)")
+        _check(self.max_tokens >= 2, "data.max_tokens", self.max_tokens, "must be >= 2")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    output_dir: str = _help("run directory (checkpoints, logs, resolved recipe)", "runs/default")
+    seed: int = _help("seed for weights init, data order and dropout", 42)
+    epochs: int = _help("passes over the training captions", 10)
+    batch_size: int = _help("captions per optimizer step per process (before accumulation)", 40)
+    grad_accum: int = _help("gradient accumulation steps", 1)
+    lr: float = _help("peak learning rate (AdamW)", 2e-5)
+    weight_decay: float = _help("AdamW weight decay", 0.0)
+    warmup_steps: int = _help("linear warmup steps, then linear decay to 0", 5000)
+    grad_clip: float = _help("max gradient norm; 0 disables clipping", 1.0)
+    mixed_precision: str = _help("'no', 'bf16' or 'fp16' (through Accelerate)", "no")
+    device: str = _help("'auto' lets Accelerate choose; 'cpu' forces the CPU", "auto")
+    log_every: int = _help("optimizer steps between loss log lines", 50)
+    save_every: int = _help("optimizer steps between checkpoints; 0 saves once per epoch", 0)
+    keep_checkpoints: int = _help("how many recent checkpoints to keep", 2)
+
+    def __post_init__(self) -> None:
+        for key in ("epochs", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):
+            _check(getattr(self, key) > 0, f"train.{key}", getattr(self, key), "must be > 0")
+        _check(self.lr > 0, "train.lr", self.lr, "must be > 0")
+        _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
+        _check(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "must be >= 0")
+        _check(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "must be >= 0")
+        _check(self.save_every >= 0, "train.save_every", self.save_every, "must be >= 0")
+        _one_of("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
+        _one_of("train.device", self.device, ("auto", "cpu"))
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    strategy: str = _help("'greedy' or 'beam'", "beam")
+    beam_size: int = _help("beams for beam search", 5)
+    max_new_tokens: int = _help("longest caption, in LM tokens", 30)
+    length_penalty: float = _help("beam score = log-prob / length ** length_penalty", 1.0)
+    batch_size: int = _help("images per generation batch", 32)
+
+    def __post_init__(self) -> None:
+        _one_of("generate.strategy", self.strategy, ("greedy", "beam"))
+        _check(self.beam_size >= 1, "generate.beam_size", self.beam_size, "must be >= 1")
+        _check(self.max_new_tokens >= 1, "generate.max_new_tokens", self.max_new_tokens, "must be >= 1")
+        _check(self.batch_size >= 1, "generate.batch_size", self.batch_size, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    split: str = _help("manifest split that is scored", "test")
+    levels: tuple[str, ...] = _help(
+        "metric tokenizations: 'syllable' (whitespace units) and/or 'word' (the language's word segmenter)",
+        ("syllable",),
+    )
+    max_images: int = _help("score at most this many images (0 = all)", 0)
+
+    def __post_init__(self) -> None:
+        _check(len(self.levels) > 0, "eval.levels", self.levels, "must name at least one level")
+        for level in self.levels:
+            _one_of("eval.levels", level, ("syllable", "word"))
+        _check(self.max_images >= 0, "eval.max_images", self.max_images, "must be >= 0")
+
+
+SECTIONS: dict[str, type] = {
+    "encoder": EncoderConfig,
+    "decoder": DecoderConfig,
+    "mapper": MapperConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "generate": GenerateConfig,
+    "eval": EvalConfig,
+}
+TOP_LEVEL = ("name", "description")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    encoder: EncoderConfig
+    decoder: DecoderConfig
+    mapper: MapperConfig
+    data: DataConfig
+    train: TrainConfig
+    generate: GenerateConfig
+    eval: EvalConfig
+    name: str = ""
+    description: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "description": self.description}
+        for section in SECTIONS:
+            values = dataclasses.asdict(getattr(self, section))
+            out[section] = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), ensure_ascii=False, sort_keys=True)
+
+    def to_toml(self) -> str:
+        return dump_toml(self.to_dict())
+
+    def replace(self, **overrides: Any) -> Recipe:
+        """A copy with dotted overrides applied and validated again: `recipe.replace(**{"train.lr": 1e-3})`."""
+        return recipe_from_dict(
+            apply_overrides(self.to_dict(), [f"{k}={_toml_value(v)}" for k, v in overrides.items()])
+        )
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check a TOML value against a field type; ints are accepted for floats, lists for tuples."""
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        (item_tp, _) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise RecipeError(f"{key}: expected a list of {_type_name(item_tp)}, got {value!r}")
+        return tuple(_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError("recipe fields are not unions")
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise RecipeError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported field type {tp}")
+
+
+def _unknown(key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown key {key!r}{hint}; known: {', '.join(known)}"
+
+
+def _build_section(name: str, cls: type, values: Any) -> Any:
+    if not isinstance(values, dict):
+        raise RecipeError(f"[{name}] must be a table, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise RecipeError(_unknown(f"{name}.{key}", list(fields)))
+        kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise RecipeError(str(e)) from None
+    except TypeError as e:  # a required field is missing
+        raise RecipeError(f"[{name}]: {e}") from None
+
+
+def recipe_from_dict(data: dict[str, Any]) -> Recipe:
+    for key in data:
+        if key not in SECTIONS and key not in TOP_LEVEL:
+            raise RecipeError(_unknown(key, [*TOP_LEVEL, *SECTIONS]))
+    missing = [s for s in SECTIONS if s not in data]
+    if missing:
+        raise RecipeError(f"missing section(s): {', '.join('[' + s + ']' for s in missing)}")
+    sections = {name: _build_section(name, cls, data[name]) for name, cls in SECTIONS.items()}
+    top = {k: _coerce(k, data[k], str) for k in TOP_LEVEL if k in data}
+    return Recipe(**sections, **top)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # a JSON string is a valid TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} to TOML")
+
+
+def dump_toml(data: dict[str, Any]) -> str:
+    """Write a recipe dict (top-level scalars, then one table per section) as TOML."""
+    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    for section, values in data.items():
+        if isinstance(values, dict):
+            lines += ["", f"[{section}]"] + [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.lr=1e-4' -> (['train', 'lr'], 1e-4). A value that is not valid TOML is taken as a string."""
+    if "=" not in text:
+        raise RecipeError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    path = key.strip().split(".")
+    if not all(path):
+        raise RecipeError(f"override {text!r}: bad key {key!r}")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    data = json.loads(json.dumps(data))  # deep copy of plain data
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            if part not in node:
+                raise RecipeError(f"override {text!r}: " + _unknown(part, list(node)))
+            node = node[part]
+            if not isinstance(node, dict):
+                raise RecipeError(f"override {text!r}: {part!r} is not a section")
+        node[path[-1]] = value
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override and validate a recipe file. Errors name the file and key."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(f"{path}: not valid TOML: {e}") from None
+    try:
+        return recipe_from_dict(apply_overrides(data, list(overrides)))
+    except RecipeError as e:
+        raise RecipeError(f"{path}: {e}") from None
+
+
+def recipe_from_json(text: str) -> Recipe:
+    return recipe_from_dict(json.loads(text))
+
+
+def describe_fields() -> list[tuple[str, str, Any]]:
+    """(dotted key, help, default) for every recipe field, for docs and `vicap list`."""
+    rows = []
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else None
+            rows.append((f"{section}.{f.name}", f.metadata.get("help", ""), default))
+    return rows

@@ -1,0 +1,53 @@
+"""A trained run, loaded back: its resolved recipe, its latest checkpoint, the caption model."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from vicap.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    check_compatible,
+    list_checkpoints,
+    load_model_state,
+    read_checkpoint,
+)
+from vicap.decoders import load_decoder
+from vicap.model import CaptionModel
+from vicap.recipe import Recipe, RecipeError, load_recipe
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    run_dir: Path
+    recipe: Recipe
+    checkpoint: Checkpoint
+    model: CaptionModel
+
+
+def load_run(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Run:
+    """Load `<run>/recipe.toml` (with overrides, e.g. generate.beam_size=3) and the latest checkpoint."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "recipe.toml").is_file():
+        raise RecipeError(
+            f"{run_dir}: not a vicap run directory (no recipe.toml); train one with `vicap train`"
+        )
+    recipe = load_recipe(run_dir / "recipe.toml", overrides)
+    found = list_checkpoints(run_dir)
+    if not found:
+        raise CheckpointError(f"{run_dir}: no checkpoints yet (looked in {run_dir / 'checkpoints'})")
+    ckpt = read_checkpoint(found[-1])
+    check_compatible(ckpt, recipe)
+    decoder = load_decoder(recipe.decoder)
+    model = CaptionModel(recipe.mapper, ckpt.encoder_dim, decoder, recipe.decoder.tuning)
+    try:
+        model.load_trainable(load_model_state(ckpt))
+    except ValueError as e:
+        raise CheckpointError(f"{ckpt.path}: {e}") from None
+    model.eval()
+    log.info("loaded %s at step %d", ckpt.path, ckpt.step)
+    return Run(run_dir, recipe, ckpt, model)
