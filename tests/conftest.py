@@ -38,6 +38,15 @@ TINY_CLIP_CFG = {
 }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    # Tiny matrices: one thread is faster than two, and far faster on a busy machine (no spin-waits).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def ktvic_dir(tmp_path_factory) -> Path:
     """A tiny synthetic dataset in KTVIC's own layout."""

@@ -118,7 +118,7 @@ def test_evaluate_writes_reports(tiny_recipe) -> None:
     saved = json.loads((run / "report.json").read_text())
     assert saved["scores"] == report["scores"]
     md = (run / "report.md").read_text()
-    assert "## Protocol" in md and "lowercased" in md and "CIDEr-D" in md
+    assert "## Protocol" in md and "lowercase yes" in md and "CIDEr-D" in md
     lines = (run / "captions_test.jsonl").read_text().splitlines()
     assert len(lines) == 6
 

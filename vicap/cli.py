@@ -68,6 +68,15 @@ def _fail(e: Exception) -> None:
     raise typer.Exit(2)
 
 
+def _register_prepare() -> None:
+    from data_prep.cli import prepare_command
+
+    app.command("prepare")(prepare_command)
+
+
+_register_prepare()
+
+
 @app.command()
 def validate(
     paths: list[Path] = typer.Argument(..., help="recipe files to check (no weights are loaded)"),

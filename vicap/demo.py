@@ -217,18 +217,13 @@ def build_tiny_lm(out: Path, captions: list[str], *, seed: int = 0) -> Path:
     return out
 
 
+# A small ModifiedResNet (open_clip's RN family): at this size and step budget a conv tower learns shape,
+# count and position far faster than a ViT (measured with linear probes on the demo's held-out images).
 TINY_CLIP = {
     "embed_dim": 128,
-    "vision_cfg": {
-        "image_size": 64,
-        "patch_size": 8,
-        "width": 128,
-        "layers": 3,
-        "head_width": 32,
-        "mlp_ratio": 2.0,
-    },
+    "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 16, "head_width": 16},
     "text_cfg": {
-        "context_length": 40,
+        "context_length": 32,
         "width": 128,
         "heads": 4,
         "layers": 2,

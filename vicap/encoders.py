@@ -88,6 +88,13 @@ def load_open_clip(cfg: EncoderConfig) -> Encoder:
                 "is a folder holding open_clip_config.json and open_clip_model.safetensors "
                 "(the layout open_clip's push_to_hf_hub writes)."
             )
+        # open_clip only warns when the folder has no weights and returns a randomly initialised
+        # model, whose features would be silently meaningless.
+        if not any(p.suffix in (".safetensors", ".bin", ".pth") for p in folder.iterdir()):
+            raise ModelLoadError(
+                f"encoder.model = {cfg.model!r}: no weights file (*.safetensors, *.bin, *.pth) in {folder}; "
+                "expected open_clip_model.safetensors beside open_clip_config.json."
+            )
     elif cfg.pretrained and cfg.pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
         if not Path(cfg.pretrained).is_file():
             raise ModelLoadError(f"encoder.pretrained = {cfg.pretrained!r}: file not found")

@@ -32,8 +32,8 @@ def _pkg_version(name: str) -> str:
 
 
 def tokenize_for_metrics(texts: list[str], language: str, level: str) -> list[str]:
-    lang = get_language(language)
-    return [" ".join(lang.metric_tokens(t, level)) or EMPTY for t in texts]
+    tokens = get_language(language).metric_tokens_many(texts, level)
+    return [" ".join(t) or EMPTY for t in tokens]
 
 
 def score(
@@ -64,22 +64,13 @@ def score(
 
 
 def protocol(language: str, levels: tuple[str, ...]) -> dict:
+    """What the scores were computed on: per level, the language's normalizer, segmenter and text rules."""
+    lang = get_language(language)
     return {
         "language": language,
-        "normalizer": f"data_prep.languages[{language!r}].normalize (NFC, one tone-mark style for vi)",
-        "case": "lowercased",
-        "punctuation": "removed",
-        "levels": {
-            lv: (
-                "whitespace syllables"
-                if lv == "syllable"
-                else f"{language} word segmenter (underthesea {_pkg_version('underthesea')})"
-                if language == "vi"
-                else f"{language} word segmenter"
-            )
-            for lv in levels
-        },
+        "levels": {lv: lang.protocol(lv) for lv in levels},
         "scorers": f"pycocoevalcap {_pkg_version('pycocoevalcap')}: Bleu(4), Rouge (ROUGE-L), Cider (CIDEr-D)",
+        "empty_hypothesis": f"scored as the token {EMPTY!r}, which matches nothing",
     }
 
 
@@ -117,7 +108,10 @@ def report_markdown(report: dict) -> str:
     for level, rows in report["scores"].items():
         out += [f"## {level}-level tokens", "", score_table(rows), ""]
     out += ["## Protocol", ""] + [f"- {k}: {v}" for k, v in p.items() if k != "levels"]
-    out += [f"- level `{k}`: {v}" for k, v in p["levels"].items()]
+    for level, rules in p["levels"].items():
+        out.append(
+            f"- `{level}` tokens: " + "; ".join(f"{k} {v}" for k, v in rules.items() if v and k != "level")
+        )
     if report.get("skipped"):
         out += ["", f"Skipped (no features, unreadable image): {report['skipped']}"]
     if report.get("examples"):

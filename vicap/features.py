@@ -126,7 +126,7 @@ def extract_features(
         if hit is None or not p.exists() or hit[1] != _stat(p):
             todo.append(p)
     failures: dict[str, str] = {}
-    if not todo:
+    if not todo and old is not None:  # (with no store yet, fall through and write an empty one)
         log.info("feature store %s: all %d images already encoded", folder, len(unique))
         return FeatureStore(folder, old, {e["path"]: r for r, e in enumerate(index)})
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageOps
 
 # Decompression-bomb guard: PIL warns at ~89 MP and raises at twice that; vicap refuses above this.
@@ -12,6 +13,18 @@ MAX_PIXELS = 100_000_000
 
 class ImageError(ValueError):
     """An image that cannot be used; the message names the file."""
+
+
+def _high_bit_depth_to_l(im: Image.Image) -> Image.Image:
+    """16-bit grayscale ('I;16*', or 'I' as older Pillow opens 16-bit PNGs) -> 8-bit 'L'.
+
+    PIL's convert('RGB') clips these values at 255 instead of rescaling them, which turns a 16-bit
+    photo almost entirely white.
+    """
+    a = np.asarray(im).astype(np.float64)
+    if im.mode.startswith("I;16") or (a.size and a.max() > 255):
+        a = a / 257.0  # 65535 -> 255
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
 
 
 def load_image(path: str | Path) -> Image.Image:
@@ -24,6 +37,8 @@ def load_image(path: str | Path) -> Image.Image:
                 raise ImageError(f"{path}: {im.width}x{im.height} is over the {MAX_PIXELS:,}-pixel limit")
             im.load()  # decode now so truncated files fail here, not inside a batch
             im = ImageOps.exif_transpose(im)
+            if im.mode == "I" or im.mode.startswith("I;16"):
+                im = _high_bit_depth_to_l(im)
             if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
                 # composite transparency onto white rather than letting it turn black
                 rgba = im.convert("RGBA")

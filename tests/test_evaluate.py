@@ -1,0 +1,121 @@
+"""Scoring: hand-computed BLEU / ROUGE-L / CIDEr-D cases on vicap's language-aware metric tokens."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from data_prep.manifest import Manifest, Record
+from vicap.evaluate import EMPTY, METRICS, most_frequent_caption, score, tokenize_for_metrics
+
+REFS = {
+    "1": ["một con mèo đen nằm trên ghế"],
+    "2": ["hai con chó đang chạy trên bãi cỏ xanh"],
+    "3": ["người đàn ông đi xe đạp trên đường phố"],
+}
+
+
+def _bleu1(hyp: str, ref: str) -> float:
+    return score({"x": [ref]}, {"x": hyp}, language="vi")["BLEU-1"]
+
+
+def test_identical_captions_score_one() -> None:
+    s = score(REFS, {k: v[0] for k, v in REFS.items()}, language="vi")
+    assert set(s) == set(METRICS)
+    for m in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L"):
+        assert s[m] == pytest.approx(1.0, abs=1e-6), m
+    assert s["CIDEr-D"] > 1.0  # pycocoevalcap's CIDEr is scaled by 10; every n-gram is matched
+
+
+def test_disjoint_captions_score_zero() -> None:
+    hyps = {"1": "xe buýt vàng", "2": "bầu trời thẳm", "3": "những quả táo"}
+    for k in REFS:
+        assert not set(hyps[k].split()) & set(REFS[k][0].split())
+    s = score(REFS, hyps, language="vi")
+    for m in METRICS:
+        assert s[m] == pytest.approx(0.0, abs=1e-9), m
+    assert s["CIDEr-D"] == 0.0 and s["ROUGE-L"] == 0.0
+
+
+def test_metric_tokens_ignore_case_and_punctuation() -> None:
+    assert (
+        tokenize_for_metrics(["Một Con Mèo.", "một con mèo", "  một, con  mèo!  "], "vi", "syllable")
+        == ["một con mèo"] * 3
+    )
+    loud = {"1": ["Một Con Mèo Đen Nằm Trên Ghế."], "2": ["Hai con chó, đang chạy trên bãi cỏ xanh!"]}
+    quiet = {"1": ["một con mèo đen nằm trên ghế"], "2": ["hai con chó đang chạy trên bãi cỏ xanh"]}
+    hyps = {"1": "Một con mèo đen.", "2": "hai con chó chạy trên cỏ"}
+    quiet_hyps = {"1": "một con mèo đen", "2": "hai con chó chạy trên cỏ"}
+    assert score(loud, hyps, language="vi") == score(quiet, quiet_hyps, language="vi")
+
+
+def test_empty_hypothesis_scores_zero() -> None:
+    assert tokenize_for_metrics(["", " . "], "vi", "syllable") == [EMPTY, EMPTY]
+    s = score({"1": ["một con mèo"], "2": ["hai con chó"]}, {"1": "", "2": "..."}, language="vi")
+    for m in METRICS:
+        assert s[m] == pytest.approx(0.0, abs=1e-9), m
+    # One empty hypothesis among good ones lowers the score but does not break it.
+    mixed = score({"1": ["một con mèo"], "2": ["hai con chó"]}, {"1": "", "2": "hai con chó"}, language="vi")
+    assert 0.0 < mixed["BLEU-1"] < 1.0 and mixed["ROUGE-L"] == pytest.approx(0.5)
+
+
+def test_keys_must_match() -> None:
+    with pytest.raises(ValueError, match="different images"):
+        score({"1": ["một con mèo"]}, {"2": "một con mèo"}, language="vi")
+    with pytest.raises(ValueError, match="different images"):
+        score({"1": ["a"], "2": ["b"]}, {"1": "a"}, language="vi")
+    with pytest.raises(ValueError, match="nothing to score"):
+        score({}, {}, language="vi")
+
+
+def test_bleu1_by_hand() -> None:
+    # Clipped unigram precision: "con" x3 counts once (the reference has one), "mèo" once -> 2/4.
+    # Brevity penalty: hypothesis 4 tokens, reference 6 -> exp(1 - 6/4).
+    assert _bleu1("con con con mèo", "một con mèo nằm trên ghế") == pytest.approx(
+        2 / 4 * math.exp(1 - 6 / 4), rel=1e-6
+    )
+    # Longer than the reference: no brevity penalty, precision 3/5.
+    assert _bleu1("một con mèo màu đen", "một con mèo") == pytest.approx(3 / 5, rel=1e-6)
+
+
+def test_bleu1_multiple_references_and_corpus_level() -> None:
+    # Clipping takes the largest count in any reference ("con" twice in the second); the brevity
+    # penalty uses the closest reference length (3, not 6), and 4 > 3 means no penalty.
+    s = score({"x": ["một con mèo", "con mèo và con chó nằm"]}, {"x": "con mèo con mèo"}, language="vi")
+    assert s["BLEU-1"] == pytest.approx(3 / 4, rel=1e-6)
+    # BLEU is corpus-level: matches and lengths are summed over images, not averaged per image:
+    # (3 + 1) / (3 + 5) = 0.5, where the mean of per-image scores would be (1 + 1/5) / 2 = 0.6.
+    refs = {"1": ["một con mèo"], "2": ["xe máy"]}
+    hyps = {"1": "một con mèo", "2": "xe đạp đỏ trên đường"}
+    assert score(refs, hyps, language="vi")["BLEU-1"] == pytest.approx(0.5, rel=1e-6)
+
+
+def test_word_level_counts_words_not_syllables() -> None:
+    refs, hyps = {"1": ["người đàn ông đi xe đạp"]}, {"1": "người đàn bà đi xe máy"}
+    assert tokenize_for_metrics(refs["1"], "vi", "word") == ["người đàn_ông đi xe_đạp"]
+    # syllables: người đàn đi xe match, 4 of 6; words: người đi match, 2 of 4 (đàn_bà, xe_máy do not).
+    assert score(refs, hyps, language="vi", level="syllable")["BLEU-1"] == pytest.approx(4 / 6, rel=1e-6)
+    assert score(refs, hyps, language="vi", level="word")["BLEU-1"] == pytest.approx(2 / 4, rel=1e-6)
+
+
+def _record(i: int, split: str, *captions: str) -> Record:
+    return Record(str(i), f"{i}.jpg", split, captions, tuple(str(j) for j in range(len(captions))))
+
+
+def test_most_frequent_caption() -> None:
+    manifest = Manifest(
+        Path("m.jsonl"),
+        {"language": "vi", "dataset": "t"},
+        [
+            _record(1, "train", "một con mèo", "một con chó"),
+            _record(2, "train", "một con chó", "hai con mèo"),
+            _record(3, "train", "một con chó"),
+            _record(4, "test", "hai con mèo", "hai con mèo", "hai con mèo", "hai con mèo"),
+        ],
+    )
+    assert most_frequent_caption(manifest) == "một con chó"  # 3 times in train
+    assert most_frequent_caption(manifest, "test") == "hai con mèo"  # test captions stay in test
+    with pytest.raises(ValueError, match="split 'val' has no captions"):
+        most_frequent_caption(manifest, "val")

@@ -1,0 +1,178 @@
+"""The feature store: one row per unique image, reused when unchanged, re-encoded when changed, never stale."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+from tests.conftest import TINY_CLIP_CFG
+from vicap import demo
+from vicap.encoders import load_encoder
+from vicap.features import extract_features, open_store
+from vicap.images import load_image
+from vicap.recipe import EncoderConfig
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_clip_dir: Path):
+    return load_encoder(EncoderConfig(model=f"local-dir:{tiny_clip_dir}"))
+
+
+@pytest.fixture
+def images(tmp_path: Path, ktvic_dir: Path) -> list[Path]:
+    """Four images of our own, so tests can rewrite them."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    src = sorted((ktvic_dir / "train-images").glob("*.jpg"))[:4]
+    return [Path(shutil.copy(p, folder / p.name)) for p in src]
+
+
+@pytest.fixture
+def counted(encoder, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Wraps encoder.encode; the list collects how many images each call encoded."""
+    calls: list[int] = []
+    encode = encoder.encode
+
+    def spy(pixels: torch.Tensor) -> torch.Tensor:
+        calls.append(int(pixels.shape[0]))
+        return encode(pixels)
+
+    monkeypatch.setattr(encoder, "encode", spy)
+    return calls
+
+
+def _direct(encoder, path: Path) -> torch.Tensor:
+    return encoder.encode(encoder.preprocess(load_image(path)).unsqueeze(0))[0]
+
+
+def _check_rows(store, encoder, paths: list[Path]) -> None:
+    """Every listed image's row holds that image's own features."""
+    for p in paths:
+        torch.testing.assert_close(store.get([p])[0], _direct(encoder, p), rtol=1e-5, atol=1e-5)
+
+
+def _bump_mtime(path: Path) -> None:
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+
+
+def test_one_row_per_unique_image(encoder, images, tmp_path: Path, counted) -> None:
+    a, b, c, _ = images
+    same_a = a.parent / "sub" / ".." / a.name  # another spelling of the same file
+    (a.parent / "sub").mkdir()
+    store = extract_features(encoder, [a, b, a, c, same_a, str(b)], tmp_path / "store", progress=False)
+    assert store.features.shape == (3, TINY_CLIP_CFG["embed_dim"]) and store.dim == 24
+    assert sum(counted) == 3
+    assert sorted(store.rows.values()) == [0, 1, 2]
+    assert store.row(same_a) == store.row(a) and not store.failures
+    _check_rows(store, encoder, [a, b, c])
+    assert not store.has(images[3])
+
+
+def test_second_run_encodes_nothing(encoder, images, tmp_path: Path, counted) -> None:
+    first = extract_features(encoder, images, tmp_path / "store", batch_size=3, progress=False)
+    assert counted == [3, 1]
+    again = extract_features(encoder, images, tmp_path / "store", batch_size=3, progress=False)
+    assert counted == [3, 1]  # no new calls
+    assert again.rows == first.rows
+    np.testing.assert_array_equal(np.asarray(again.features), np.asarray(first.features))
+    # A subset is served from the same store too, and open_store sees it without encoding.
+    extract_features(encoder, images[:2], tmp_path / "store", progress=False)
+    assert counted == [3, 1]
+    assert open_store(encoder, tmp_path / "store").rows == first.rows
+
+
+def test_changed_image_is_re_encoded_alone(encoder, images, tmp_path: Path, counted) -> None:
+    root = tmp_path / "store"
+    old = extract_features(encoder, images, root, progress=False)
+    old_row = old.get([images[1]])[0].clone()
+    counted.clear()
+
+    _bump_mtime(images[2])  # touched, same content
+    store = extract_features(encoder, images, root, progress=False)
+    assert counted == [1]
+    assert len(store.rows) == 4
+
+    flipped = ImageOps.mirror(load_image(images[1])).rotate(90)
+    flipped.save(images[1], quality=70)  # rewritten with new content
+    _bump_mtime(images[1])
+    counted.clear()
+    store = extract_features(encoder, images, root, progress=False)
+    assert counted == [1]
+    assert store.features.shape[0] == 4 and len(store.rows) == 4
+    assert not torch.allclose(store.get([images[1]])[0], old_row)
+    _check_rows(store, encoder, images)  # rows still point at the right images after reshuffling
+
+
+def test_unreadable_images_are_reported_and_get_no_row(encoder, images, tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    broken = images[0].parent / "broken.jpg"
+    broken.write_bytes(images[0].read_bytes()[:300])
+    missing = images[0].parent / "missing.jpg"
+    store = extract_features(encoder, [*images, broken, missing], root, progress=False)
+    assert set(store.failures) == {str(broken.resolve()), str(missing.resolve())}
+    assert "broken.jpg" in store.failures[str(broken.resolve())]
+    assert not store.has(broken) and not store.has(missing)
+    assert store.features.shape[0] == 4
+    _check_rows(store, encoder, images)
+
+    # An image that was fine and is now corrupt loses its row instead of serving stale features.
+    images[3].write_bytes(images[3].read_bytes()[:300])
+    _bump_mtime(images[3])
+    store = extract_features(encoder, images, root, progress=False)
+    assert set(store.failures) == {str(images[3].resolve())}
+    assert not store.has(images[3]) and store.features.shape[0] == 3
+    _check_rows(store, encoder, images[:3])
+
+
+def test_store_files_are_plain_arrays_and_json(encoder, images, tmp_path: Path) -> None:
+    store = extract_features(encoder, images, tmp_path / "store", progress=False)
+    folder = tmp_path / "store" / encoder.key
+    assert store.root == folder
+    array = np.load(folder / "features.npy", allow_pickle=False)
+    assert array.dtype == np.float32 and array.shape == (4, 24)
+    index = json.loads((folder / "index.json").read_text())
+    assert [e["path"] for e in index] == [str(p.resolve()) for p in images]
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["identity"] == encoder.identity and meta["embed_dim"] == 24 and meta["rows"] == 4
+    assert isinstance(store.features, np.memmap)  # read back memory-mapped
+
+
+def test_empty_image_list_writes_an_empty_store(encoder, tmp_path: Path) -> None:
+    store = extract_features(encoder, [], tmp_path / "store", progress=False)
+    assert store.features.shape == (0, 24) and store.dim == 24 and not store.rows
+
+
+def test_a_different_encoder_gets_its_own_store(encoder, images, tmp_path: Path, counted) -> None:
+    root = tmp_path / "store"
+    extract_features(encoder, images, root, progress=False)
+    torch.manual_seed(123)
+    import open_clip
+
+    other_dir = demo.save_open_clip(
+        open_clip.CLIP(**TINY_CLIP_CFG), TINY_CLIP_CFG, demo.clip_preprocess_cfg(32), tmp_path / "other"
+    )
+    other = load_encoder(EncoderConfig(model=f"local-dir:{other_dir}"))
+    assert other.key != encoder.key
+    store = extract_features(other, images, root, progress=False)
+    assert store.root == root / other.key
+    assert sorted(p.name for p in root.iterdir()) == sorted([encoder.key, other.key])
+    assert not np.allclose(np.asarray(store.features), np.asarray(open_store(encoder, root).features))
+    _check_rows(store, other, images)
+
+
+def test_images_are_decoded_like_load_image(encoder, tmp_path: Path) -> None:
+    # An RGBA image in the store is the white-composited image, the same as captioning sees.
+    path = tmp_path / "rgba.png"
+    Image.new("RGBA", (40, 40), (0, 0, 0, 0)).save(path)
+    white = tmp_path / "white.png"
+    Image.new("RGB", (40, 40), (255, 255, 255)).save(white)
+    store = extract_features(encoder, [path, white], tmp_path / "store", progress=False)
+    torch.testing.assert_close(store.get([path])[0], store.get([white])[0])
