@@ -38,6 +38,7 @@ def _setup(verbose: bool) -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()  # "Loading weights" bars for tiny stand-ins are noise
     except ImportError:
         pass
 

@@ -172,7 +172,7 @@ def evaluate_run(
         },
         "protocol": protocol(manifest.language, levels),
         "examples": [
-            {"image": r.image, "caption": c, "reference": r.captions[0]}
+            {"image": str(manifest.resolve_image(r)), "caption": c, "reference": r.captions[0]}
             for r, c in list(zip(scored, captions, strict=True))[:5]
         ],
     }
