@@ -196,7 +196,7 @@ def test_llama_decoder_feeds_bos_after_the_prefix(tiny_llama_dir: Path) -> None:
 def test_every_mapper_maps_and_learns(name: str) -> None:
     torch.manual_seed(0)
     mapper = build_mapper(MapperConfig(type=name, prefix_length=3), 24, 16)
-    x = torch.randn(5, 24)
+    x = torch.randn(5, 1 + 4, 24) if mapper.uses_tokens else torch.randn(5, 24)  # pooled + 4 patch tokens
     out = mapper(x)
     assert tuple(out.shape) == (5, 3, 16)
     out.pow(2).sum().backward()
@@ -247,13 +247,12 @@ def _captured_labels(model: CaptionModel, feats, input_ids, mask) -> torch.Tenso
     forward = model.lm.forward
 
     def spy(*args, **kwargs):
-        seen["labels"] = kwargs["labels"].clone()
         seen["attention_mask"] = kwargs["attention_mask"].clone()
         return forward(*args, **kwargs)
 
     model.lm.forward = spy
     try:
-        model(feats, input_ids, mask)
+        seen["labels"] = model(feats, input_ids, mask)["labels"]  # the model computes the loss itself
     finally:
         del model.lm.forward
     n_prefix = model.prefix_length + len(model.decoder.prompt_ids)

@@ -1,7 +1,8 @@
 """Checkpoints: safetensors for every tensor, JSON for everything else, the recipe inside each one.
 
 <run>/checkpoints/step_00001234/
-    model.safetensors    trainable weights only (mapper, plus the LM when tuned); metadata holds the
+    model.safetensors    trainable weights only: the mapper, plus the LM when fully tuned or its LoRA
+                         adapters (lora_A / lora_B, never the base LM) under LoRA; metadata holds the
                          resolved recipe, the encoder width and the step
     trainer.safetensors  optimizer moments and the torch RNG state, for resuming
     trainer.json         step, epoch, scheduler state and optimizer hyperparameters
@@ -28,6 +29,9 @@ FORMAT = "vicap-checkpoint-1"
 # Recipe sections that decide the model's shape and meaning; a checkpoint only fits a recipe that
 # agrees on these.
 MODEL_SECTIONS = ("encoder", "decoder", "mapper")
+# Keys in those sections that a checkpoint may differ on: feature-extraction batch size, and the dtype
+# a frozen LM is held in (the trained weights are the same either way).
+NOT_MODEL_DEFINING = ("batch_size", "dtype")
 
 
 class CheckpointError(ValueError):
@@ -162,7 +166,7 @@ def check_compatible(ckpt: Checkpoint, recipe: Recipe) -> None:
         f"{s}.{k}: checkpoint {a[s].get(k)!r} vs recipe {b[s].get(k)!r}"
         for s in MODEL_SECTIONS
         for k in sorted(set(a[s]) | set(b[s]))
-        if a[s].get(k) != b[s].get(k) and k not in ("batch_size",)
+        if a[s].get(k) != b[s].get(k) and k not in NOT_MODEL_DEFINING
     ]
     if diffs:
         raise CheckpointError(f"{ckpt.path} does not match the recipe:\n  " + "\n  ".join(diffs))

@@ -2,7 +2,11 @@
 
 The code is LM-agnostic: widths come from the model's input embeddings, BOS/EOS/pad from the
 tokenizer and config. LMs without a pad token (GPT-2, Llama) pad with EOS; padding never reaches the
-loss (labels are -100 there) and the attention mask hides it.
+loss (labels are -100 there) and the attention mask hides it. Tied input/output embeddings are one
+parameter, so a tuned LM's checkpoint stores it once and loading re-ties it.
+
+Tuning modes (`decoder.tuning`): 'frozen' (requires_grad off, eval mode), 'full' (every LM weight
+trains), 'lora' (peft LoRA adapters injected into the LM in place; only they train).
 """
 
 from __future__ import annotations
@@ -11,12 +15,15 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from vicap.encoders import ModelLoadError
 from vicap.recipe import DecoderConfig
 
 log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -47,7 +54,8 @@ def load_decoder(cfg: DecoderConfig) -> Decoder:
         raise ModelLoadError(f"decoder.model = {cfg.model!r}: directory not found")
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.model, local_files_only=local)
-        lm = AutoModelForCausalLM.from_pretrained(cfg.model, local_files_only=local)
+        # An explicit dtype: transformers 5 otherwise keeps the dtype the weights were saved in.
+        lm = AutoModelForCausalLM.from_pretrained(cfg.model, local_files_only=local, dtype=DTYPES[cfg.dtype])
     except Exception as e:
         raise ModelLoadError(
             f"could not load decoder {cfg.model!r}: {type(e).__name__}: {e}\n"
@@ -84,3 +92,50 @@ def load_decoder(cfg: DecoderConfig) -> Decoder:
         pad_token_id=int(pad),
         prompt_ids=prompt,
     )
+
+
+def add_lora(lm: nn.Module, cfg: DecoderConfig) -> nn.Module:
+    """Freeze `lm` and inject LoRA adapters (peft) into it in place; only the adapters train.
+
+    Target modules default to peft's table for the architecture (GPT-2: c_attn, Llama: q_proj and
+    v_proj). GPT-2-style Conv1D layers store weights as (in, out), which peft must be told.
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULT_TARGETS
+
+    model_type = getattr(getattr(lm, "config", None), "model_type", "")
+    targets = list(cfg.lora_target_modules) or list(DEFAULT_TARGETS.get(model_type, []))
+    if not targets:
+        raise ValueError(
+            f"decoder.lora_target_modules is empty and peft has no default for model type {model_type!r}; "
+            'name the attention projections, e.g. ["q_proj", "v_proj"]'
+        )
+    matched = {
+        t: [m for n, m in lm.named_modules() if n == t or n.endswith("." + t)] for t in targets
+    }  # peft's own rule: a target names a module or a dotted suffix of one
+    missing = [t for t, found in matched.items() if not found]
+    if missing:
+        linear = sorted(
+            {n.rsplit(".", 1)[-1] for n, m in lm.named_modules() if type(m).__name__ in ("Linear", "Conv1D")}
+        )
+        raise ValueError(
+            f"decoder.lora_target_modules: no module named {', '.join(missing)} in {type(lm).__name__}; "
+            f"its linear layers are named {', '.join(linear)}"
+        )
+    conv1d = any(type(m).__name__ == "Conv1D" for found in matched.values() for m in found)
+    config = LoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+        fan_in_fan_out=conv1d,
+    )
+    lm.requires_grad_(False)
+    lm = inject_adapter_in_model(config, lm)
+    for name, p in lm.named_parameters():
+        p.requires_grad_(".lora_" in name)
+    n = sum(p.numel() for p in lm.parameters() if p.requires_grad)
+    log.info(
+        "LoRA r=%d alpha=%g on %s: %s adapter parameters", cfg.lora_rank, cfg.lora_alpha, targets, f"{n:,}"
+    )
+    return lm

@@ -2,7 +2,9 @@
 
 Layout of `<features_dir>/<encoder key>/`:
   meta.json      the encoder's identity (model, weights hash, preprocessing) and the array's shape
-  features.npy   float32 (N, D), read with mmap so millions of images need no RAM
+  features.npy   float32 (N, D), read with mmap so millions of images need no RAM; with
+                 `encoder.patch_tokens = true`, (N, 1 + T, D): each image's pooled vector, then its T
+                 patch tokens (ViT-B/32 at 224 px: 1 + 49 rows of 512, 100 KB an image)
   index.json     row -> image path, size and mtime; a changed file is re-encoded, never served stale
 
 The key is a hash of the encoder identity, so a different model, weights file or preprocessing gets
@@ -36,13 +38,19 @@ def _stat(path: Path) -> list[int]:
 @dataclass
 class FeatureStore:
     root: Path
-    features: np.ndarray  # (N, D) float32, memory-mapped
+    features: np.ndarray  # (N, D) or (N, 1 + T, D) float32, memory-mapped
     rows: dict[str, int]  # absolute image path -> row
     failures: dict[str, str] = field(default_factory=dict)  # images that could not be encoded this time
 
     @property
     def dim(self) -> int:
-        return int(self.features.shape[1])
+        """D, the width of every feature row (what a mapper takes in)."""
+        return int(self.features.shape[-1])
+
+    @property
+    def has_tokens(self) -> bool:
+        """Whether rows hold patch tokens after the pooled vector."""
+        return self.features.ndim == 3
 
     def row(self, path: str | Path) -> int:
         return self.rows[str(Path(path).resolve())]
@@ -156,14 +164,19 @@ def extract_features(
     replaced = {e["path"] for e in new_index} | set(failures)
     keep = [r for r, e in enumerate(index) if e["path"] not in replaced]
     parts = ([np.asarray(old[keep])] if old is not None and keep else []) + new_rows
-    array = np.concatenate(parts) if parts else np.zeros((0, encoder.embed_dim), np.float32)
+    array = np.concatenate(parts) if parts else np.zeros((0, *encoder.feature_shape), np.float32)
     full_index = [index[r] for r in keep] + new_index
     tmp = folder / "features.npy.tmp"
     with open(tmp, "wb") as f:
         np.save(f, array, allow_pickle=False)
     os.replace(tmp, folder / "features.npy")
     (folder / "index.json").write_text(json.dumps(full_index))
-    meta = {"identity": encoder.identity, "embed_dim": encoder.embed_dim, "rows": len(full_index)}
+    meta = {
+        "identity": encoder.identity,
+        "embed_dim": encoder.embed_dim,
+        "shape": list(array.shape),
+        "rows": len(full_index),
+    }
     (folder / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))
     if failures:
         log.warning(

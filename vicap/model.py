@@ -8,33 +8,61 @@ Sequence layout fed to the LM (k = prefix_length, P = the LM's start tokens such
 Only the caption and its EOS are learned; the prefix, start tokens and padding are masked (-100),
 so no real vocabulary id is ever ignored (ClipCap's ignore_index=0 silently never learned GPT-2's
 token 0).
+
+The loss is computed here, not by the LM: `forward` returns the summed token loss and the number of
+learned tokens beside their mean, so training can weight every token of a global batch equally
+however the batch is split across processes and accumulation steps. Logits are computed only at the
+positions that predict a caption token (`logits_to_keep`): the prefix never needs the output layer.
 """
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-from vicap.decoders import Decoder
+from vicap.decoders import Decoder, add_lora
 from vicap.mappers import build_mapper
-from vicap.recipe import MapperConfig
+from vicap.recipe import DecoderConfig, MapperConfig, Recipe
 
 IGNORE = -100
 
 
 class CaptionModel(nn.Module):
-    def __init__(self, mapper_cfg: MapperConfig, encoder_dim: int, decoder: Decoder, tuning: str) -> None:
+    def __init__(
+        self,
+        mapper_cfg: MapperConfig,
+        encoder_dim: int,
+        decoder: Decoder,
+        tuning: str,
+        *,
+        lora: DecoderConfig | None = None,
+    ) -> None:
         super().__init__()
         self.encoder_dim = encoder_dim
         self.tuning = tuning
         self.decoder = decoder  # tokenizer and special ids; decoder.lm is registered below
         self.lm = decoder.lm
+        # The mapper is built before any LoRA weights, so its initialisation under a seed does not
+        # depend on the tuning mode.
         self.mapper = build_mapper(mapper_cfg, encoder_dim, decoder.hidden_size)
         self.prefix_length = mapper_cfg.prefix_length
-        self.lm.requires_grad_(tuning == "full")
+        if tuning == "lora":
+            if lora is None:
+                raise ValueError("tuning 'lora' needs the decoder config (rank, alpha, dropout, targets)")
+            self.lm = decoder.lm = add_lora(decoder.lm, lora)
+        else:
+            self.lm.requires_grad_(tuning == "full")
+        self._logits_to_keep = "logits_to_keep" in inspect.signature(self.lm.forward).parameters
         self.register_buffer(
             "prompt_ids", torch.tensor(decoder.prompt_ids, dtype=torch.long), persistent=False
         )
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe, encoder_dim: int, decoder: Decoder) -> CaptionModel:
+        return cls(recipe.mapper, encoder_dim, decoder, recipe.decoder.tuning, lora=recipe.decoder)
 
     def train(self, mode: bool = True) -> CaptionModel:
         super().train(mode)
@@ -48,8 +76,12 @@ class CaptionModel(nn.Module):
         return self.lm.get_input_embeddings()(ids)
 
     def prefix(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, encoder_dim) -> (B, k + len(start tokens), d_lm): what every caption is continued from."""
-        prefix = self.mapper(features.to(self.mapper_dtype))
+        """Features -> (B, k + len(start tokens), d_lm): what every caption is continued from.
+
+        `features` is whatever the feature store (or `Encoder.encode`) gives: (B, D) pooled vectors,
+        or (B, 1 + T, D) with patch tokens; each mapper takes what it needs from it.
+        """
+        prefix = self.mapper(features.to(self.mapper_dtype)).to(self.lm_dtype)
         if self.prompt_ids.numel():
             start = self.embed(self.prompt_ids).unsqueeze(0).expand(prefix.shape[0], -1, -1)
             prefix = torch.cat([prefix, start.to(prefix.dtype)], dim=1)
@@ -59,25 +91,50 @@ class CaptionModel(nn.Module):
     def mapper_dtype(self) -> torch.dtype:
         return next(self.mapper.parameters()).dtype
 
+    @property
+    def lm_dtype(self) -> torch.dtype:
+        return self.lm.get_input_embeddings().weight.dtype
+
     def forward(self, features: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
-        """Teacher-forced loss. input_ids are caption tokens + EOS, right-padded; mask marks real tokens."""
+        """Teacher-forced loss. input_ids are caption tokens + EOS, right-padded; mask marks real tokens.
+
+        Returns loss (mean over learned tokens), loss_sum and tokens (their sum and count), the
+        caption-position logits (B, L, V) and the full-sequence labels (B, n_prefix + L).
+        """
         prefix = self.prefix(features)
-        tokens = self.embed(input_ids)
-        embeds = torch.cat([prefix, tokens.to(prefix.dtype)], dim=1)
+        embeds = torch.cat([prefix, self.embed(input_ids).to(prefix.dtype)], dim=1)
         b, n_prefix = prefix.shape[0], prefix.shape[1]
-        ones = attention_mask.new_ones(b, n_prefix)
-        mask = torch.cat([ones, attention_mask], dim=1)
-        labels = torch.cat(
-            [input_ids.new_full((b, n_prefix), IGNORE), input_ids.masked_fill(attention_mask == 0, IGNORE)],
-            dim=1,
+        mask = torch.cat([attention_mask.new_ones(b, n_prefix), attention_mask], dim=1)
+        targets = input_ids.masked_fill(attention_mask == 0, IGNORE)
+        labels = torch.cat([input_ids.new_full((b, n_prefix), IGNORE), targets], dim=1)
+        # Position i predicts token i + 1, so the L caption tokens are predicted by positions
+        # n_prefix - 1 .. n_prefix + L - 2: only those go through the output layer.
+        keep = torch.arange(n_prefix - 1, n_prefix - 1 + input_ids.shape[1], device=input_ids.device)
+        if self._logits_to_keep:
+            logits = self.lm(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=keep).logits
+        else:  # an LM without logits_to_keep computes every position; keep the same ones
+            logits = self.lm(inputs_embeds=embeds, attention_mask=mask).logits[:, keep]
+        loss_sum = F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]),
+            targets.reshape(-1),
+            ignore_index=IGNORE,
+            reduction="sum",
         )
-        out = self.lm(inputs_embeds=embeds, attention_mask=mask, labels=labels)
-        return {"loss": out.loss, "logits": out.logits}
+        tokens = (targets != IGNORE).sum()
+        return {
+            "loss": loss_sum / tokens.clamp(min=1),
+            "loss_sum": loss_sum,
+            "tokens": tokens,
+            "logits": logits,
+            "labels": labels,
+        }
 
     # ------------------------------------------------------------------ what is trained
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Only what training changes: the mapper, plus the LM when it is tuned."""
+        """Only what training changes: the mapper, plus the LM when tuned or its adapters under LoRA.
+
+        Tied input/output embeddings are one parameter and appear once (under the input name)."""
         names = {n for n, p in self.named_parameters() if p.requires_grad}
         return {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if k in names}
 

@@ -40,10 +40,14 @@ def _one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
 
 @dataclass(frozen=True)
 class EncoderConfig:
-    name: str = _help("encoder registry entry (see `vicap list`)", "open_clip")
+    name: str = _help(
+        "encoder registry entry (see `vicap list`): 'open_clip' or 'hf_clip' (transformers CLIP vision model)",
+        "open_clip",
+    )
     model: str = _help(
-        "open_clip model name (ViT-B-32, RN50, ...), 'local-dir:PATH' for a folder holding "
-        "open_clip_config.json and weights, or 'hf-hub:org/repo'",
+        "open_clip: model name (ViT-B-32, RN50, convnext_base, ...), 'local-dir:PATH' for a folder holding "
+        "open_clip_config.json and weights, or 'hf-hub:org/repo'; hf_clip: hub id "
+        "(openai/clip-vit-base-patch32) or a local folder saved by save_pretrained",
         "ViT-B-32",
     )
     pretrained: str = _help(
@@ -53,6 +57,11 @@ class EncoderConfig:
     )
     batch_size: int = _help("images per batch during feature extraction", 64)
     normalize: bool = _help("L2-normalize image features before the mapper", False)
+    patch_tokens: bool = _help(
+        "also store the patch tokens (projected to the embedding width) beside the pooled vector, "
+        "for mappers that attend to them (mapper.type = 'attention'); ViT towers only",
+        False,
+    )
 
     def __post_init__(self) -> None:
         _check(bool(self.model), "encoder.model", self.model, "must name a model")
@@ -65,25 +74,64 @@ class DecoderConfig:
         "Hugging Face causal LM: hub id (gpt2, NlpHUST/gpt2-vietnamese) or local directory", "gpt2"
     )
     tuning: str = _help(
-        "'frozen' trains only the mapper; 'full' also fine-tunes the LM (ClipCap's MLP setting)", "frozen"
+        "'frozen' trains only the mapper; 'full' also fine-tunes the LM (ClipCap's MLP setting); "
+        "'lora' trains LoRA adapters on the LM (peft) with the mapper",
+        "frozen",
+    )
+    dtype: str = _help(
+        "LM weight dtype: 'float32' (train with it; bf16 compute comes from train.mixed_precision), "
+        "or 'bfloat16' / 'float16' to halve the memory of a frozen LM",
+        "float32",
+    )
+    lora_rank: int = _help("LoRA rank r (tuning = 'lora')", 8)
+    lora_alpha: float = _help("LoRA scaling alpha; updates are scaled by alpha / rank", 16.0)
+    lora_dropout: float = _help("dropout on the LoRA branch's input", 0.05)
+    lora_target_modules: tuple[str, ...] = _help(
+        "module names that get adapters; empty means peft's default for the architecture "
+        "(GPT-2: c_attn; Llama: q_proj, v_proj)",
+        (),
     )
 
     def __post_init__(self) -> None:
         _check(bool(self.model), "decoder.model", self.model, "must name a model")
-        _one_of("decoder.tuning", self.tuning, ("frozen", "full"))
+        _one_of("decoder.tuning", self.tuning, ("frozen", "full", "lora"))
+        _one_of("decoder.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        _check(
+            self.dtype == "float32" or self.tuning != "full",
+            "decoder.dtype",
+            self.dtype,
+            "a fully tuned LM trains in float32 (use train.mixed_precision for bf16 compute)",
+        )
+        _check(self.lora_rank > 0, "decoder.lora_rank", self.lora_rank, "must be > 0")
+        _check(self.lora_alpha > 0, "decoder.lora_alpha", self.lora_alpha, "must be > 0")
+        _check(0.0 <= self.lora_dropout < 1.0, "decoder.lora_dropout", self.lora_dropout, "must be in [0, 1)")
+        for name in self.lora_target_modules:
+            _check(bool(name), "decoder.lora_target_modules", name, "module names must not be empty")
 
 
 @dataclass(frozen=True)
 class MapperConfig:
-    type: str = _help("mapper registry entry (see `vicap list`)", "mlp")
+    type: str = _help("mapper registry entry (see `vicap list`): mlp, transformer or attention", "mlp")
     prefix_length: int = _help("number of prefix embeddings the mapper produces", 10)
-    hidden_dim: int = _help("hidden width; 0 means ClipCap's (LM width * prefix_length) // 2", 0)
-    dropout: float = _help("dropout inside the mapper", 0.0)
+    hidden_dim: int = _help("mlp: hidden width; 0 means ClipCap's (LM width * prefix_length) // 2", 0)
+    dropout: float = _help(
+        "dropout inside the mapper (mlp: after the Tanh; transformer/attention: in the MLPs)", 0.0
+    )
+    clip_length: int = _help(
+        "transformer: tokens the image vector is projected to before the layers (ClipCap's clip_length)", 10
+    )
+    num_layers: int = _help("transformer/attention: layers; 0 means the mapper's default (8 / 2)", 0)
+    num_heads: int = _help("transformer/attention: attention heads; must divide the LM width", 8)
+    mlp_ratio: float = _help("transformer/attention: MLP width as a multiple of the LM width", 2.0)
 
     def __post_init__(self) -> None:
         _check(self.prefix_length > 0, "mapper.prefix_length", self.prefix_length, "must be > 0")
         _check(self.hidden_dim >= 0, "mapper.hidden_dim", self.hidden_dim, "must be >= 0")
         _check(0.0 <= self.dropout < 1.0, "mapper.dropout", self.dropout, "must be in [0, 1)")
+        _check(self.clip_length > 0, "mapper.clip_length", self.clip_length, "must be > 0")
+        _check(self.num_layers >= 0, "mapper.num_layers", self.num_layers, "must be >= 0")
+        _check(self.num_heads > 0, "mapper.num_heads", self.num_heads, "must be > 0")
+        _check(self.mlp_ratio > 0, "mapper.mlp_ratio", self.mlp_ratio, "must be > 0")
 
 
 @dataclass(frozen=True)
@@ -111,12 +159,21 @@ class TrainConfig:
     output_dir: str = _help("run directory (checkpoints, logs, resolved recipe)", "runs/default")
     seed: int = _help("seed for weights init, data order and dropout", 42)
     epochs: int = _help("passes over the training captions", 10)
-    batch_size: int = _help("captions per optimizer step per process (before accumulation)", 40)
-    grad_accum: int = _help("gradient accumulation steps", 1)
+    batch_size: int = _help(
+        "captions per micro-batch summed over all processes (the global batch; each of N processes gets "
+        "1/N of it), so a recipe trains the same on 1 or N devices; optimizer batch = batch_size * grad_accum",
+        40,
+    )
+    grad_accum: int = _help("gradient accumulation steps (micro-batches per optimizer step)", 1)
     lr: float = _help("peak learning rate (AdamW)", 2e-5)
     weight_decay: float = _help("AdamW weight decay", 0.0)
     warmup_steps: int = _help("linear warmup steps, then linear decay to 0", 5000)
     grad_clip: float = _help("max gradient norm; 0 disables clipping", 1.0)
+    feature_noise: float = _help(
+        "std of Gaussian noise added to image features during training (CapDec; its variance 0.016 "
+        "is std 0.126 on L2-normalized features); 0 disables",
+        0.0,
+    )
     mixed_precision: str = _help("'no', 'bf16' or 'fp16' (through Accelerate)", "no")
     device: str = _help("'auto' lets Accelerate choose; 'cpu' forces the CPU", "auto")
     log_every: int = _help("optimizer steps between loss log lines", 50)
@@ -130,6 +187,7 @@ class TrainConfig:
         _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
         _check(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "must be >= 0")
         _check(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "must be >= 0")
+        _check(self.feature_noise >= 0, "train.feature_noise", self.feature_noise, "must be >= 0")
         _check(self.save_every >= 0, "train.save_every", self.save_every, "must be >= 0")
         _one_of("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
         _one_of("train.device", self.device, ("auto", "cpu"))
@@ -137,17 +195,67 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class GenerateConfig:
-    strategy: str = _help("'greedy' or 'beam'", "beam")
+    strategy: str = _help("'greedy', 'beam' or 'sample' (temperature / top_k / top_p, seeded)", "beam")
     beam_size: int = _help("beams for beam search", 5)
     max_new_tokens: int = _help("longest caption, in LM tokens", 30)
-    length_penalty: float = _help("beam score = log-prob / length ** length_penalty", 1.0)
+    min_new_tokens: int = _help("shortest caption, in LM tokens (EOS is blocked before it)", 0)
+    length_penalty: float = _help(
+        "beam score = log-prob / length ** length_penalty (length counts the EOS)", 1.0
+    )
     batch_size: int = _help("images per generation batch", 32)
+    n_best: int = _help(
+        "captions returned per image, best first: beam keeps the n best beams (n_best <= beam_size), "
+        "sample draws n samples; greedy has one",
+        1,
+    )
+    temperature: float = _help("sample: divide logits by this before sampling", 1.0)
+    top_k: int = _help("sample: keep only the k most likely tokens; 0 keeps all", 0)
+    top_p: float = _help("sample: keep the smallest set of tokens whose probability reaches top_p", 1.0)
+    seed: int = _help("sample: seed; the same seed, inputs and batch_size give the same captions", 0)
+    repetition_penalty: float = _help(
+        "penalize tokens the caption already has (CTRL-style; 1.0 = off, 1.2 is typical)", 1.0
+    )
+    no_repeat_ngram_size: int = _help("no n-gram of this many tokens appears twice in a caption; 0 = off", 0)
+    stop: str = _help("stop a caption once its text contains this string (kept); '' = EOS only", "")
 
     def __post_init__(self) -> None:
-        _one_of("generate.strategy", self.strategy, ("greedy", "beam"))
+        _one_of("generate.strategy", self.strategy, ("greedy", "beam", "sample"))
         _check(self.beam_size >= 1, "generate.beam_size", self.beam_size, "must be >= 1")
         _check(self.max_new_tokens >= 1, "generate.max_new_tokens", self.max_new_tokens, "must be >= 1")
+        _check(
+            0 <= self.min_new_tokens <= self.max_new_tokens,
+            "generate.min_new_tokens",
+            self.min_new_tokens,
+            f"must be in [0, max_new_tokens = {self.max_new_tokens}]",
+        )
         _check(self.batch_size >= 1, "generate.batch_size", self.batch_size, "must be >= 1")
+        _check(self.n_best >= 1, "generate.n_best", self.n_best, "must be >= 1")
+        if self.strategy == "beam":
+            _check(
+                self.n_best <= self.beam_size,
+                "generate.n_best",
+                self.n_best,
+                f"beam search returns at most beam_size = {self.beam_size} captions",
+            )
+        if self.strategy == "greedy":
+            _check(
+                self.n_best == 1,
+                "generate.n_best",
+                self.n_best,
+                "greedy decoding has one caption; use beam or sample",
+            )
+        _check(self.temperature > 0, "generate.temperature", self.temperature, "must be > 0")
+        _check(self.top_k >= 0, "generate.top_k", self.top_k, "must be >= 0")
+        _check(0.0 < self.top_p <= 1.0, "generate.top_p", self.top_p, "must be in (0, 1]")
+        _check(
+            self.repetition_penalty > 0, "generate.repetition_penalty", self.repetition_penalty, "must be > 0"
+        )
+        _check(
+            self.no_repeat_ngram_size >= 0,
+            "generate.no_repeat_ngram_size",
+            self.no_repeat_ngram_size,
+            "must be >= 0",
+        )
 
 
 @dataclass(frozen=True)
@@ -158,12 +266,25 @@ class EvalConfig:
         ("syllable",),
     )
     max_images: int = _help("score at most this many images (0 = all)", 0)
+    metrics: tuple[str, ...] = _help(
+        "metric families: BLEU (1-4), METEOR, ROUGE-L, CIDEr-D, SPICE, chrF; one that cannot run here "
+        "(no Java, no CoreNLP, not defined for the language) is reported as unavailable with the reason",
+        ("BLEU", "METEOR", "ROUGE-L", "CIDEr-D", "SPICE", "chrF"),
+    )
+    human: bool = _help(
+        "also score each human caption against the image's other captions (leave-one-out), as a "
+        "'human (leave-one-out)' row",
+        True,
+    )
 
     def __post_init__(self) -> None:
         _check(len(self.levels) > 0, "eval.levels", self.levels, "must name at least one level")
         for level in self.levels:
             _one_of("eval.levels", level, ("syllable", "word"))
         _check(self.max_images >= 0, "eval.max_images", self.max_images, "must be >= 0")
+        _check(len(self.metrics) > 0, "eval.metrics", self.metrics, "must name at least one metric")
+        for metric in self.metrics:
+            _one_of("eval.metrics", metric, ("BLEU", "METEOR", "ROUGE-L", "CIDEr-D", "SPICE", "chrF"))
 
 
 SECTIONS: dict[str, type] = {

@@ -43,7 +43,8 @@ def load_run(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     ckpt = read_checkpoint(found[-1])
     check_compatible(ckpt, recipe)
     decoder = load_decoder(recipe.decoder)
-    model = CaptionModel(recipe.mapper, ckpt.encoder_dim, decoder, recipe.decoder.tuning)
+    # LoRA runs get fresh adapters here; load_trainable then fills them (and the mapper) in.
+    model = CaptionModel.from_recipe(recipe, ckpt.encoder_dim, decoder)
     try:
         model.load_trainable(load_model_state(ckpt))
     except ValueError as e:

@@ -2,13 +2,26 @@
 
 The same command runs on one CPU, one GPU, or under `accelerate launch` on many. Sections:
 setup (recipe, data, features, model) -> loop (AdamW, warmup + linear decay, clipping) -> save.
+
+Scale, and why a recipe trains the same on 1 or N processes:
+- `train.batch_size` is the global batch. `GlobalBatches` cuts one seeded shuffle into global batches
+  and gives each process a contiguous slice, so N processes see exactly the captions one process
+  would, step for step.
+- Every learned token of an optimizer step weighs the same: each micro-batch's summed token loss is
+  divided by the token count of the whole step (all accumulation micro-batches on all processes,
+  one all-reduce of a scalar), then multiplied by N because DDP averages gradients over processes.
+  The gradient is then exactly d(mean token loss of the global batch), whatever the split.
+- The scheduler is stepped unwrapped, once per optimizer step, whatever the process count.
+- Gradient accumulation is done here (DDP's no_sync on all but the last micro-batch), not by
+  Accelerate, because the normalisation above needs the whole step's token count up front.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -24,11 +37,12 @@ from vicap.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from vicap.data import Collator, build_pairs
+from vicap.data import Collator, GlobalBatches, build_pairs, optimizer_steps
 from vicap.decoders import load_decoder
+from vicap.mappers import MAPPERS
 from vicap.model import CaptionModel
 from vicap.pipeline import prepare_manifest, run_features
-from vicap.recipe import Recipe
+from vicap.recipe import Recipe, RecipeError
 
 log = logging.getLogger(__name__)
 
@@ -44,34 +58,66 @@ def linear_warmup_decay(warmup: int, total: int):
     return f
 
 
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def optimizer_step(
+    model, optimizer, scheduler, window: list[dict], accelerator, *, grad_clip: float, params
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over `window` (this process's micro-batches of one global step).
+
+    Returns (this process's summed token loss, the step's token count over all processes).
+    """
+    world = accelerator.num_processes
+    # attention_mask marks exactly the learned tokens (caption + EOS), so this is the step's denominator.
+    n_tokens = accelerator.reduce(sum(b["attention_mask"].sum() for b in window).float(), "sum")
+    loss_sum = torch.zeros((), device=accelerator.device)
+    for i, batch in enumerate(window):
+        sync = i == len(window) - 1
+        with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+            out = model(**batch)
+            accelerator.backward(out["loss_sum"] * world / n_tokens)
+        loss_sum += out["loss_sum"].detach()
+    if grad_clip > 0:
+        accelerator.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    scheduler.step()  # unwrapped: one step per optimizer step, whatever the process count
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, n_tokens
+
+
 @torch.no_grad()
 def mean_loss(model, loader, accelerator) -> float:
+    """Mean token loss over a (sharded) loader, summed over all processes."""
     model.eval()
-    total, count = 0.0, 0
+    total = torch.zeros((), device=accelerator.device)
+    count = torch.zeros((), device=accelerator.device)
     for batch in loader:
-        out = model(**batch)
-        n = batch["attention_mask"].sum()
-        total += float(accelerator.reduce(out["loss"].detach() * n, "sum"))
-        count += int(accelerator.reduce(n, "sum"))
+        out = model(**_to(batch, accelerator.device))
+        total += out["loss_sum"].float()
+        count += out["tokens"]
     model.train()
-    return total / max(count, 1)
+    total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum")
+    return float(total / count.clamp(min=1))
 
 
 def train(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> Path:
-    """Train the recipe's mapper (and LM when tuned); returns the run directory."""
+    """Train the recipe's mapper (and LM or its LoRA adapters when tuned); returns the run directory."""
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, set_seed
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import set_seed
 
     cfg = recipe.train
     run_dir = Path(cfg.output_dir)
-    accelerator = Accelerator(
-        cpu=cfg.device == "cpu",
-        mixed_precision=cfg.mixed_precision,
-        gradient_accumulation_steps=cfg.grad_accum,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
-    )
+    # Accelerate keeps one process-wide state and refuses a second, different mixed-precision or
+    # device setting. A process may train several recipes (the demo, notebooks, tests), so forget the
+    # previous run's settings; the distributed setup (PartialState, the process group) is kept.
+    AcceleratorState._reset_state()
+    accelerator = Accelerator(cpu=cfg.device == "cpu", mixed_precision=cfg.mixed_precision)
     set_seed(cfg.seed)
     main = accelerator.is_main_process
+    rank, world = accelerator.process_index, accelerator.num_processes
 
     # ---------------------------------------------------------------- setup
     existing = list_checkpoints(run_dir)
@@ -83,16 +129,28 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> Pat
     ckpt = read_checkpoint(existing[-1]) if resume and existing else None
     if ckpt is not None:
         check_compatible(ckpt, recipe)
+    if cfg.batch_size < world:
+        raise RecipeError(
+            f"train.batch_size = {cfg.batch_size} is the global batch, split over {world} processes; "
+            f"it must be at least {world}"
+        )
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "recipe.toml").write_text(recipe.to_toml(), encoding="utf-8")
     accelerator.wait_for_everyone()
 
-    manifest = prepare_manifest(recipe, run_dir)
-    store = run_features(recipe, manifest, device=accelerator.device, progress=progress and main)
+    # The main process writes the manifest and encodes the features; the others then find both on disk.
+    with accelerator.main_process_first():
+        manifest = prepare_manifest(recipe, run_dir)
+        store = run_features(recipe, manifest, device=accelerator.device, progress=progress and main)
+    if MAPPERS.get(recipe.mapper.type).uses_tokens and not store.has_tokens:
+        raise RecipeError(
+            f"mapper.type = {recipe.mapper.type!r} attends to patch tokens, but the feature store holds "
+            "pooled vectors only: set encoder.patch_tokens = true"
+        )
     decoder = load_decoder(recipe.decoder)
     set_seed(cfg.seed)  # again: feature extraction may or may not have drawn from the RNG
-    model = CaptionModel(recipe.mapper, store.dim, decoder, recipe.decoder.tuning)
+    model = CaptionModel.from_recipe(recipe, store.dim, decoder)
 
     def loader_for(split: str, shuffle: bool) -> DataLoader | None:
         records = manifest.split(split)
@@ -101,13 +159,10 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> Pat
         pairs = build_pairs(
             manifest, records, store, decoder, segment=recipe.data.segment, max_tokens=recipe.data.max_tokens
         )
-        return DataLoader(
-            pairs,
-            batch_size=cfg.batch_size,
-            shuffle=shuffle,
-            drop_last=False,
-            collate_fn=Collator(store, decoder.pad_token_id),
+        batches = GlobalBatches(
+            len(pairs), cfg.batch_size, shuffle=shuffle, seed=cfg.seed, rank=rank, world=world
         )
+        return DataLoader(pairs, batch_sampler=batches, collate_fn=Collator(store, decoder.pad_token_id))
 
     train_loader = loader_for("train", shuffle=True)
     if train_loader is None:
@@ -117,8 +172,7 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> Pat
     n_trainable = sum(p.numel() for p in trainable)
     n_total = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    # ceil(batches / grad_accum) optimizer steps per epoch, per process
-    steps_per_epoch = math.ceil(math.ceil(len(train_loader) / accelerator.num_processes) / cfg.grad_accum)
+    steps_per_epoch = optimizer_steps(len(train_loader.batch_sampler), cfg.grad_accum)
     total_steps = steps_per_epoch * cfg.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, linear_warmup_decay(cfg.warmup_steps, total_steps)
@@ -126,17 +180,19 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> Pat
     if ckpt is not None:
         model.load_trainable(load_model_state(ckpt))
         load_trainer_state(ckpt, optimizer, scheduler)
-    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
-    if val_loader is not None:
-        val_loader = accelerator.prepare(val_loader)
+    model, optimizer = accelerator.prepare(model, optimizer)
     pairs = train_loader.dataset
     log.info(
-        "training %s: %d captions of %d images, %d steps (%d/epoch), %s trainable of %s parameters",
+        "training %s: %d captions of %d images, %d steps (%d/epoch), global batch %d x %d accumulation "
+        "over %d process(es), %s trainable of %s parameters",
         run_dir,
         len(pairs),
         len(set(pairs.rows.tolist())),
         total_steps,
         steps_per_epoch,
+        cfg.batch_size,
+        cfg.grad_accum,
+        world,
         f"{n_trainable:,}",
         f"{n_total:,}",
     )
@@ -145,7 +201,10 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> Pat
     step = ckpt.step if ckpt else 0
     log_file = (run_dir / "train_log.jsonl").open("a", encoding="utf-8") if main else None
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not (progress and main))
-    running, seen, t0 = 0.0, 0, time.time()
+    # Since the last log line: this process's summed token loss, and all processes' token count.
+    running = torch.zeros((), device=accelerator.device)
+    running_tokens = torch.zeros((), device=accelerator.device)
+    t0 = time.time()
 
     def log_line(**row) -> None:
         if log_file is not None:
@@ -166,32 +225,27 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> Pat
                 scheduler=scheduler,
                 keep=cfg.keep_checkpoints,
             )
+        accelerator.wait_for_everyone()
 
     model.train()
     for epoch in range(step // steps_per_epoch, cfg.epochs):
-        train_loader.set_epoch(epoch)
-        done_in_epoch = (step - epoch * steps_per_epoch) * cfg.grad_accum
-        batches = (
-            accelerator.skip_first_batches(train_loader, done_in_epoch) if done_in_epoch else train_loader
-        )
-        for batch in batches:
-            with accelerator.accumulate(model):
-                loss = model(**batch)["loss"]
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.grad_clip > 0:
-                    accelerator.clip_grad_norm_(trainable, cfg.grad_clip)
-                optimizer.step()  # a no-op while accumulating
-                if accelerator.sync_gradients:
-                    scheduler.step()  # unwrapped: one step per optimizer step, whatever the process count
-                optimizer.zero_grad(set_to_none=True)
-            running += float(loss.detach())
-            seen += 1
-            if not accelerator.sync_gradients:
-                continue
+        done_in_epoch = step - epoch * steps_per_epoch  # optimizer steps already taken (resuming)
+        train_loader.batch_sampler.set_epoch(epoch, start=done_in_epoch * cfg.grad_accum)
+        batches = iter(train_loader)
+        while window := list(itertools.islice(batches, cfg.grad_accum)):
+            window = [_to(b, accelerator.device) for b in window]
+            if cfg.feature_noise > 0:  # CapDec: train on noisy image features, caption clean ones
+                for b in window:
+                    b["features"] = b["features"] + cfg.feature_noise * torch.randn_like(b["features"])
+            loss_sum, n_tokens = optimizer_step(
+                model, optimizer, scheduler, window, accelerator, grad_clip=cfg.grad_clip, params=trainable
+            )
+            running += loss_sum
+            running_tokens += n_tokens
             step += 1
             bar.update(1)
             if step % cfg.log_every == 0 or step == total_steps:
-                avg = running / seen
+                avg = float(accelerator.reduce(running, "sum") / running_tokens)
                 bar.set_postfix(loss=f"{avg:.4f}", epoch=epoch)
                 log_line(
                     step=step,
@@ -200,7 +254,8 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> Pat
                     lr=scheduler.get_last_lr()[0],
                     elapsed=round(time.time() - t0, 2),
                 )
-                running, seen = 0.0, 0
+                running.zero_()
+                running_tokens.zero_()
             if cfg.save_every and step % cfg.save_every == 0:
                 save(epoch)
         if val_loader is not None:

@@ -1,0 +1,208 @@
+"""Mappers: shapes, gradients, parameter counts, and ClipCap's transformer against a faithful copy.
+
+`Original*` below re-implements CLIP_prefix_caption's transformer mapper (train.py: MlpTransformer,
+MultiHeadAttention, TransformerLayer, Transformer, TransformerMapper) the way the original computes it
+(einsum attention, no biases on queries and keys/values, ReLU MLP with ratio 2, 8 heads). vicap's
+`transformer` mapper must have the same parameters under the same names and compute the same function.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from vicap.mappers import MAPPERS, build_mapper
+from vicap.recipe import MapperConfig
+
+# --------------------------------------------------------------------------- the original, re-implemented
+
+
+class OriginalMlp(nn.Module):
+    def __init__(self, in_dim, h_dim, out_d=None, act=F.relu, dropout=0.0):
+        super().__init__()
+        out_d = out_d if out_d is not None else in_dim
+        self.fc1 = nn.Linear(in_dim, h_dim)
+        self.act = act
+        self.fc2 = nn.Linear(h_dim, out_d)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.dropout(self.fc2(self.dropout(self.act(self.fc1(x)))))
+
+
+class OriginalAttention(nn.Module):
+    def __init__(self, dim_self, dim_ref, num_heads, bias=True, dropout=0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim_self // num_heads) ** -0.5
+        self.to_queries = nn.Linear(dim_self, dim_self, bias=bias)
+        self.to_keys_values = nn.Linear(dim_ref, dim_self * 2, bias=bias)
+        self.project = nn.Linear(dim_self, dim_self)
+        self.dropout = nn.Dropout(dropout)  # defined, never applied, as in the original
+
+    def forward(self, x, y=None):
+        y = y if y is not None else x
+        b, n, c = x.shape
+        _, m, _ = y.shape
+        queries = self.to_queries(x).reshape(b, n, self.num_heads, c // self.num_heads)
+        keys_values = self.to_keys_values(y).reshape(b, m, 2, self.num_heads, c // self.num_heads)
+        keys, values = keys_values[:, :, 0], keys_values[:, :, 1]
+        attention = torch.einsum("bnhd,bmhd->bnmh", queries, keys) * self.scale
+        attention = attention.softmax(dim=2)
+        out = torch.einsum("bnmh,bmhd->bnhd", attention, values).reshape(b, n, c)
+        return self.project(out), attention
+
+
+class OriginalLayer(nn.Module):
+    # The original's Transformer passes (dim_self, dim_ref, num_heads, mlp_ratio) positionally, so
+    # bias keeps its default False.
+    def __init__(self, dim_self, dim_ref, num_heads, mlp_ratio=4.0, bias=False, dropout=0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim_self)
+        self.attn = OriginalAttention(dim_self, dim_ref, num_heads, bias=bias, dropout=dropout)
+        self.norm2 = nn.LayerNorm(dim_self)
+        self.mlp = OriginalMlp(dim_self, int(dim_self * mlp_ratio), dropout=dropout)
+
+    def forward(self, x, y=None):
+        x = x + self.attn(self.norm1(x), y)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+class OriginalTransformer(nn.Module):
+    def __init__(self, dim_self, num_heads, num_layers, dim_ref=None, mlp_ratio=2.0):
+        super().__init__()
+        dim_ref = dim_ref if dim_ref is not None else dim_self
+        self.layers = nn.ModuleList(
+            [OriginalLayer(dim_self, dim_ref, num_heads, mlp_ratio) for _ in range(num_layers)]
+        )
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class OriginalTransformerMapper(nn.Module):
+    def __init__(self, dim_clip, dim_embedding, prefix_length, clip_length, num_layers=8):
+        super().__init__()
+        self.clip_length = clip_length
+        self.transformer = OriginalTransformer(dim_embedding, 8, num_layers)
+        self.linear = nn.Linear(dim_clip, clip_length * dim_embedding)
+        self.prefix_const = nn.Parameter(torch.randn(prefix_length, dim_embedding), requires_grad=True)
+
+    def forward(self, x):
+        x = self.linear(x).view(x.shape[0], self.clip_length, -1)
+        prefix = self.prefix_const.unsqueeze(0).expand(x.shape[0], *self.prefix_const.shape)
+        prefix = torch.cat((x, prefix), dim=1)
+        return self.transformer(prefix)[:, self.clip_length :]
+
+
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _transformer_closed_form(d_clip: int, d: int, k: int, clip_length: int, layers: int) -> int:
+    # per layer: 2 LayerNorms (4d), queries d^2, keys/values 2d^2, projection d^2 + d,
+    # MLP d*2d + 2d + 2d*d + d  ->  8d^2 + 8d; plus the input projection and the constants.
+    return layers * (8 * d * d + 8 * d) + d_clip * clip_length * d + clip_length * d + k * d
+
+
+# --------------------------------------------------------------------------- every mapper
+
+
+def _input(mapper: nn.Module, batch: int, dim: int, tokens: int = 4) -> torch.Tensor:
+    return torch.randn(batch, 1 + tokens, dim) if mapper.uses_tokens else torch.randn(batch, dim)
+
+
+@pytest.mark.parametrize("name", MAPPERS.names())
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_every_mapper_shapes_and_gradients(name: str, dropout: float) -> None:
+    torch.manual_seed(0)
+    cfg = MapperConfig(type=name, prefix_length=5, clip_length=3, num_layers=2, num_heads=4, dropout=dropout)
+    mapper = build_mapper(cfg, 24, 32)
+    x = _input(mapper, 3, 24)
+    out = mapper(x)
+    assert tuple(out.shape) == (3, 5, 32) and out.dtype == torch.float32
+    out.pow(2).mean().backward()
+    for n, p in mapper.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, n
+    mapper.eval()
+    with torch.no_grad():  # eval is deterministic (dropout off) and rows do not mix across the batch
+        a = mapper(x)
+        torch.testing.assert_close(mapper(x), a)
+        torch.testing.assert_close(mapper(x[1:2]), a[1:2], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["mlp", "transformer"])
+def test_pooled_mappers_take_row_zero_of_token_features(name: str) -> None:
+    torch.manual_seed(0)
+    mapper = build_mapper(MapperConfig(type=name, prefix_length=2, num_layers=1, num_heads=2), 8, 6).eval()
+    tokens = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(mapper(tokens), mapper(tokens[:, 0]))
+
+
+def test_attention_mapper_needs_tokens_and_reads_them() -> None:
+    torch.manual_seed(0)
+    mapper = build_mapper(MapperConfig(type="attention", prefix_length=3, num_heads=2), 8, 6).eval()
+    with pytest.raises(ValueError, match=r"needs patch tokens.*encoder\.patch_tokens = true"):
+        mapper(torch.randn(2, 8))
+    x = torch.randn(2, 5, 8)
+    y = x.clone()
+    y[:, 3] = torch.randn(2, 8)  # change one patch token only
+    with torch.no_grad():
+        assert not torch.allclose(mapper(x), mapper(y))
+        # any number of tokens works: the mapper has no per-token parameters
+        assert tuple(mapper(torch.randn(2, 17, 8)).shape) == (2, 3, 6)
+
+
+def test_attention_mapper_layout_and_size() -> None:
+    d_in, d, k, layers = 24, 32, 4, 2
+    mapper = build_mapper(MapperConfig(type="attention", prefix_length=k, num_heads=4), d_in, d)
+    assert len(mapper.transformer.layers) == 2 * layers  # default 2 blocks of cross + self attention
+    cross, self_ = mapper.transformer.layers[0].attn, mapper.transformer.layers[1].attn
+    assert cross.to_keys_values.in_features == d_in and self_.to_keys_values.in_features == d
+    per_cross = 2 * 2 * d + d * d + 2 * d * d_in + d * d + d + (d * 2 * d + 2 * d + 2 * d * d + d)
+    per_self = 8 * d * d + 8 * d
+    assert _count(mapper) == k * d + 2 * d_in + layers * (per_cross + per_self)
+
+
+# --------------------------------------------------------------------------- ClipCap's transformer
+
+
+@pytest.mark.parametrize(
+    ("d_clip", "d", "k", "clip_length", "layers"),
+    [(24, 32, 4, 3, 2), (16, 64, 10, 10, 8), (40, 16, 2, 5, 1)],
+)
+def test_transformer_matches_the_original(d_clip: int, d: int, k: int, clip_length: int, layers: int) -> None:
+    torch.manual_seed(0)
+    original = OriginalTransformerMapper(d_clip, d, k, clip_length, num_layers=layers)
+    cfg = MapperConfig(type="transformer", prefix_length=k, clip_length=clip_length, num_layers=layers)
+    ours = build_mapper(cfg, d_clip, d)
+    # Same parameter count, same names and shapes: the original's weights load as they are.
+    assert _count(ours) == _count(original) == _transformer_closed_form(d_clip, d, k, clip_length, layers)
+    theirs = original.state_dict()
+    assert {k_: tuple(v.shape) for k_, v in ours.state_dict().items()} == {
+        k_: tuple(v.shape) for k_, v in theirs.items()
+    }
+    ours.load_state_dict(theirs)
+    x = torch.randn(3, d_clip)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), original(x), rtol=1e-5, atol=1e-5)
+
+
+def test_transformer_at_clipcap_size() -> None:
+    # ClipCap's COCO transformer setting: ViT-B/32 (512) -> GPT-2 (768), prefix 40, clip length 40, 8 layers.
+    cfg = MapperConfig(type="transformer", prefix_length=40, clip_length=40, num_layers=8)
+    with torch.device("meta"):  # sizes only; no memory
+        ours = build_mapper(cfg, 512, 768)
+        original = OriginalTransformerMapper(512, 768, 40, 40, num_layers=8)
+    assert _count(ours) == _count(original) == _transformer_closed_form(512, 768, 40, 40, 8) == 53_587_968
+    assert MapperConfig().num_heads == 8 and MapperConfig().mlp_ratio == 2.0  # ClipCap's 8 heads, ratio 2
+
+
+def test_transformer_mapper_rejects_heads_that_do_not_divide() -> None:
+    with pytest.raises(ValueError, match="num_heads = 5 must divide the LM width 32"):
+        build_mapper(MapperConfig(type="transformer", num_heads=5), 24, 32)
