@@ -1,42 +1,218 @@
-"""Captioning image files with a trained run."""
+"""Captioning image files, folders and manifests with a trained run.
+
+Images are decoded and preprocessed in a DataLoader (worker processes overlap decoding with
+generation), encoded a batch at a time and captioned a batch at a time. A file that cannot be used --
+missing, not an image, truncated, over the pixel limit -- becomes an `{"image", "error"}` row and the
+rest go on; with `strict=True` the first one raises `ImageError` instead.
+"""
 
 from __future__ import annotations
 
+import csv
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from vicap.encoders import load_encoder
-from vicap.generate import generate_captions
-from vicap.images import ImageError, load_image
+from vicap.features import _collate, _Images
+from vicap.generate import Caption, generate
+from vicap.images import ImageError
 from vicap.runs import load_run
+
+log = logging.getLogger(__name__)
+
+# What a folder is searched for (case-insensitive). A file named on the command line is tried whatever
+# its name, so an image without one of these suffixes can still be captioned.
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    # dot-files and dot-folders: macOS "._x.jpg" AppleDouble files are not images, .git is not data
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def collect_images(paths: Iterable[str | Path]) -> list[Path]:
+    """Image files from files, folders (recursive, by suffix, sorted, hidden entries skipped) and
+    manifests (`.jsonl` written by `vicap prepare`: every record's image), without duplicates.
+
+    A path that does not exist is kept: captioning reports it as a bad file like any other.
+    """
+    from data_prep.manifest import read_manifest
+
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found += sorted(
+                p
+                for p in path.rglob("*")
+                if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not _hidden(p, path)
+            )
+        elif path.suffix.lower() == ".jsonl" and path.is_file():
+            manifest = read_manifest(path)
+            found += [manifest.resolve_image(r) for r in manifest.records]
+        else:
+            found.append(path)
+    unique: dict[Path, Path] = {}
+    for p in found:
+        unique.setdefault(p.resolve(), p)
+    return list(unique.values())
+
+
+def pick_device(setting: str) -> torch.device:
+    """'cpu', or the machine's accelerator for 'auto' (the recipe's train.device)."""
+    if setting == "cpu" or not torch.accelerator.is_available():
+        return torch.device("cpu")
+    return torch.accelerator.current_accelerator()
+
+
+def _row(path: Path, captions: list[Caption], n_best: int) -> dict:
+    row = {"image": str(path), "caption": captions[0].text, "score": round(captions[0].score, 4)}
+    if n_best > 1:
+        row["n_best"] = [{"caption": c.text, "score": round(c.score, 4)} for c in captions]
+    return row
 
 
 def caption_images(
-    run_dir: str | Path, images: list[str | Path], overrides: list[str] | tuple[str, ...] = ()
-) -> list[dict]:
-    """One dict per image: {"image", "caption"} or {"image", "error"} for an unreadable file."""
-    import torch
+    run_dir: str | Path,
+    paths: Iterable[str | Path],
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    strict: bool = False,
+    progress: bool | None = False,
+    num_workers: int = 0,
+) -> Iterator[dict]:
+    """Caption every image found in `paths` (see `collect_images`), yielding rows in input order.
 
+    A row is {"image", "caption", "score"} (plus "n_best": [{"caption", "score"}, ...] when
+    generate.n_best > 1), or {"image", "error"} for a file that could not be used. Generation settings
+    come from the run's recipe with `overrides` (e.g. "generate.beam_size=3") applied.
+    `num_workers` image-decoding processes run ahead of the model (0: decode in this process);
+    `progress=None` shows a bar only on a terminal.
+    """
     run = load_run(run_dir, overrides)
-    recipe = run.recipe
-    encoder = load_encoder(recipe.encoder)
-    language = recipe.data.language
-    results: list[dict] = []
-    batch = recipe.generate.batch_size
-    for start in range(0, len(images), batch):
-        chunk = images[start : start + batch]
-        pixels, ok = [], []
-        for path in chunk:
-            try:
-                pixels.append(encoder.preprocess(load_image(path)))
-                ok.append(path)
-            except ImageError as e:
-                results.append({"image": str(path), "error": str(e)})
-        if not ok:
-            continue
-        feats = encoder.encode(torch.stack(pixels))
-        caps = generate_captions(
-            run.model, feats, recipe.generate, language=language, segment=recipe.data.segment
-        )
-        results += [{"image": str(p), "caption": c} for p, c in zip(ok, caps, strict=True)]
-    order = {str(p): i for i, p in enumerate(images)}
-    return sorted(results, key=lambda r: order[r["image"]])
+    recipe, cfg = run.recipe, run.recipe.generate
+    images = collect_images(paths)
+    device = pick_device(recipe.train.device)
+    encoder = load_encoder(recipe.encoder).to(device)
+    model = run.model.to(device).eval()
+    loader = DataLoader(
+        _Images(images, encoder.preprocess),
+        batch_size=cfg.batch_size,
+        num_workers=num_workers,
+        collate_fn=_collate,
+    )
+    # progress=None is tqdm's own rule: a bar only when stderr is a terminal
+    bar = tqdm(
+        total=len(images), desc="caption", unit="img", disable=None if progress is None else not progress
+    )
+    start = 0
+    with bar:
+        for ids, pixels, bad in loader:
+            rows: dict[int, dict] = {}
+            for i, err in bad:
+                if strict:
+                    raise ImageError(err)
+                rows[i] = {"image": str(images[i]), "error": err}
+            if pixels is not None:
+                feats = encoder.encode(pixels.to(device))
+                caps = generate(
+                    model,
+                    feats,
+                    cfg,
+                    language=recipe.data.language,
+                    segment=recipe.data.segment,
+                    seed_offset=start,  # sampling: each batch draws its own stream
+                )
+                for i, c in zip(ids, caps, strict=True):
+                    rows[i] = _row(images[i], c, cfg.n_best)
+            for i in sorted(rows):
+                yield rows[i]
+            bar.update(len(rows))
+            start += len(rows)
+
+
+# ---------------------------------------------------------------------------------------- output files
+
+OUTPUT_SUFFIXES = (".jsonl", ".csv")
+
+
+class _CsvRows:
+    """image, caption, score; with n-best lists also caption_2, score_2, ... caption_K, score_K."""
+
+    def __init__(self, f: TextIO) -> None:
+        self.f, self.writer = f, None
+
+    def write(self, row: dict) -> None:
+        extra = row.get("n_best", [])[1:]
+        if self.writer is None:
+            cols = ["image", "caption", "score"]
+            for k in range(2, len(extra) + 2):
+                cols += [f"caption_{k}", f"score_{k}"]
+            self.writer = csv.writer(self.f)
+            self.writer.writerow(cols)
+        values = [row["image"], row["caption"], row["score"]]
+        for c in extra:
+            values += [c["caption"], c["score"]]
+        self.writer.writerow(values)
+
+
+class _JsonRows:
+    def __init__(self, f: TextIO) -> None:
+        self.f = f
+
+    def write(self, row: dict) -> None:
+        self.f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+@dataclass
+class CaptionSummary:
+    captioned: int = 0
+    skipped: list[str] = field(default_factory=list)  # one message per file, naming it
+
+
+def caption_to_file(
+    run_dir: str | Path,
+    paths: Iterable[str | Path],
+    out: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    strict: bool = False,
+    progress: bool | None = None,
+    num_workers: int = 0,
+    on_skip: Callable[[str], None] | None = None,
+) -> CaptionSummary:
+    """`caption_images`, written as it goes to `out` (.jsonl or .csv; None: JSON lines on stdout).
+
+    Files that could not be used are not written; each is passed to `on_skip` and counted.
+    """
+    out = Path(out) if out is not None else None
+    if out is not None and out.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise ValueError(f"{out}: the output file must end in {' or '.join(OUTPUT_SUFFIXES)}")
+    summary = CaptionSummary()
+    f = open(out, "w", encoding="utf-8", newline="") if out is not None else sys.stdout  # noqa: SIM115
+    try:
+        rows = _CsvRows(f) if out is not None and out.suffix.lower() == ".csv" else _JsonRows(f)
+        for row in caption_images(
+            run_dir, paths, overrides, strict=strict, progress=progress, num_workers=num_workers
+        ):
+            if "error" in row:
+                summary.skipped.append(row["error"])
+                if on_skip is not None:
+                    on_skip(row["error"])
+                continue
+            rows.write(row)
+            summary.captioned += 1
+            f.flush()
+    finally:
+        if out is not None:
+            f.close()
+    return summary

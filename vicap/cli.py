@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -84,11 +83,16 @@ def validate(
     overrides: list[str] = typer.Option([], "--set", help="override to apply, e.g. --set train.lr=1e-4"),
 ) -> None:
     """Check recipes: unknown keys, wrong types and bad values are reported with file and key."""
+    from vicap.baseline.recipe import is_baseline_recipe, load_baseline_recipe
     from vicap.recipe import RecipeError, load_recipe
 
     bad = 0
     for path in paths:
         try:
+            if is_baseline_recipe(path):
+                b = load_baseline_recipe(path, overrides)
+                typer.echo(f"ok    {path}  (baseline: {b.encoder.cnn} -> {b.decoder.type} LSTM)")
+                continue
             recipe = load_recipe(path, overrides)
             typer.echo(
                 f"ok    {path}  ({recipe.encoder.model} -> {recipe.mapper.type} -> {recipe.decoder.model}, "
@@ -171,24 +175,57 @@ def train_cmd(
 @app.command()
 def caption(
     run_dir: Path = typer.Argument(..., help="a trained run directory"),
-    images: list[Path] = typer.Argument(..., help="image files"),
+    paths: list[Path] = typer.Argument(
+        ..., help="image files, folders (searched recursively) and manifests (.jsonl from `vicap prepare`)"
+    ),
+    out: Path = typer.Option(
+        None, "--out", "-o", help="write FILE.jsonl or FILE.csv (default: JSON lines on stdout)"
+    ),
+    n_best: int = typer.Option(None, "--n-best", help="also list the K best captions (generate.n_best=K)"),
+    batch_size: int = typer.Option(None, "--batch-size", help="images per batch (generate.batch_size=N)"),
+    strict: bool = typer.Option(False, "--strict", help="stop with exit code 1 at the first unusable file"),
+    workers: int = typer.Option(1, "--workers", help="image-decoding processes (0: decode in this one)"),
     overrides: list[str] = typer.Option(
-        [], "--set", help="generation override, e.g. --set generate.beam_size=1"
+        [], "--set", help="recipe override, e.g. --set generate.beam_size=3 (repeatable)"
     ),
     verbose: bool = typer.Option(False, "-v", "--verbose"),
 ) -> None:
-    """Caption images with a trained run; prints one JSON line per image."""
+    """Caption images with a trained run: one row per image (image, caption, score).
+
+    Files that cannot be used (missing, not an image, truncated, too large) are reported by name and
+    skipped, with a count at the end; the exit code stays 0 unless --strict.
+    """
     _setup(verbose)
-    from vicap.captioner import caption_images
+    from tqdm import tqdm
+
+    from vicap.captioner import OUTPUT_SUFFIXES, caption_to_file
+    from vicap.images import ImageError
+
+    sets = list(overrides)
+    sets += [f"generate.n_best={n_best}"] if n_best is not None else []
+    sets += [f"generate.batch_size={batch_size}"] if batch_size is not None else []
+
+    def skipped(message: str) -> None:
+        tqdm.write(f"skipped {message}", file=sys.stderr)
 
     try:
-        results = caption_images(run_dir, images, overrides)
+        if out is not None and out.suffix.lower() not in OUTPUT_SUFFIXES:
+            raise UserError(f"--out {out}: the file name must end in {' or '.join(OUTPUT_SUFFIXES)}")
+        summary = caption_to_file(
+            run_dir, paths, out, sets, strict=strict, progress=None, num_workers=workers, on_skip=skipped
+        )
+    except ImageError as e:  # only raised with --strict
+        typer.secho(f"error: {e} (--strict)", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
     except _user_errors() as e:
         _fail(e)
-    for row in results:
-        typer.echo(json.dumps(row, ensure_ascii=False))
-    if any("error" in row for row in results):
-        raise typer.Exit(1)
+    n_skipped = len(summary.skipped)
+    typer.echo(
+        f"captioned {summary.captioned} image(s)"
+        + (f"; skipped {n_skipped} unusable file(s), listed above" if n_skipped else "")
+        + (f"; wrote {out}" if out is not None else ""),
+        err=True,
+    )
 
 
 @app.command()
@@ -248,6 +285,73 @@ def demo(
     )
     typer.echo("stage times (s): " + ", ".join(f"{k} {v}" for k, v in report["timings_s"].items()))
     typer.echo(f"wall time: {report['wall_s']:.0f} s; report: {Path(report['run']) / 'report.md'}")
+
+
+baseline_app = typer.Typer(
+    no_args_is_help=True, help="The CNN+LSTM baseline: same manifest, same scoring as vicap runs."
+)
+app.add_typer(baseline_app, name="baseline")
+
+
+@baseline_app.command("train")
+def baseline_train(
+    recipe: Path = typer.Argument(..., help="baseline recipe (recipes/baseline_*.toml)"),
+    overrides: list[str] = Overrides,
+    verbose: bool = typer.Option(False, "-v", "--verbose"),
+) -> None:
+    """Train the CNN+LSTM baseline of a baseline recipe; writes the run named by `train.output_dir`."""
+    _setup(verbose)
+    from vicap.baseline.train import train_baseline_file
+
+    try:
+        run_dir = train_baseline_file(recipe, overrides or [])
+    except _user_errors() as e:
+        _fail(e)
+    typer.echo(f"baseline run saved to {run_dir}")
+
+
+@baseline_app.command("evaluate")
+def baseline_evaluate(
+    run_dir: Path = typer.Argument(..., help="a trained baseline run directory"),
+    overrides: list[str] = Overrides,
+    split: str = typer.Option(None, help="split to score (default: the recipe's eval.split)"),
+    verbose: bool = typer.Option(False, "-v", "--verbose"),
+) -> None:
+    """Caption the held-out split with the baseline and score it exactly as `vicap evaluate` does."""
+    _setup(verbose)
+    from vicap.baseline.train import evaluate_baseline
+    from vicap.evaluate import score_table
+
+    try:
+        report = evaluate_baseline(run_dir, overrides or [], split=split)
+    except _user_errors() as e:
+        _fail(e)
+    for level, rows in report["scores"].items():
+        typer.echo(f"\n{level}-level tokens, {report['images']} images:\n" + score_table(rows))
+    typer.echo(f"\nreport: {Path(run_dir) / 'report.md'}")
+
+
+@app.command()
+def compare(
+    run_dirs: list[Path] = typer.Argument(..., help="evaluated run directories (vicap or baseline)"),
+    reference: list[str] = typer.Option(
+        [], "--reference", help="published rows to add: ktvic (ViClipCap paper), coco-clipcap (ClipCap paper)"
+    ),
+    out: Path = typer.Option(Path("compare"), "--out", help="folder for the table, charts and gallery"),
+    level: list[str] = typer.Option([], "--level", help="only these token levels (default: all)"),
+    verbose: bool = typer.Option(False, "-v", "--verbose"),
+) -> None:
+    """Side-by-side table (Markdown, CSV, JSON), metric chart, loss curves and caption gallery."""
+    _setup(verbose)
+    from vicap.compare import compare_runs
+
+    try:
+        result = compare_runs(run_dirs, out, references=reference, levels=level or None)
+    except _user_errors() as e:
+        _fail(e)
+    typer.echo(result["markdown"])
+    for what, path in result["files"].items():
+        typer.echo(f"{what}: {path}")
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,11 @@ def load_image(path: str | Path) -> Image.Image:
     if not path.is_file():
         raise ImageError(f"{path}: image file not found")
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():
+            # vicap refuses over-limit images itself (below), with the file's name; PIL's warning is noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+        with im:
             if im.width * im.height > MAX_PIXELS:
                 raise ImageError(f"{path}: {im.width}x{im.height} is over the {MAX_PIXELS:,}-pixel limit")
             im.load()  # decode now so truncated files fail here, not inside a batch

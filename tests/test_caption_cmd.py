@@ -1,0 +1,185 @@
+"""`vicap caption` on folders with broken files in them, manifests, JSONL/CSV output, n-best, --strict."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from data_prep.manifest import Record, write_manifest
+from tests.conftest import REPO, tiny_recipe_overrides
+from vicap.captioner import caption_images, collect_images
+from vicap.cli import app
+from vicap.images import MAX_PIXELS, ImageError
+from vicap.recipe import load_recipe
+from vicap.train import train
+
+GREEDY = ["--set", "generate.strategy=greedy", "--workers", "0"]
+# PIL warns about the over-the-limit PNG before load_image refuses it by name
+pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, ktvic_dir: Path, tiny_lm_dir: Path, tiny_clip_dir: Path) -> Path:
+    tmp = tmp_path_factory.mktemp("caption-run")
+    overrides = tiny_recipe_overrides(tmp, ktvic_dir, tiny_lm_dir, tiny_clip_dir, **{"train.epochs": "1"})
+    return train(load_recipe(REPO / "recipes" / "demo_vi_synthetic.toml", overrides), progress=False)
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares width x height and holds no pixels: 'huge' without the memory."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, ktvic_dir: Path) -> tuple[Path, list[str], list[str]]:
+    """A folder of good images in every awkward mode, plus broken files: (root, good, bad) relative names."""
+    root = tmp_path_factory.mktemp("photos")
+    photos = sorted((ktvic_dir / "public-test-images").glob("*.jpg"))
+    base = Image.open(photos[0]).convert("RGB")
+    (root / "nested" / "deeper").mkdir(parents=True)
+    (root / "a.jpg").write_bytes(photos[0].read_bytes())
+    (root / "nested" / "b.JPG").write_bytes(photos[1].read_bytes())
+    base.convert("L").save(root / "nested" / "gray.png")
+    base.convert("CMYK").save(root / "nested" / "cmyk.jpg")
+    base.convert("P").save(root / "nested" / "deeper" / "palette.gif")
+    rgba = base.convert("RGBA")
+    rgba.putalpha(128)
+    rgba.save(root / "alpha.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90
+    base.save(root / "rotated.jpg", exif=exif)
+    good = ["a.jpg", "alpha.png", "nested/b.JPG", "nested/cmyk.jpg", "nested/deeper/palette.gif"]
+    good += ["nested/gray.png", "rotated.jpg"]
+    # broken ones
+    (root / "truncated.jpg").write_bytes(photos[2].read_bytes()[:300])
+    (root / "notes.jpg").write_text("this is a text file, not a JPEG\n")
+    (root / "empty.jpg").write_bytes(b"")
+    side = int(MAX_PIXELS**0.5) + 100
+    (root / "nested" / "huge.png").write_bytes(_png_header_only(side, side))
+    bad = ["empty.jpg", "nested/huge.png", "notes.jpg", "truncated.jpg"]
+    # not collected: other suffixes and hidden AppleDouble files
+    (root / "readme.txt").write_text("not an image")
+    (root / "._a.jpg").write_bytes(b"\x00\x05\x16\x07")
+    return root, good, bad
+
+
+def _rows(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def test_collect_images_walks_folders_and_skips_hidden_and_other_files(folder) -> None:
+    root, good, bad = folder
+    found = collect_images([root, root / "a.jpg"])  # a repeated file is captioned once
+    assert sorted(str(p.relative_to(root)) for p in found) == sorted(good + bad)
+
+
+def test_folder_with_broken_files(run_dir: Path, folder) -> None:
+    root, good, bad = folder
+    res = CliRunner().invoke(app, ["caption", str(run_dir), str(root), *GREEDY])
+    assert res.exit_code == 0, res.output
+    rows = _rows(res.stdout)
+    assert sorted(str(Path(r["image"]).relative_to(root)) for r in rows) == sorted(good)
+    for r in rows:
+        assert set(r) == {"image", "caption", "score"}
+        assert isinstance(r["caption"], str) and r["score"] <= 0
+    for name in bad:
+        assert f"skipped {root / name}:" in res.stderr
+    assert "unreadable image" in res.stderr and "pixel limit" in res.stderr
+    assert f"captioned {len(good)} image(s); skipped {len(bad)} unusable file(s)" in res.stderr
+
+
+def test_strict_fails_on_the_first_bad_file(run_dir: Path, folder) -> None:
+    root, _, _ = folder
+    res = CliRunner().invoke(app, ["caption", str(run_dir), str(root), "--strict", *GREEDY])
+    assert res.exit_code == 1
+    assert "(--strict)" in res.stderr and str(root / "empty.jpg") in res.stderr
+
+
+def test_missing_path_is_reported_like_a_bad_file(run_dir: Path, folder, tmp_path: Path) -> None:
+    root, _, _ = folder
+    res = CliRunner().invoke(
+        app, ["caption", str(run_dir), str(root / "a.jpg"), str(tmp_path / "nope.jpg"), *GREEDY]
+    )
+    assert res.exit_code == 0, res.output
+    assert len(_rows(res.stdout)) == 1 and "nope.jpg: image file not found" in res.stderr
+
+
+def test_csv_output_with_n_best(run_dir: Path, folder, tmp_path: Path) -> None:
+    root, good, _ = folder
+    out = tmp_path / "caps.csv"
+    args = ["caption", str(run_dir), str(root), "--out", str(out), "--n-best", "2"]
+    res = CliRunner().invoke(app, [*args, "--set", "generate.beam_size=3", "--batch-size", "3"])
+    assert res.exit_code == 0, res.output
+    assert res.stdout == "" and f"wrote {out}" in res.stderr
+    with open(out, newline="", encoding="utf-8") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(good)
+    assert list(table[0]) == ["image", "caption", "score", "caption_2", "score_2"]
+    for r in table:
+        assert float(r["score"]) >= float(r["score_2"])
+
+
+def test_jsonl_output_from_a_manifest(run_dir: Path, folder, tmp_path: Path) -> None:
+    root, good, _ = folder
+    manifest = tmp_path / "m.jsonl"
+    records = [Record(str(i), str(root / name), "test", ("x",), ("0",)) for i, name in enumerate(good[:3])]
+    write_manifest(manifest, records, {"dataset": "folder", "language": "vi"})
+    out = tmp_path / "caps.jsonl"
+    res = CliRunner().invoke(app, ["caption", str(run_dir), str(manifest), "-o", str(out), "--n-best", "3"])
+    assert res.exit_code == 0, res.output
+    rows = _rows(out.read_text(encoding="utf-8"))
+    assert [Path(r["image"]) for r in rows] == [(root / n).resolve() for n in good[:3]]
+    for r in rows:
+        assert len(r["n_best"]) == 3 and r["n_best"][0] == {"caption": r["caption"], "score": r["score"]}
+        scores = [c["score"] for c in r["n_best"]]
+        assert scores == sorted(scores, reverse=True)
+
+
+def test_settings_come_from_the_recipe_and_can_be_overridden(run_dir: Path, folder) -> None:
+    root, _, _ = folder
+    runner = CliRunner()
+    image = str(root / "a.jpg")
+    beam = _rows(runner.invoke(app, ["caption", str(run_dir), image, "--workers", "0"]).stdout)
+    beam1 = _rows(
+        runner.invoke(app, ["caption", str(run_dir), image, "--set", "generate.beam_size=1"]).stdout
+    )
+    greedy = _rows(runner.invoke(app, ["caption", str(run_dir), image, *GREEDY]).stdout)
+    assert beam1[0]["caption"] == greedy[0]["caption"]
+    assert len(beam) == 1
+    # a setting the recipe rejects, a bad output name: clear errors, exit code 2
+    res = runner.invoke(app, ["caption", str(run_dir), image, "--n-best", "2", *GREEDY])
+    assert res.exit_code == 2 and "generate.n_best" in res.stderr
+    res = runner.invoke(app, ["caption", str(run_dir), image, "--out", "caps.txt"])
+    assert res.exit_code == 2 and "must end in .jsonl or .csv" in res.stderr
+
+
+def test_caption_images_yields_rows_in_input_order(run_dir: Path, folder) -> None:
+    root, _, _ = folder
+    paths = [root / "notes.jpg", root / "a.jpg", root / "empty.jpg", root / "alpha.png"]
+    rows = list(
+        caption_images(run_dir, paths, ["generate.strategy=greedy", "generate.batch_size=3"], num_workers=0)
+    )
+    assert [r["image"] for r in rows] == [str(p) for p in paths]
+    assert ["error" in r for r in rows] == [True, False, True, False]
+    with pytest.raises(ImageError, match="notes.jpg"):
+        list(caption_images(run_dir, paths, ["generate.strategy=greedy"], strict=True, num_workers=0))
+
+
+def test_stdout_is_only_json(run_dir: Path, folder) -> None:
+    root, good, _ = folder
+    res = CliRunner().invoke(app, ["caption", str(run_dir), str(root), *GREEDY])
+    assert len(_rows(res.stdout)) == len(good)  # every stdout line parses; reports go to stderr
+    assert io.StringIO(res.stdout).read().count("\n") == len(good)
