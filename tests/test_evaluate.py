@@ -8,7 +8,15 @@ from pathlib import Path
 import pytest
 
 from data_prep.manifest import Manifest, Record
-from vicap.evaluate import EMPTY, METRICS, most_frequent_caption, score, tokenize_for_metrics
+from vicap.evaluate import (
+    EMPTY,
+    METRICS,
+    most_frequent_caption,
+    protocol,
+    score,
+    score_table,
+    tokenize_for_metrics,
+)
 
 REFS = {
     "1": ["một con mèo đen nằm trên ghế"],
@@ -119,3 +127,25 @@ def test_most_frequent_caption() -> None:
     assert most_frequent_caption(manifest, "test") == "hai con mèo"  # test captions stay in test
     with pytest.raises(ValueError, match="split 'val' has no captions"):
         most_frequent_caption(manifest, "val")
+
+
+def test_score_table_marks_missing_metrics() -> None:
+    table = score_table({"a": {"BLEU-4": 0.5, "chrF": 0.25}, "b": {"BLEU-4": 0.125}})
+    assert table.splitlines()[0] == "| system | BLEU-4 | chrF |"
+    assert table.splitlines()[2:] == ["| a | 0.5000 | 0.2500 |", "| b | 0.1250 | n/a |"]
+
+
+def test_score_extra_metric_families() -> None:
+    s = score(REFS, {k: v[0] for k, v in REFS.items()}, language="vi", metrics=["BLEU", "chrF"])
+    assert list(s) == ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "chrF"]  # standard column order
+    assert s["chrF"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="unknown metric 'BLEURT'"):
+        score(REFS, {k: v[0] for k, v in REFS.items()}, language="vi", metrics=["BLEURT"])
+
+
+def test_protocol_names_tokenizers_and_metrics() -> None:
+    p = protocol("vi", ("syllable", "word"), {"chrF": "vicap chrF", "SPICE": "not applicable: ..."})
+    assert p["levels"]["word"]["segmentation"] == "word" and "underthesea" in p["levels"]["word"]["segmenter"]
+    assert "data_prep.languages" in p["levels"]["syllable"]["tokenizer"]
+    assert p["metrics"]["SPICE"].startswith("not applicable")
+    assert "PTB-compatible" in protocol("en", ("word",))["levels"]["word"]["tokenizer"]

@@ -1,0 +1,169 @@
+"""The CNN+LSTM baseline: recipes, vocabulary, beam search, and train + evaluate through the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from vicap.baseline.model import LSTMDecoder, beam_search
+from vicap.baseline.recipe import LSTMConfig, is_baseline_recipe, load_baseline_recipe
+from vicap.baseline.vocab import BOS, EOS, SPECIALS, SentencePieceVocab, Vocab, caption_tokens
+from vicap.cli import app
+from vicap.evaluate import FLOOR, HUMAN
+from vicap.recipe import RecipeError
+
+REPO = Path(__file__).resolve().parents[1]
+BASELINE_RECIPES = sorted((REPO / "recipes").glob("baseline_*.toml"))
+DEMO = REPO / "recipes" / "baseline_demo_vi_synthetic.toml"
+
+
+@pytest.mark.parametrize("path", BASELINE_RECIPES, ids=lambda p: p.name)
+def test_shipped_baseline_recipes_validate(path: Path) -> None:
+    recipe = load_baseline_recipe(path)
+    assert is_baseline_recipe(path) and recipe.encoder.cnn and recipe.data.source
+    assert path.read_text(encoding="utf-8").startswith("#"), (
+        f"{path.name}: start with its command and targets"
+    )
+
+
+def test_baseline_recipes_exist() -> None:
+    names = {p.name for p in BASELINE_RECIPES}
+    assert {"baseline_demo_vi_synthetic.toml", "baseline_ktvic.toml", "baseline_uitviic.toml"} <= names
+    assert "baseline_coco.toml" in names
+    assert not is_baseline_recipe(REPO / "recipes" / "demo_vi_synthetic.toml")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("decoder.typ=attention", "unknown key 'decoder.typ' (did you mean 'type'?)"),
+        ("decoder.type=gru", "decoder.type = 'gru': must be one of show_tell, attention"),
+        ("encoder.weights=imagenet", "the tiny CNN has no pretrained weights"),
+        ("train.lr=0", "train.lr = 0.0: must be > 0"),
+        ("generate.beam_size=0", "generate.beam_size = 0: must be >= 1"),
+        ("kind=vicap", 'a baseline recipe starts with kind = "baseline"'),
+    ],
+)
+def test_bad_baseline_recipes_name_the_key(override: str, message: str) -> None:
+    with pytest.raises(RecipeError, match="baseline_demo_vi_synthetic.toml") as e:
+        load_baseline_recipe(DEMO, [override])
+    assert message in str(e.value)
+
+
+def test_vocabularies_from_segmented_tokens(tmp_path: Path) -> None:
+    tokens = caption_tokens(["Người đàn ông đi xe đạp.", "Một người đàn ông"], "vi", "word")
+    assert tokens[0] == ["người", "đàn_ông", "đi", "xe_đạp"]  # lowercased, segmented, no punctuation
+    vocab = Vocab.build(tokens, min_count=2)
+    assert vocab.tokens == [*SPECIALS, "người", "đàn_ông"]  # by count; rarer tokens become <unk>
+    assert vocab.decode(vocab.encode(["người", "đi"]) + [EOS]) == "người"  # <unk> and specials dropped
+    texts = caption_tokens(["một con mèo đen nằm trên ghế", "hai con chó chạy trên cỏ"] * 20, "vi", "none")
+    sp = SentencePieceVocab.train(texts, 40, tmp_path)
+    ids = sp.encode(texts[0])
+    assert ids and min(ids) >= len(SPECIALS) and sp.decode(ids) == "một con mèo đen nằm trên ghế"
+    assert sp.tokens[:4] == list(SPECIALS)
+
+
+@pytest.mark.parametrize("kind", ["show_tell", "attention"])
+def test_beam_of_one_is_greedy(kind: str) -> None:
+    torch.manual_seed(0)
+    cfg = LSTMConfig(type=kind, embed_dim=8, hidden_dim=16, attention_dim=8, dropout=0.0)
+    dec = LSTMDecoder(cfg, vocab_size=12, feat_dim=6).eval()
+    feats = torch.randn(3, 4, 6)
+    got = beam_search(dec, feats, beam_size=1, max_len=7)
+    with torch.no_grad():
+        state, tok, greedy = dec.init_state(feats), torch.full((3,), BOS), [[] for _ in range(3)]
+        done = [False] * 3
+        for _ in range(7):
+            logits, state = dec.step(tok, state)
+            logits[:, :2] = float("-inf")  # never <pad> or <bos>
+            tok = logits.argmax(-1)
+            for i, t in enumerate(tok.tolist()):
+                if not done[i]:
+                    done[i] = t == EOS
+                    if not done[i]:
+                        greedy[i].append(t)
+    assert got == greedy
+    wide = beam_search(dec, feats, beam_size=4, max_len=7)
+    assert all(len(s) <= 7 and not {0, 1, 2} & set(s) for s in wide)
+
+
+def _tiny_overrides(tmp: Path, ktvic: Path, **extra: str) -> list[str]:
+    base = {
+        "data.source": str(ktvic),
+        "data.features_dir": str(tmp / "features"),
+        "data.val_fraction": "0.2",
+        "train.output_dir": str(tmp / "baseline"),
+        "train.epochs": "2",
+        "train.batch_size": "8",
+        "train.log_every": "1",
+        "train.device": "cpu",
+        "encoder.image_size": "32",
+        "encoder.grid": "2",
+        "decoder.embed_dim": "16",
+        "decoder.hidden_dim": "32",
+        "decoder.attention_dim": "16",
+        "generate.max_new_tokens": "12",
+        "eval.levels": '["syllable"]',
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def test_cli_baseline_train_evaluate_compare(tmp_path: Path, ktvic_dir: Path) -> None:
+    runner = CliRunner()
+    res = runner.invoke(app, ["baseline", "train", str(DEMO), *_tiny_overrides(tmp_path, ktvic_dir)])
+    assert res.exit_code == 0, res.output
+    run = tmp_path / "baseline"
+    assert (run / "baseline.toml").is_file() and (run / "vocab.json").is_file()
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    # 19 training images (5 of 24 held out for validation), 8 per step: 3 steps per epoch, 2 epochs
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert sum("val_loss" in r for r in log) == 2
+    ckpt = run / "checkpoints" / "step_00000006" / "model.safetensors"
+    with safe_open(str(ckpt), framework="pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    assert any(k.startswith("encoder.") for k in keys) and any(k.startswith("decoder.") for k in keys)
+    assert meta["format"] == "vicap-baseline-1" and json.loads(meta["recipe"])["kind"] == "baseline"
+
+    res = runner.invoke(app, ["baseline", "evaluate", str(run), "generate.beam_size=2"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((run / "report.json").read_text())
+    assert report["kind"] == "baseline" and report["images"] == 6 and report["references"] == 30
+    rows = report["scores"]["syllable"]
+    assert set(rows) == {"CNN+LSTM (attention)", FLOOR, HUMAN}
+    assert {"BLEU-4", "ROUGE-L", "CIDEr-D", "chrF"} <= set(rows["CNN+LSTM (attention)"])
+    assert (
+        "SPICE" in report["protocol"]["metrics"]
+        and "not applicable" in report["protocol"]["metrics"]["SPICE"]
+    )
+    assert len((run / "captions_test.jsonl").read_text().splitlines()) == 6
+    assert "## Protocol" in (run / "report.md").read_text()
+
+    res = runner.invoke(app, ["compare", str(run), "--reference", "ktvic", "--out", str(tmp_path / "cmp")])
+    assert res.exit_code == 0, res.output
+    assert "CNN+LSTM [published, not measured]" in res.output and "baseline" in res.output
+
+    res = runner.invoke(app, ["baseline", "evaluate", str(tmp_path / "nowhere")])
+    assert res.exit_code == 2 and "not a baseline run directory" in res.output
+
+
+def test_frozen_cnn_features_are_cached(tmp_path: Path, ktvic_dir: Path) -> None:
+    """A frozen CNN runs once per image into vicap's feature store; show_tell decodes from it."""
+    from vicap.baseline.train import evaluate_baseline, train_baseline
+
+    overrides = _tiny_overrides(
+        tmp_path,
+        ktvic_dir,
+        **{"encoder.trainable": "false", "decoder.type": "show_tell", "train.epochs": "1"},
+    )
+    run = train_baseline(load_baseline_recipe(DEMO, overrides), progress=False)
+    stores = list((tmp_path / "features").iterdir())
+    assert len(stores) == 1 and json.loads((stores[0] / "meta.json").read_text())["rows"] == 30
+    report = evaluate_baseline(run, ["generate.strategy=greedy", 'eval.metrics=["BLEU"]', "eval.human=false"])
+    assert set(report["scores"]["syllable"]) == {"CNN+LSTM (show_tell)", FLOOR}
+    assert len(list((tmp_path / "features").iterdir())) == 1  # reused, not re-encoded elsewhere
