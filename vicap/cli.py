@@ -228,6 +228,14 @@ def caption(
     )
 
 
+def _print_report(report: dict, run_dir: Path) -> None:
+    from vicap.evaluate import score_table
+
+    for level, rows in report["scores"].items():
+        typer.echo(f"\n{level}-level tokens, {report['images']} images:\n" + score_table(rows))
+    typer.echo(f"\nreport: {Path(run_dir) / 'report.md'}")
+
+
 @app.command()
 def evaluate(
     run_dir: Path = typer.Argument(..., help="a trained run directory"),
@@ -237,15 +245,13 @@ def evaluate(
 ) -> None:
     """Caption the held-out split and score it; writes report.json and report.md into the run."""
     _setup(verbose)
-    from vicap.evaluate import evaluate_run, score_table
+    from vicap.evaluate import evaluate_run
 
     try:
         report = evaluate_run(run_dir, overrides or [], split=split)
     except _user_errors() as e:
         _fail(e)
-    for level, rows in report["scores"].items():
-        typer.echo(f"\n{level}-level tokens, {report['images']} images:\n" + score_table(rows))
-    typer.echo(f"\nreport: {Path(run_dir) / 'report.md'}")
+    _print_report(report, run_dir)
 
 
 @app.command()
@@ -320,15 +326,12 @@ def baseline_evaluate(
     """Caption the held-out split with the baseline and score it exactly as `vicap evaluate` does."""
     _setup(verbose)
     from vicap.baseline.train import evaluate_baseline
-    from vicap.evaluate import score_table
 
     try:
         report = evaluate_baseline(run_dir, overrides or [], split=split)
     except _user_errors() as e:
         _fail(e)
-    for level, rows in report["scores"].items():
-        typer.echo(f"\n{level}-level tokens, {report['images']} images:\n" + score_table(rows))
-    typer.echo(f"\nreport: {Path(run_dir) / 'report.md'}")
+    _print_report(report, run_dir)
 
 
 @app.command()

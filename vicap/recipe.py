@@ -454,15 +454,20 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read, override and validate a recipe file. Errors name the file and key."""
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A recipe file's raw TOML; a missing file or bad TOML is a RecipeError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise RecipeError(f"{path}: not valid TOML: {e}") from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override and validate a recipe file. Errors name the file and key."""
+    data = read_toml(path)
     try:
         return recipe_from_dict(apply_overrides(data, list(overrides)))
     except RecipeError as e:

@@ -30,6 +30,7 @@ from vicap.recipe import (
     _unknown,
     apply_overrides,
     dump_toml,
+    read_toml,
 )
 
 CNNS = ("resnet50", "resnet18", "efficientnet_b0", "tiny")
@@ -198,13 +199,7 @@ def is_baseline_recipe(path: str | Path) -> bool:
 
 def load_baseline_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> BaselineRecipe:
     """Read, override and validate a baseline recipe. Errors name the file and key."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"{path}: recipe file not found")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as e:
-        raise RecipeError(f"{path}: not valid TOML: {e}") from None
+    data = read_toml(path)
     data = {**{s: {} for s in SECTIONS if s not in ("encoder", "decoder", "data")}, **data}
     try:
         return baseline_from_dict(apply_overrides(data, list(overrides)))
