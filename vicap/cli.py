@@ -357,6 +357,27 @@ def compare(
         typer.echo(f"{what}: {path}")
 
 
+@app.command()
+def serve(
+    run_dirs: list[Path] = typer.Argument(..., help="trained run directories, shown side by side"),
+    host: str = typer.Option("127.0.0.1", "--host", help="interface to listen on (0.0.0.0: all)"),
+    port: int = typer.Option(7860, "--port", help="port to listen on"),
+    verbose: bool = typer.Option(False, "-v", "--verbose"),
+) -> None:
+    """A web page for trying runs: upload an image, compare captions, score against a reference."""
+    _setup(verbose)
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        _fail(UserError('vicap serve needs the serve extra: pip install -e ".[serve]"'))
+    from vicap.serve import serve as serve_app
+
+    try:
+        serve_app(run_dirs, host=host, port=port)
+    except _user_errors() as e:
+        _fail(e)
+
+
 def main() -> None:
     app()
 

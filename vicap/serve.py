@@ -1,0 +1,348 @@
+"""`vicap serve`: a Gradio page for trying trained runs side by side (optional extra: `pip install -e ".[serve]"`).
+
+Every run named on the command line is loaded once at start-up (recipe, checkpoint, image encoder);
+requests reuse them. The page has:
+
+- Caption: upload an image (or take one with the webcam), pick the decoding (greedy / beam size /
+  sampling temperature and top-p), and read each run's caption side by side with its recipe summary
+  and the time it took. With a reference caption typed in, each caption is scored against it
+  (BLEU-4, CIDEr-D, chrF on the run language's metric tokens).
+- Batch: several images at once, one row per image and run, downloadable as CSV.
+
+Scripts use Gradio's API: endpoints `/caption` and `/caption_batch` (see the page's "Use via API").
+Bad input (no file, not an image, truncated, too large) is a message on the page; the server goes on.
+Requests are queued, one at a time per event, so the models are never run concurrently.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vicap.captioner import pick_device
+from vicap.encoders import Encoder, load_encoder
+from vicap.generate import generate
+from vicap.images import ImageError, load_image
+from vicap.recipe import GenerateConfig, Recipe
+from vicap.runs import Run, load_run
+
+log = logging.getLogger(__name__)
+
+MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # per image; larger uploads are refused with a message
+MAX_BATCH = 64  # images per batch request
+STRATEGIES = ("greedy", "beam", "sample")
+SCORE_COLUMNS = ("BLEU-4", "CIDEr-D", "chrF")
+CAPTION_HEADERS = ["run", "caption", "time (s)", "recipe", *SCORE_COLUMNS]
+BATCH_HEADERS = ["image", "run", "caption", "time (s)", "error"]
+
+
+def _short(name: str) -> str:
+    """A model reference without its folder: 'local-dir:/x/y/clip' -> 'clip'."""
+    name = name.split(":", 1)[1] if name.startswith(("local-dir:", "hf-hub:")) else name
+    return Path(name).name or name
+
+
+def recipe_summary(recipe: Recipe) -> str:
+    enc, dec, mapper = recipe.encoder, recipe.decoder, recipe.mapper
+    encoder = f"{enc.name} {_short(enc.model)}" + (" (patch tokens)" if enc.patch_tokens else "")
+    return (
+        f"{encoder} -> {mapper.type} mapper (prefix {mapper.prefix_length}) -> {_short(dec.model)}"
+        f" [{dec.tuning}], {recipe.data.language}"
+    )
+
+
+@dataclass
+class LoadedRun:
+    name: str
+    run: Run
+    encoder: Encoder
+    device: torch.device
+
+    @property
+    def recipe(self) -> Recipe:
+        return self.run.recipe
+
+    @property
+    def summary(self) -> str:
+        return recipe_summary(self.recipe)
+
+
+def load_runs(run_dirs: list[str | Path]) -> list[LoadedRun]:
+    """Load every run and its encoder once. Names are the run folders' names, made unique."""
+    if not run_dirs:
+        raise ValueError("name at least one run directory")
+    loaded: list[LoadedRun] = []
+    seen: dict[str, int] = {}
+    for d in run_dirs:
+        run = load_run(d)
+        device = pick_device(run.recipe.train.device)
+        encoder = load_encoder(run.recipe.encoder).to(device)
+        model = run.model.to(device).eval()
+        run.model = model
+        name = Path(d).resolve().name or str(d)
+        seen[name] = seen.get(name, 0) + 1
+        if seen[name] > 1:
+            name = f"{name} ({seen[name]})"
+        loaded.append(LoadedRun(name, run, encoder, device))
+        log.info("serving %s: %s", name, recipe_summary(run.recipe))
+    return loaded
+
+
+def decoding_config(
+    base: GenerateConfig, strategy: str, beam_size: float, temperature: float, top_p: float
+) -> GenerateConfig:
+    """The run's [generate] settings with the page's decoding controls applied."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"decoding must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
+    beam_size = int(beam_size)
+    if strategy == "beam" and not 1 <= beam_size <= 16:
+        raise ValueError(f"beam size must be between 1 and 16, not {beam_size}")
+    if strategy == "sample" and not (float(temperature) > 0 and 0 < float(top_p) <= 1):
+        raise ValueError("sampling needs temperature > 0 and 0 < top-p <= 1")
+    return dataclasses.replace(
+        base,
+        strategy=strategy,
+        beam_size=beam_size if strategy == "beam" else base.beam_size,
+        temperature=float(temperature),
+        top_p=float(top_p),
+        n_best=1,
+        batch_size=1,
+    )
+
+
+def check_upload(path: str | Path | None) -> Path:
+    """The upload's path, or ImageError with a message fit for the page."""
+    if path is None or str(path) == "":
+        raise ImageError("No image: upload a photo (or take one with the webcam) first.")
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"{path.name}: the upload did not arrive; try again.")
+    size = path.stat().st_size
+    if size > MAX_UPLOAD_BYTES:
+        raise ImageError(
+            f"{path.name}: {size / 1e6:.1f} MB is over the {MAX_UPLOAD_BYTES / 1e6:.0f} MB upload limit."
+        )
+    return path
+
+
+def _score(language: str, level: str, caption: str, reference: str) -> dict[str, float]:
+    from vicap.evaluate import tokenize_for_metrics
+    from vicap.metrics import Scorer
+
+    gts = {"image": tokenize_for_metrics([reference], language, level)}
+    res = {"image": tokenize_for_metrics([caption], language, level)}
+    with Scorer(language, ("BLEU", "CIDEr-D", "chrF")) as scorer:
+        scores = scorer.score_tokens(gts, res)
+    return {c: scores[c] for c in SCORE_COLUMNS if c in scores}
+
+
+@torch.no_grad()
+def caption_with(lr: LoadedRun, image, cfg: GenerateConfig) -> tuple[str, float]:
+    """(caption, seconds) for one decoded PIL image."""
+    start = time.perf_counter()
+    pixels = lr.encoder.preprocess(image).unsqueeze(0).to(lr.device)
+    feats = lr.encoder.encode(pixels)
+    caps = generate(
+        lr.run.model, feats, cfg, language=lr.recipe.data.language, segment=lr.recipe.data.segment
+    )
+    return caps[0][0].text, time.perf_counter() - start
+
+
+def caption_image(
+    runs: list[LoadedRun],
+    path: str | Path | None,
+    strategy: str = "beam",
+    beam_size: float = 5,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    reference: str = "",
+) -> tuple[list[list], str]:
+    """One image through every run: (table rows as CAPTION_HEADERS, message). Raises ImageError/ValueError."""
+    image = load_image(check_upload(path))
+    reference = (reference or "").strip()
+    rows = []
+    for lr in runs:
+        cfg = decoding_config(lr.recipe.generate, strategy, beam_size, temperature, top_p)
+        text, seconds = caption_with(lr, image, cfg)
+        scores = (
+            _score(lr.recipe.data.language, lr.recipe.eval.levels[0], text, reference) if reference else {}
+        )
+        rows.append(
+            [lr.name, text, round(seconds, 3), lr.summary]
+            + [round(scores[c], 4) if c in scores else None for c in SCORE_COLUMNS]
+        )
+    msg = f"Captioned {Path(path).name} with {len(runs)} run(s), {strategy} decoding."
+    if reference:
+        msg += (
+            " Scores are against your reference on each run's language tokens; CIDEr-D takes its"
+            " document frequencies from the references, so with a single reference it is 0 by design."
+        )
+    return rows, msg
+
+
+def caption_batch(
+    runs: list[LoadedRun],
+    paths: list[str | Path] | None,
+    strategy: str = "beam",
+    beam_size: float = 5,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+) -> tuple[list[list], str, str | None]:
+    """Several images through every run: (rows as BATCH_HEADERS, message, CSV path)."""
+    paths = [p for p in (paths or []) if p]
+    if not paths:
+        raise ImageError("No images: upload one or more photos first.")
+    if len(paths) > MAX_BATCH:
+        raise ImageError(f"{len(paths)} images is over the {MAX_BATCH}-image batch limit.")
+    cfgs = [decoding_config(lr.recipe.generate, strategy, beam_size, temperature, top_p) for lr in runs]
+    rows, bad = [], 0
+    for p in paths:
+        name = Path(p).name
+        try:
+            image = load_image(check_upload(p))
+        except ImageError as e:
+            bad += 1
+            rows.append([name, "", "", None, _page_message(e)])
+            continue
+        for lr, cfg in zip(runs, cfgs, strict=True):
+            text, seconds = caption_with(lr, image, cfg)
+            rows.append([name, lr.name, text, round(seconds, 3), ""])
+    out = Path(tempfile.mkdtemp(prefix="vicap-serve-")) / "captions.csv"
+    with open(out, "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(BATCH_HEADERS)
+        w.writerows(rows)
+    msg = f"Captioned {len(paths) - bad} of {len(paths)} image(s) with {len(runs)} run(s)."
+    if bad:
+        msg += f" {bad} file(s) could not be used: see the error column."
+    return rows, msg, str(out)
+
+
+def _page_message(e: Exception) -> str:
+    # Upload paths are Gradio's temp files: show the file's own name, not the cache folder.
+    text = str(e)
+    if ": " in text and "/" in text.split(": ", 1)[0]:
+        head, tail = text.split(": ", 1)
+        text = f"{Path(head).name}: {tail}"
+    return text
+
+
+def build_app(run_dirs: list[str | Path] | None = None, *, runs: list[LoadedRun] | None = None):
+    """The Gradio Blocks app (queued) for the given runs; loads them once unless `runs` is given."""
+    import gradio as gr
+
+    runs = runs if runs is not None else load_runs(list(run_dirs or []))
+
+    def on_caption(upload, webcam, strategy, beam_size, temperature, top_p, reference):
+        path = upload or webcam
+        try:
+            rows, msg = caption_image(runs, path, strategy, beam_size, temperature, top_p, reference)
+        except (ImageError, ValueError) as e:
+            return [], f"**Error:** {_page_message(e)}"
+        except Exception as e:  # keep serving; the log has the traceback
+            log.exception("caption request failed")
+            return [], f"**Error:** captioning failed ({type(e).__name__}: {e})"
+        return rows, msg
+
+    def on_batch(files, strategy, beam_size, temperature, top_p):
+        try:
+            rows, msg, csv_path = caption_batch(runs, files, strategy, beam_size, temperature, top_p)
+        except (ImageError, ValueError) as e:
+            return [], f"**Error:** {_page_message(e)}", None
+        except Exception as e:
+            log.exception("batch request failed")
+            return [], f"**Error:** captioning failed ({type(e).__name__}: {e})", None
+        return rows, msg, csv_path
+
+    def controls():
+        base = runs[0].recipe.generate
+        with gr.Row():
+            strategy = gr.Radio(
+                list(STRATEGIES),
+                value=base.strategy if base.strategy in STRATEGIES else "beam",
+                label="decoding",
+            )
+            beam = gr.Slider(1, 16, value=base.beam_size, step=1, label="beam size (beam)")
+            temp = gr.Slider(0.1, 2.0, value=base.temperature, step=0.05, label="temperature (sample)")
+            top_p = gr.Slider(0.05, 1.0, value=base.top_p, step=0.05, label="top-p (sample)")
+        return strategy, beam, temp, top_p
+
+    with gr.Blocks(title="vicap captioners", analytics_enabled=False) as demo:
+        gr.Markdown(
+            "# vicap: try the captioners\n" + "\n".join(f"- **{lr.name}**: {lr.summary}" for lr in runs)
+        )
+        with gr.Tab("Caption"):
+            with gr.Row():
+                upload = gr.File(label="image", file_types=["image"], type="filepath", elem_id="vicap-upload")
+                webcam = gr.Image(
+                    label="or take a photo", sources=["webcam"], type="filepath", elem_id="vicap-webcam"
+                )
+            strategy, beam, temp, top_p = controls()
+            reference = gr.Textbox(
+                label="reference caption (optional): scores each caption against it",
+                elem_id="vicap-reference",
+            )
+            go = gr.Button("Caption", variant="primary", elem_id="vicap-run")
+            message = gr.Markdown(elem_id="vicap-message")
+            table = gr.Dataframe(
+                headers=CAPTION_HEADERS, value=[], label="captions", wrap=True, elem_id="vicap-results"
+            )
+            go.click(
+                on_caption,
+                [upload, webcam, strategy, beam, temp, top_p, reference],
+                [table, message],
+                api_name="caption",
+            )
+        with gr.Tab("Batch"):
+            files = gr.File(
+                label="images",
+                file_count="multiple",
+                file_types=["image"],
+                type="filepath",
+                elem_id="vicap-batch-upload",
+            )
+            b_strategy, b_beam, b_temp, b_top_p = controls()
+            b_go = gr.Button("Caption all", variant="primary", elem_id="vicap-batch-run")
+            b_message = gr.Markdown(elem_id="vicap-batch-message")
+            b_table = gr.Dataframe(
+                headers=BATCH_HEADERS, value=[], label="captions", elem_id="vicap-batch-results"
+            )
+            b_csv = gr.File(label="CSV", elem_id="vicap-batch-csv")
+            b_go.click(
+                on_batch,
+                [files, b_strategy, b_beam, b_temp, b_top_p],
+                [b_table, b_message, b_csv],
+                api_name="caption_batch",
+            )
+    demo.queue(default_concurrency_limit=1)
+    return demo
+
+
+def launch_options() -> dict:
+    """Keyword arguments for `Blocks.launch`: system fonts only (the page never reaches out to font
+    servers, so it works offline), no server-side rendering process, the upload size limit."""
+    import gradio as gr
+
+    theme = gr.themes.Base(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+    return {"theme": theme, "ssr_mode": False, "max_file_size": MAX_UPLOAD_BYTES, "share": False}
+
+
+def serve(run_dirs: list[str | Path], host: str = "127.0.0.1", port: int = 7860, *, block: bool = True):
+    """Load the runs, build the app and serve it on host:port (blocking unless block=False)."""
+    demo = build_app(run_dirs)
+    demo.launch(
+        server_name=host,
+        server_port=port,
+        inbrowser=False,
+        show_error=True,
+        prevent_thread_lock=not block,
+        **launch_options(),
+    )
+    return demo
