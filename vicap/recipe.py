@@ -299,6 +299,15 @@ SECTIONS: dict[str, type] = {
 TOP_LEVEL = ("name", "description")
 
 
+def sections_dict(recipe: Any, sections: Any) -> dict[str, Any]:
+    """Each section dataclass of a recipe as plain TOML/JSON-ready values (tuples become lists)."""
+    out: dict[str, Any] = {}
+    for section in sections:
+        values = dataclasses.asdict(getattr(recipe, section))
+        out[section] = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+    return out
+
+
 @dataclass(frozen=True)
 class Recipe:
     encoder: EncoderConfig
@@ -312,11 +321,7 @@ class Recipe:
     description: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"name": self.name, "description": self.description}
-        for section in SECTIONS:
-            values = dataclasses.asdict(getattr(self, section))
-            out[section] = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
-        return out
+        return {"name": self.name, "description": self.description, **sections_dict(self, SECTIONS)}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), ensure_ascii=False, sort_keys=True)

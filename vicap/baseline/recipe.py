@@ -10,7 +10,6 @@ recipe when it has `kind = "baseline"` at the top.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import tomllib
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from vicap.recipe import (
     apply_overrides,
     dump_toml,
     read_toml,
+    sections_dict,
 )
 
 CNNS = ("resnet50", "resnet18", "efficientnet_b0", "tiny")
@@ -161,11 +161,12 @@ class BaselineRecipe:
     description: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"kind": KIND, "name": self.name, "description": self.description}
-        for section in SECTIONS:
-            values = dataclasses.asdict(getattr(self, section))
-            out[section] = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
-        return out
+        return {
+            "kind": KIND,
+            "name": self.name,
+            "description": self.description,
+            **sections_dict(self, SECTIONS),
+        }
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), ensure_ascii=False, sort_keys=True)
