@@ -206,3 +206,22 @@ def test_transformer_at_clipcap_size() -> None:
 def test_transformer_mapper_rejects_heads_that_do_not_divide() -> None:
     with pytest.raises(ValueError, match="num_heads = 5 must divide the LM width 32"):
         build_mapper(MapperConfig(type="transformer", num_heads=5), 24, 32)
+
+
+@pytest.mark.parametrize("enc_dec", [False, True])
+def test_transformer_last_rows_equal_full_run_sliced(enc_dec: bool) -> None:
+    # The transformer mapper's last layer computes only the prefix rows; values and gradients must be
+    # those of running every row and slicing.
+    from vicap.mappers import Transformer
+
+    torch.manual_seed(0)
+    net = Transformer(32, 4, 3, dim_ref=24 if enc_dec else None, enc_dec=enc_dec)
+    x = torch.randn(2, 9, 32, requires_grad=True)
+    y = torch.randn(2, 5, 24) if enc_dec else None
+    full = net(x, y)[:, -4:]
+    (g_full,) = torch.autograd.grad(full.square().sum(), x)
+    part = net(x, y, last=4)
+    (g_part,) = torch.autograd.grad(part.square().sum(), x)
+    assert part.shape == (2, 4, 32)
+    torch.testing.assert_close(part, full, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(g_part, g_full, rtol=1e-5, atol=1e-6)

@@ -335,3 +335,53 @@ def test_load_trainable_round_trip_and_rejections(gpt2: Decoder) -> None:
         b.load_trainable(missing)
     with pytest.raises(ValueError, match=r"unexpected \['lm\.lm_head\.weight'\]"):
         b.load_trainable(dict(state, **{"lm.lm_head.weight": torch.zeros(1)}))
+
+
+def test_gpt2_activation_is_fused_with_the_same_outputs(tiny_lm_dir: Path) -> None:
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    from vicap.decoders import fuse_activations
+
+    plain = load_decoder(DecoderConfig(model=str(tiny_lm_dir))).lm
+    assert plain.config.activation_function == "gelu_new"
+    n_layers = plain.config.n_layer
+    fused = load_decoder(DecoderConfig(model=str(tiny_lm_dir))).lm
+    assert fuse_activations(fused) == n_layers
+    assert not any(isinstance(m, NewGELUActivation) for m in fused.modules())
+    assert sum(isinstance(m, GELUTanh) for m in fused.modules()) == n_layers
+    assert fuse_activations(fused) == 0  # idempotent
+    ids = torch.randint(0, plain.config.vocab_size, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(ids).logits, plain(ids).logits, rtol=1e-5, atol=1e-5)
+    # CaptionModel fuses the LM it is given.
+    decoder = load_decoder(DecoderConfig(model=str(tiny_lm_dir)))
+    model = CaptionModel(MapperConfig(prefix_length=2), ENCODER_DIM, decoder, "frozen")
+    assert not any(isinstance(m, NewGELUActivation) for m in model.lm.modules())
+
+
+def test_optimizer_is_fused_adamw_with_the_default_update(monkeypatch) -> None:
+    from vicap.train import build_optimizer
+
+    torch.manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(3))]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    fused = build_optimizer(a, 1e-2, 0.01)
+    assert fused.param_groups[0]["fused"] is True
+    plain = torch.optim.AdamW(b, lr=1e-2, weight_decay=0.01)
+    for _ in range(3):
+        for ps, opt in ((a, fused), (b, plain)):
+            opt.zero_grad()
+            sum((p * torch.arange(p.numel()).view_as(p)).sin().sum() for p in ps).backward()
+            opt.step()
+    for p, q in zip(a, b, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+    # Where the fused kernel is refused, the default implementation is used.
+    real = torch.optim.AdamW
+
+    def refuse_fused(params, **kw):
+        if kw.get("fused"):
+            raise RuntimeError("fused=True requires all the params to be floating point Tensors of supported devices")
+        return real(params, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", refuse_fused)
+    assert not build_optimizer([torch.nn.Parameter(torch.zeros(2))], 1e-3, 0.0).param_groups[0]["fused"]

@@ -106,8 +106,14 @@ class TransformerLayer(nn.Module):
         self.norm2 = nn.LayerNorm(dim_self)
         self.mlp = MlpTransformer(dim_self, int(dim_self * mlp_ratio), dropout)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), y)
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, last: int | None = None) -> torch.Tensor:
+        """With `last`, only the last `last` positions are computed (they still attend to all of x):
+        the same values as running every position and slicing, for less work."""
+        if last is None:
+            x = x + self.attn(self.norm1(x), y)
+        else:
+            h = self.norm1(x)
+            x = x[:, -last:] + self.attn(h[:, -last:], h if y is None else y)
         return x + self.mlp(self.norm2(x))
 
 
@@ -135,9 +141,11 @@ class Transformer(nn.Module):
             for i in range(n)
         )
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, last: int | None = None) -> torch.Tensor:
+        """With `last`, returns only the last `last` positions, and the final layer computes only them."""
+        n = len(self.layers)
         for i, layer in enumerate(self.layers):
-            x = layer(x, y if (i % 2 == 0 or not self.enc_dec) else None)
+            x = layer(x, y if (i % 2 == 0 or not self.enc_dec) else None, last if i == n - 1 else None)
         return x
 
 
@@ -163,7 +171,9 @@ class TransformerMapper(nn.Module):
         x = pooled(features)
         x = self.linear(x).view(x.shape[0], self.clip_length, -1)
         const = self.prefix_const.unsqueeze(0).expand(x.shape[0], -1, -1)
-        return self.transformer(torch.cat([x, const], dim=1))[:, self.clip_length :]
+        # Only the constants' outputs are the prefix, so the last layer computes only those rows (the
+        # original runs all clip_length + prefix_length rows and slices; the values are the same).
+        return self.transformer(torch.cat([x, const], dim=1), last=const.shape[1])
 
 
 @MAPPERS.register(
