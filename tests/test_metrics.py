@@ -194,3 +194,32 @@ def test_cider_equals_pycocoevalcap_bit_for_bit() -> None:
         expected, per_image = Cider().compute_score(gts, res)
         got, got_per_image = cider.score(res)
         assert got == expected and got_per_image == list(per_image)
+
+
+def test_cider_of_one_new_image_against_a_corpus() -> None:
+    # A caption scored against one typed reference takes its document frequencies from a corpus (a
+    # run's held-out references): the same number pycocoevalcap gives that image when the corpus and
+    # the image are scored together.
+    import random
+
+    from pycocoevalcap.cider.cider import Cider
+
+    from vicap.metrics.cider import CiderD
+
+    rng = random.Random(1)
+    words = "một hai con mèo chó đen trắng nằm chạy trên dưới ghế cỏ".split()
+
+    def sentence() -> str:
+        return " ".join(rng.choice(words) for _ in range(rng.randint(2, 10)))
+
+    corpus = {str(i): [sentence() for _ in range(5)] for i in range(30)}
+    cider = CiderD(corpus)
+    for refs in ([sentence()], [sentence(), sentence()]):
+        hyp = sentence()
+        gts = {**corpus, "new": refs}
+        res = {k: [corpus[k][0]] for k in corpus} | {"new": [hyp]}
+        _, per_image = Cider().compute_score(gts, res)
+        assert cider.score_new_image(hyp, refs) == per_image[list(gts).index("new")]
+    assert cider.score_new_image(refs[0], refs) > 0
+    # on its own, one image scores 0 whatever the caption: why the corpus is needed
+    assert Cider().compute_score({"new": ["con mèo đen"]}, {"new": ["con mèo đen"]})[0] == 0

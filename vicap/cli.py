@@ -362,6 +362,7 @@ def serve(
     run_dirs: list[Path] = typer.Argument(..., help="trained run directories, shown side by side"),
     host: str = typer.Option("127.0.0.1", "--host", help="interface to listen on (0.0.0.0: all)"),
     port: int = typer.Option(7860, "--port", help="port to listen on"),
+    max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", min=0.001, help="largest image accepted"),
     verbose: bool = typer.Option(False, "-v", "--verbose"),
 ) -> None:
     """A web page for trying runs: upload an image, compare captions, score against a reference."""
@@ -373,7 +374,7 @@ def serve(
     from vicap.serve import serve as serve_app
 
     try:
-        serve_app(run_dirs, host=host, port=port)
+        serve_app(run_dirs, host=host, port=port, max_upload_mb=max_upload_mb)
     except _user_errors() as e:
         _fail(e)
 

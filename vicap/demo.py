@@ -276,7 +276,8 @@ def build_tiny_clip(
 
     loss_fn = ClipLoss()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.1)
+    # warm-up over 10% of the steps (at least 2, which OneCycleLR needs)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=max(0.1, 2 / steps))
     model.train()
     bar = tqdm(range(steps), desc="tiny CLIP", unit="step", disable=not progress)
     for _ in bar:
@@ -334,9 +335,19 @@ def demo_recipe_path() -> Path:
 
 
 def run_demo(
-    out: Path, *, recipe_path: Path | None = None, overrides: tuple[str, ...] = (), progress: bool = True
+    out: Path,
+    *,
+    recipe_path: Path | None = None,
+    overrides: tuple[str, ...] = (),
+    progress: bool = True,
+    n_train: int = 1500,
+    n_test: int = 200,
+    clip_steps: int = 300,
 ) -> dict:
-    """Build everything under `out`, train, evaluate; returns the evaluation report."""
+    """Build everything under `out`, train, evaluate; returns the evaluation report.
+
+    The sizes (training and test images, tiny-CLIP steps) default to the demo's; smaller ones give the
+    same pipeline in seconds, with worse captions (the web-page test serves such a run)."""
     from vicap.evaluate import evaluate_run
     from vicap.recipe import load_recipe
     from vicap.train import train
@@ -367,7 +378,7 @@ def run_demo(
             fn()
         timings[name] = round(time.time() - t, 1)
 
-    stage("synthetic data", (data / "test_data.json").exists(), lambda: write_synthetic_ktvic(data))
+    stage("synthetic data", (data / "test_data.json").exists(), lambda: write_synthetic_ktvic(data, n_train, n_test))
     images, captions = read_train_pairs(data)
     stage(
         "tiny GPT-2",
@@ -377,7 +388,7 @@ def run_demo(
     stage(
         "tiny CLIP",
         (clip_dir / "open_clip_model.safetensors").exists(),
-        lambda: build_tiny_clip(clip_dir, images, captions, lm_dir, progress=progress),
+        lambda: build_tiny_clip(clip_dir, images, captions, lm_dir, steps=clip_steps, progress=progress),
     )
     shutil.rmtree(run_dir, ignore_errors=True)
     stage("train", False, lambda: train(recipe, progress=progress))

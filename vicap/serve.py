@@ -5,8 +5,10 @@ requests reuse them. The page has:
 
 - Caption: upload an image (or take one with the webcam), pick the decoding (greedy / beam size /
   sampling temperature and top-p), and read each run's caption side by side with its recipe summary
-  and the time it took. With a reference caption typed in, each caption is scored against it
-  (BLEU-4, CIDEr-D, chrF on the run language's metric tokens).
+  and the time it took, beside the image. With a reference caption typed in (one per line for several), each caption
+  is scored against it: BLEU-4 and chrF on the run language's metric tokens, and CIDEr-D with its
+  document frequencies taken from the run's held-out references (the image counted as one more
+  document), because CIDEr-D of one image scored on its own is 0 whatever the caption.
 - Batch: several images at once, one row per image and run, downloadable as CSV.
 
 Scripts use Gradio's API: endpoints `/caption` and `/caption_batch` (see the page's "Use via API").
@@ -19,6 +21,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import logging
+import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -30,6 +33,7 @@ from vicap.captioner import pick_device
 from vicap.encoders import Encoder, load_encoder
 from vicap.generate import generate
 from vicap.images import ImageError, load_image
+from vicap.metrics.cider import CiderD
 from vicap.recipe import GenerateConfig, Recipe
 from vicap.runs import Run, load_run
 
@@ -39,7 +43,8 @@ MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # per image; larger uploads are refused wit
 MAX_BATCH = 64  # images per batch request
 STRATEGIES = ("greedy", "beam", "sample")
 SCORE_COLUMNS = ("BLEU-4", "CIDEr-D", "chrF")
-CAPTION_HEADERS = ["run", "caption", "time (s)", "recipe", *SCORE_COLUMNS]
+CAPTION_HEADERS = ["run", "caption", *SCORE_COLUMNS, "time (s)", "recipe"]
+CAPTION_WIDTHS = ["9%", "33%", "8%", "8%", "7%", "7%", "28%"]
 BATCH_HEADERS = ["image", "run", "caption", "time (s)", "error"]
 
 
@@ -64,6 +69,8 @@ class LoadedRun:
     run: Run
     encoder: Encoder
     device: torch.device
+    cider: CiderD | None = None  # the held-out references' document frequencies, for CIDEr-D
+    cider_note: str = ""  # where they came from, or why CIDEr-D is not given
 
     @property
     def recipe(self) -> Recipe:
@@ -90,9 +97,36 @@ def load_runs(run_dirs: list[str | Path]) -> list[LoadedRun]:
         seen[name] = seen.get(name, 0) + 1
         if seen[name] > 1:
             name = f"{name} ({seen[name]})"
-        loaded.append(LoadedRun(name, run, encoder, device))
-        log.info("serving %s: %s", name, recipe_summary(run.recipe))
+        cider, note = reference_corpus(run)
+        loaded.append(LoadedRun(name, run, encoder, device, cider, note))
+        log.info("serving %s: %s; CIDEr-D: %s", name, recipe_summary(run.recipe), note)
     return loaded
+
+
+def reference_corpus(run: Run) -> tuple[CiderD | None, str]:
+    """CIDEr-D's reference side for typed references: the run's held-out split (eval.split, else
+    every split) from its manifest, in the run language's metric tokens. (None, why) without one."""
+    from data_prep.manifest import read_manifest
+    from vicap.evaluate import tokenize_for_metrics
+
+    recipe = run.recipe
+    path = Path(recipe.data.source) if recipe.data.adapter == "manifest" else run.run_dir / "manifest.jsonl"
+    try:
+        manifest = read_manifest(path)
+    except (OSError, ValueError) as e:
+        return None, f"not given: no readable manifest for its document frequencies ({e})"
+    records = manifest.split(recipe.eval.split) or manifest.records
+    records = [r for r in records if r.captions]
+    if not records:
+        return None, f"not given: {path} has no captions for its document frequencies"
+    level = recipe.eval.levels[0]
+    flat = tokenize_for_metrics([c for r in records for c in r.captions], recipe.data.language, level)
+    gts, i = {}, 0
+    for r in records:
+        gts[r.image_id] = flat[i : i + len(r.captions)]
+        i += len(r.captions)
+    split = recipe.eval.split if manifest.split(recipe.eval.split) else "all splits"
+    return CiderD(gts), f"document frequencies from {len(gts)} images ({split}) of {path.name}"
 
 
 def decoding_config(
@@ -117,7 +151,7 @@ def decoding_config(
     )
 
 
-def check_upload(path: str | Path | None) -> Path:
+def check_upload(path: str | Path | None, max_bytes: int = MAX_UPLOAD_BYTES) -> Path:
     """The upload's path, or ImageError with a message fit for the page."""
     if path is None or str(path) == "":
         raise ImageError("No image: upload a photo (or take one with the webcam) first.")
@@ -125,21 +159,25 @@ def check_upload(path: str | Path | None) -> Path:
     if not path.is_file():
         raise ImageError(f"{path.name}: the upload did not arrive; try again.")
     size = path.stat().st_size
-    if size > MAX_UPLOAD_BYTES:
+    if size > max_bytes:
         raise ImageError(
-            f"{path.name}: {size / 1e6:.1f} MB is over the {MAX_UPLOAD_BYTES / 1e6:.0f} MB upload limit."
+            f"{path.name}: {size / 2**20:.1f} MB is over the {max_bytes / 2**20:g} MB upload limit."
         )
     return path
 
 
-def _score(language: str, level: str, caption: str, reference: str) -> dict[str, float]:
+def score_caption(lr: LoadedRun, caption: str, references: list[str]) -> dict[str, float]:
+    """BLEU-4, CIDEr-D and chrF of one caption against the typed reference(s), on the run's tokens."""
     from vicap.evaluate import tokenize_for_metrics
     from vicap.metrics import Scorer
 
-    gts = {"image": tokenize_for_metrics([reference], language, level)}
-    res = {"image": tokenize_for_metrics([caption], language, level)}
-    with Scorer(language, ("BLEU", "CIDEr-D", "chrF")) as scorer:
-        scores = scorer.score_tokens(gts, res)
+    language, level = lr.recipe.data.language, lr.recipe.eval.levels[0]
+    refs = tokenize_for_metrics(references, language, level)
+    (hyp,) = tokenize_for_metrics([caption], language, level)
+    with Scorer(language, ("BLEU", "chrF")) as scorer:
+        scores = scorer.score_tokens({"image": refs}, {"image": [hyp]})
+    if lr.cider is not None:
+        scores["CIDEr-D"] = lr.cider.score_new_image(hyp, refs)
     return {c: scores[c] for c in SCORE_COLUMNS if c in scores}
 
 
@@ -163,26 +201,31 @@ def caption_image(
     temperature: float = 1.0,
     top_p: float = 1.0,
     reference: str = "",
+    *,
+    max_bytes: int = MAX_UPLOAD_BYTES,
 ) -> tuple[list[list], str]:
-    """One image through every run: (table rows as CAPTION_HEADERS, message). Raises ImageError/ValueError."""
-    image = load_image(check_upload(path))
-    reference = (reference or "").strip()
+    """One image through every run: (table rows as CAPTION_HEADERS, message). Raises ImageError/ValueError.
+
+    `reference`: optional reference caption(s), one per line."""
+    image = load_image(check_upload(path, max_bytes))
+    references = [line.strip() for line in (reference or "").splitlines() if line.strip()]
     rows = []
     for lr in runs:
         cfg = decoding_config(lr.recipe.generate, strategy, beam_size, temperature, top_p)
         text, seconds = caption_with(lr, image, cfg)
-        scores = (
-            _score(lr.recipe.data.language, lr.recipe.eval.levels[0], text, reference) if reference else {}
-        )
+        scores = score_caption(lr, text, references) if references else {}
         rows.append(
-            [lr.name, text, round(seconds, 3), lr.summary]
+            [lr.name, text]
             + [round(scores[c], 4) if c in scores else None for c in SCORE_COLUMNS]
+            + [round(seconds, 3), lr.summary]
         )
     msg = f"Captioned {Path(path).name} with {len(runs)} run(s), {strategy} decoding."
-    if reference:
+    if references:
+        first = references[0] if len(references[0]) <= 60 else references[0][:57] + "..."
+        more = f" and {len(references) - 1} more" if len(references) > 1 else ""
         msg += (
-            " Scores are against your reference on each run's language tokens; CIDEr-D takes its"
-            " document frequencies from the references, so with a single reference it is 0 by design."
+            f' Scored against your reference "{first}"{more} on each run\'s language tokens; '
+            "CIDEr-D: " + "; ".join(f"{lr.name}: {lr.cider_note}" for lr in runs) + "."
         )
     return rows, msg
 
@@ -194,6 +237,8 @@ def caption_batch(
     beam_size: float = 5,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    *,
+    max_bytes: int = MAX_UPLOAD_BYTES,
 ) -> tuple[list[list], str, str | None]:
     """Several images through every run: (rows as BATCH_HEADERS, message, CSV path)."""
     paths = [p for p in (paths or []) if p]
@@ -206,7 +251,7 @@ def caption_batch(
     for p in paths:
         name = Path(p).name
         try:
-            image = load_image(check_upload(p))
+            image = load_image(check_upload(p, max_bytes))
         except ImageError as e:
             bad += 1
             rows.append([name, "", "", None, _page_message(e)])
@@ -226,15 +271,16 @@ def caption_batch(
 
 
 def _page_message(e: Exception) -> str:
-    # Upload paths are Gradio's temp files: show the file's own name, not the cache folder.
-    text = str(e)
-    if ": " in text and "/" in text.split(": ", 1)[0]:
-        head, tail = text.split(": ", 1)
-        text = f"{Path(head).name}: {tail}"
-    return text
+    """The error for the page: upload paths are the server's temp files, so only file names are shown."""
+    return re.sub(r"(?:[A-Za-z]:)?[/\\][^\s'\"]*[/\\]([^/\\\s'\"]+)", r"\1", str(e))
 
 
-def build_app(run_dirs: list[str | Path] | None = None, *, runs: list[LoadedRun] | None = None):
+def build_app(
+    run_dirs: list[str | Path] | None = None,
+    *,
+    runs: list[LoadedRun] | None = None,
+    max_upload_bytes: int = MAX_UPLOAD_BYTES,
+):
     """The Gradio Blocks app (queued) for the given runs; loads them once unless `runs` is given."""
     import gradio as gr
 
@@ -243,22 +289,26 @@ def build_app(run_dirs: list[str | Path] | None = None, *, runs: list[LoadedRun]
     def on_caption(upload, webcam, strategy, beam_size, temperature, top_p, reference):
         path = upload or webcam
         try:
-            rows, msg = caption_image(runs, path, strategy, beam_size, temperature, top_p, reference)
+            rows, msg = caption_image(
+                runs, path, strategy, beam_size, temperature, top_p, reference, max_bytes=max_upload_bytes
+            )
         except (ImageError, ValueError) as e:
-            return [], f"**Error:** {_page_message(e)}"
+            return [], f"**Error:** {_page_message(e)}", None
         except Exception as e:  # keep serving; the log has the traceback
             log.exception("caption request failed")
-            return [], f"**Error:** captioning failed ({type(e).__name__}: {e})"
-        return rows, msg
+            return [], f"**Error:** captioning failed ({type(e).__name__}: {_page_message(e)})", None
+        return rows, msg, str(path)
 
     def on_batch(files, strategy, beam_size, temperature, top_p):
         try:
-            rows, msg, csv_path = caption_batch(runs, files, strategy, beam_size, temperature, top_p)
+            rows, msg, csv_path = caption_batch(
+                runs, files, strategy, beam_size, temperature, top_p, max_bytes=max_upload_bytes
+            )
         except (ImageError, ValueError) as e:
             return [], f"**Error:** {_page_message(e)}", None
         except Exception as e:
             log.exception("batch request failed")
-            return [], f"**Error:** captioning failed ({type(e).__name__}: {e})", None
+            return [], f"**Error:** captioning failed ({type(e).__name__}: {_page_message(e)})", None
         return rows, msg, csv_path
 
     def controls():
@@ -286,18 +336,29 @@ def build_app(run_dirs: list[str | Path] | None = None, *, runs: list[LoadedRun]
                 )
             strategy, beam, temp, top_p = controls()
             reference = gr.Textbox(
-                label="reference caption (optional): scores each caption against it",
+                label="reference caption (optional; one per line for several): scores each caption against it",
+                lines=1,
                 elem_id="vicap-reference",
             )
             go = gr.Button("Caption", variant="primary", elem_id="vicap-run")
             message = gr.Markdown(elem_id="vicap-message")
-            table = gr.Dataframe(
-                headers=CAPTION_HEADERS, value=[], label="captions", wrap=True, elem_id="vicap-results"
-            )
+            with gr.Row():
+                preview = gr.Image(
+                    label="captioned image", interactive=False, scale=1, height=240, elem_id="vicap-preview"
+                )
+                table = gr.Dataframe(
+                    headers=CAPTION_HEADERS,
+                    value=[],
+                    label="captions",
+                    wrap=True,
+                    column_widths=CAPTION_WIDTHS,
+                    scale=4,
+                    elem_id="vicap-results",
+                )
             go.click(
                 on_caption,
                 [upload, webcam, strategy, beam, temp, top_p, reference],
-                [table, message],
+                [table, message, preview],
                 api_name="caption",
             )
         with gr.Tab("Batch"):
@@ -312,7 +373,7 @@ def build_app(run_dirs: list[str | Path] | None = None, *, runs: list[LoadedRun]
             b_go = gr.Button("Caption all", variant="primary", elem_id="vicap-batch-run")
             b_message = gr.Markdown(elem_id="vicap-batch-message")
             b_table = gr.Dataframe(
-                headers=BATCH_HEADERS, value=[], label="captions", elem_id="vicap-batch-results"
+                headers=BATCH_HEADERS, value=[], label="captions", wrap=True, elem_id="vicap-batch-results"
             )
             b_csv = gr.File(label="CSV", elem_id="vicap-batch-csv")
             b_go.click(
@@ -325,24 +386,32 @@ def build_app(run_dirs: list[str | Path] | None = None, *, runs: list[LoadedRun]
     return demo
 
 
-def launch_options() -> dict:
+def launch_options(max_upload_bytes: int = MAX_UPLOAD_BYTES) -> dict:
     """Keyword arguments for `Blocks.launch`: system fonts only (the page never reaches out to font
     servers, so it works offline), no server-side rendering process, the upload size limit."""
     import gradio as gr
 
     theme = gr.themes.Base(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
-    return {"theme": theme, "ssr_mode": False, "max_file_size": MAX_UPLOAD_BYTES, "share": False}
+    return {"theme": theme, "ssr_mode": False, "max_file_size": max_upload_bytes, "share": False}
 
 
-def serve(run_dirs: list[str | Path], host: str = "127.0.0.1", port: int = 7860, *, block: bool = True):
+def serve(
+    run_dirs: list[str | Path],
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    *,
+    max_upload_mb: float = MAX_UPLOAD_BYTES / 2**20,
+    block: bool = True,
+):
     """Load the runs, build the app and serve it on host:port (blocking unless block=False)."""
-    demo = build_app(run_dirs)
+    max_bytes = int(max_upload_mb * 2**20)
+    demo = build_app(run_dirs, max_upload_bytes=max_bytes)
     demo.launch(
         server_name=host,
         server_port=port,
         inbrowser=False,
         show_error=True,
         prevent_thread_lock=not block,
-        **launch_options(),
+        **launch_options(max_bytes),
     )
     return demo
