@@ -1,9 +1,10 @@
 """Data-parallel training on CPU (gloo): 2 processes give the same run as 1 with the same global batch,
 and a 2-process run resumes from its checkpoint exactly.
 
-The processes are started the way `accelerate launch --multi_gpu --num_processes 2` starts them, with
-`torch.distributed.run` (Accelerate's multi-GPU launcher calls it; `accelerate launch --cpu` starts a
-single process unless it is given an MPI hostfile), running the real command, `vicap train`.
+The processes are started by `accelerate launch --multi_gpu --num_processes 2` (through
+`python -m vicap.launch`, which is Accelerate's launcher with vicap's torchvision guard imported
+first), running the real command, `vicap train`; on a machine with no GPU the processes use gloo on
+CPU. (`accelerate launch --cpu` starts a single process unless it is given an MPI hostfile.)
 
 Tolerance: the two runs do the same arithmetic except that each gradient is summed in two halves
 and all-reduced, which reorders float additions (~1e-7 relative). Logged losses must agree to 1e-5
@@ -44,10 +45,13 @@ def _launch(recipe_file: Path, *args: str, nproc: int = 2) -> None:
     cmd = [
         sys.executable,
         "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        "--master_addr=127.0.0.1",
-        f"--master_port={_free_port()}",
+        "vicap.launch",  # `accelerate launch`, with vicap's torchvision guard first
+        "--multi_gpu",
+        f"--num_processes={nproc}",
+        "--num_machines=1",
+        "--mixed_precision=no",
+        "--dynamo_backend=no",
+        f"--main_process_port={_free_port()}",
         "-m",
         "vicap.cli",
         "train",
@@ -61,6 +65,11 @@ def _launch(recipe_file: Path, *args: str, nproc: int = 2) -> None:
 
 def _losses(run: Path) -> list[float]:
     return [r["loss"] for r in read_log(run) if "loss" in r]
+
+
+def _starts(run: Path) -> list[tuple[str, int]]:
+    """(start or resume, process count) of each stretch of training, from the run's log."""
+    return [(r["event"], r["processes"]) for r in read_log(run) if "event" in r]
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
@@ -90,6 +99,7 @@ def test_two_processes_train_like_one_and_resume(tiny_recipe, tmp_path: Path) ->
     recipe_file.write_text(recipe.to_toml())
     _launch(recipe_file)  # the feature store is already filled by the single run: same folder
     double = Path(recipe.train.output_dir)
+    assert _starts(single) == [("start", 1)] and _starts(double) == [("start", 2)]
     assert _losses(double) == pytest.approx(_losses(single), rel=1e-5)
     assert len(_losses(double)) == 16
     _assert_same_weights(_weights(double), _weights(single))
@@ -103,6 +113,7 @@ def test_two_processes_train_like_one_and_resume(tiny_recipe, tmp_path: Path) ->
         "\n".join(line for line in log if json.loads(line)["step"] <= 8) + "\n"
     )
     _launch(recipe_file, f"train.output_dir={resumed}", "--resume")
+    assert _starts(resumed) == [("start", 2), ("resume", 2)]
     assert _losses(resumed) == pytest.approx(_losses(single), rel=1e-5)
     _assert_same_weights(_weights(resumed), _weights(single))
 

@@ -222,6 +222,16 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> Pat
             log_file.write(json.dumps(row) + "\n")
             log_file.flush()
 
+    # One row per (re)start: how this stretch of training was run.
+    log_line(
+        step=step,
+        event="resume" if ckpt else "start",
+        processes=world,
+        global_batch=cfg.batch_size,
+        grad_accum=cfg.grad_accum,
+        mixed_precision=cfg.mixed_precision,
+    )
+
     def save(epoch: int) -> None:
         accelerator.wait_for_everyone()
         if main:
