@@ -384,7 +384,9 @@ def main() -> None:
 
     def round_spread(side: str) -> float:  # largest relative loss difference between rounds of one side
         first = results[side][0]["losses"]
-        return max(abs(x - y) / abs(y) for r in results[side] for x, y in zip(r["losses"], first, strict=True))
+        return max(
+            abs(x - y) / abs(y) for r in results[side] for x, y in zip(r["losses"], first, strict=True)
+        )
 
     spread = ", ".join(f"{side} {round_spread(side):.1e}" for side in ("reference", "vicap"))
     if args.bf16:
@@ -409,6 +411,7 @@ def main() -> None:
         f"GPT-2 gradients allocated: reference {results['reference'][0]['gpt_grads_allocated']}, "
         f"vicap {results['vicap'][0]['gpt_grads_allocated']}"
     )
+
     def sps(r: dict) -> float:
         return len(r["times"][1:]) / sum(r["times"][1:])
 

@@ -72,6 +72,52 @@ def tiny_clip_dir(tmp_path_factory) -> Path:
     )
 
 
+def tiny_llama_config(
+    vocab_size: int, *, eos: int = 2, pad: int | None = None, tied: bool = False, layers: int = 1
+):
+    """A tiny Llama: rotary positions, grouped KV heads (4 query heads over 2), width 32."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        tie_word_embeddings=tied,
+    )
+
+
+def save_tiny_llama(out: Path, texts: list[str], *, pad: bool = False, tied: bool = False) -> Path:
+    """A tiny Llama and a word-level tokenizer over `texts` that puts <s> before every text (like
+    Llama's), saved as a Hugging Face model folder. Ids: <unk> 0, <s> 1, </s> 2, <pad> 3 if `pad`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    split = pre_tokenizers.Whitespace()
+    words = sorted({w for t in texts for w, _ in split.pre_tokenize_str(t)})
+    specials = ["<unk>", "<s>", "</s>"] + (["<pad>"] if pad else [])
+    vocab = {t: i for i, t in enumerate(specials + words)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
+    tok.decoder = decoders.WordPiece()  # joins words with spaces
+    extra = {"pad_token": "<pad>"} if pad else {}
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", **extra
+    ).save_pretrained(out)
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config(len(vocab), pad=3 if pad else None, tied=tied)).save_pretrained(out)
+    return out
+
+
 def tiny_recipe_overrides(tmp: Path, ktvic: Path, lm: Path, clip: Path, **extra: str) -> list[str]:
     base = {
         "encoder.model": f"local-dir:{clip}",

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import save_tiny_llama
 from vicap import demo
 from vicap.checkpoint import list_checkpoints
 from vicap.data import encode_captions
@@ -24,48 +25,14 @@ from vicap.runs import load_run
 from vicap.train import read_log, train
 
 
-def _save_llama(out: Path, captions: list[str], *, pad: bool, tied: bool) -> Path:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    split = pre_tokenizers.Whitespace()
-    words = sorted({w for c in captions for w, _ in split.pre_tokenize_str(c)})
-    specials = ["<unk>", "<s>", "</s>"] + (["<pad>"] if pad else [])
-    vocab = {t: i for i, t in enumerate(specials + words)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tok.decoder = decoders.WordPiece()  # joins words with spaces
-    extra = {"pad_token": "<pad>"} if pad else {}
-    PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", **extra
-    ).save_pretrained(out)
-    config = LlamaConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=3 if pad else None,
-        tie_word_embeddings=tied,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="module")
 def llamas(tmp_path_factory, ktvic_dir: Path) -> dict[str, Path]:
     _, captions = demo.read_train_pairs(ktvic_dir)
     flat = [c for cs in captions for c in cs]
     root = tmp_path_factory.mktemp("llamas")
     return {
-        "untied-nopad": _save_llama(root / "untied-nopad", flat, pad=False, tied=False),
-        "tied-pad": _save_llama(root / "tied-pad", flat, pad=True, tied=True),
+        "untied-nopad": save_tiny_llama(root / "untied-nopad", flat, pad=False, tied=False),
+        "tied-pad": save_tiny_llama(root / "tied-pad", flat, pad=True, tied=True),
     }
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import vicap.generate
+from tests.conftest import tiny_llama_config
 from vicap.decoders import Decoder, load_decoder
 from vicap.generate import (
     decode_batch,
@@ -35,21 +36,10 @@ def gpt2_decoder(tiny_lm_dir: Path) -> Decoder:
 
 def _llama_decoder(tokenizer, eos: int) -> Decoder:
     """A tiny Llama (rotary positions, grouped KV heads, a BOS fed after the prefix) built in memory."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        bos_token_id=1,
-        eos_token_id=eos,
-    )
     torch.manual_seed(0)
-    lm = LlamaForCausalLM(config).eval()
+    lm = LlamaForCausalLM(tiny_llama_config(len(tokenizer), eos=eos, layers=2)).eval()
     return Decoder(
         lm=lm, tokenizer=tokenizer, hidden_size=32, eos_token_id=eos, pad_token_id=eos, prompt_ids=[1]
     )

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.conftest import TINY_CLIP_CFG
+from tests.conftest import TINY_CLIP_CFG, save_tiny_llama
 from vicap.data import encode_captions
 from vicap.decoders import Decoder, load_decoder
 from vicap.encoders import ModelLoadError, load_encoder
@@ -126,40 +126,12 @@ def test_missing_decoder_dir(tmp_path: Path) -> None:
         load_decoder(DecoderConfig(model=str(empty)))
 
 
-LLAMA_WORDS = "a một con mèo chó đen trắng nằm trên ghế".split()
-
-
 @pytest.fixture(scope="module")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     """A tiny Llama whose tokenizer puts <s> before every text, saved as a Hugging Face folder."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(LLAMA_WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    return save_tiny_llama(
+        tmp_path_factory.mktemp("llama") / "tiny-llama", ["a một con mèo chó đen trắng nằm trên ghế"]
     )
-    tok.decoder = decoders.WordPiece()
-    out = tmp_path_factory.mktemp("llama") / "tiny-llama"
-    PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    ).save_pretrained(out)
-    config = LlamaConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(out)
-    return out
 
 
 def test_llama_decoder_feeds_bos_after_the_prefix(tiny_llama_dir: Path) -> None:
@@ -380,7 +352,9 @@ def test_optimizer_is_fused_adamw_with_the_default_update(monkeypatch) -> None:
 
     def refuse_fused(params, **kw):
         if kw.get("fused"):
-            raise RuntimeError("fused=True requires all the params to be floating point Tensors of supported devices")
+            raise RuntimeError(
+                "fused=True requires all the params to be floating point Tensors of supported devices"
+            )
         return real(params, **kw)
 
     monkeypatch.setattr(torch.optim, "AdamW", refuse_fused)

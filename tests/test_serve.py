@@ -281,9 +281,7 @@ def test_concurrent_requests_are_queued_with_the_models_loaded_once(
     assert all(len(caps) == 1 for caps in by_image.values()), by_image
 
 
-def test_bad_uploads_get_a_message_and_the_server_keeps_serving(
-    page, test_images, tmp_path: Path
-) -> None:
+def test_bad_uploads_get_a_message_and_the_server_keeps_serving(page, test_images, tmp_path: Path) -> None:
     # An empty form.
     msg = _run_and_wait(page, "#vicap-run", "#vicap-message", "No image")
     assert msg.startswith("Error: No image: upload a photo")

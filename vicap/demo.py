@@ -277,7 +277,9 @@ def build_tiny_clip(
     loss_fn = ClipLoss()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     # warm-up over 10% of the steps (at least 2, which OneCycleLR needs)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=max(0.1, 2 / steps))
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=1e-3, total_steps=steps, pct_start=max(0.1, 2 / steps)
+    )
     model.train()
     bar = tqdm(range(steps), desc="tiny CLIP", unit="step", disable=not progress)
     for _ in bar:
@@ -378,7 +380,11 @@ def run_demo(
             fn()
         timings[name] = round(time.time() - t, 1)
 
-    stage("synthetic data", (data / "test_data.json").exists(), lambda: write_synthetic_ktvic(data, n_train, n_test))
+    stage(
+        "synthetic data",
+        (data / "test_data.json").exists(),
+        lambda: write_synthetic_ktvic(data, n_train, n_test),
+    )
     images, captions = read_train_pairs(data)
     stage(
         "tiny GPT-2",

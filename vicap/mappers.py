@@ -106,7 +106,9 @@ class TransformerLayer(nn.Module):
         self.norm2 = nn.LayerNorm(dim_self)
         self.mlp = MlpTransformer(dim_self, int(dim_self * mlp_ratio), dropout)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, last: int | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, y: torch.Tensor | None = None, last: int | None = None
+    ) -> torch.Tensor:
         """With `last`, only the last `last` positions are computed (they still attend to all of x):
         the same values as running every position and slicing, for less work."""
         if last is None:
@@ -141,7 +143,9 @@ class Transformer(nn.Module):
             for i in range(n)
         )
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, last: int | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, y: torch.Tensor | None = None, last: int | None = None
+    ) -> torch.Tensor:
         """With `last`, returns only the last `last` positions, and the final layer computes only them."""
         n = len(self.layers)
         for i, layer in enumerate(self.layers):
