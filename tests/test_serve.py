@@ -7,11 +7,12 @@ case needs no large file.
 
 Needs the serve extra (gradio, playwright) and Debian's chromium at /usr/bin/chromium; skipped
 without them outside CI (`.ci/install-serve-deps` installs all three; under CI=true a missing one
-fails). The screenshot is written to tests/artifacts/serve.png (and serve-batch.png).
+fails). Screenshots are written to tests/artifacts/serve.png (and serve-batch.png, serve-webcam.png).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import shutil
@@ -117,8 +118,8 @@ def server(demo_out: Path, second_run: Path):
         demo.close()
 
 
-@pytest.fixture
-def page(server):
+@contextlib.contextmanager
+def _browser_page(server: str, extra_args: tuple[str, ...] = (), permissions: tuple[str, ...] = ()):
     """A fresh headless Chromium (new profile dir) on the app; requests off localhost are refused."""
     profile = tempfile.mkdtemp(prefix="vicap-chromium-")
     with sync_api.sync_playwright() as pw:
@@ -126,9 +127,10 @@ def page(server):
             profile,
             executable_path=CHROMIUM,
             headless=True,
-            args=CHROMIUM_ARGS,
+            args=[*CHROMIUM_ARGS, *extra_args],
             viewport={"width": 1400, "height": 1100},
             accept_downloads=True,
+            permissions=list(permissions),
         )
         try:
             pg = browser.new_page()
@@ -143,6 +145,20 @@ def page(server):
         finally:
             browser.close()
             shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture
+def page(server):
+    with _browser_page(server) as pg:
+        yield pg
+
+
+@pytest.fixture
+def webcam_page(server):
+    """The page in a Chromium with a fake camera (Chromium's test pattern) and camera permission."""
+    fake_camera = ("--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream")
+    with _browser_page(server, fake_camera, permissions=("camera",)) as pg:
+        yield pg
 
 
 @pytest.fixture(scope="module")
@@ -347,3 +363,19 @@ def test_batch_tab_captions_several_images_and_downloads_csv(page, test_images, 
         table = list(csv.reader(f))
     assert table[0] == BATCH_HEADERS
     assert [r[:3] for r in table[1:]] == [r[:3] for r in rows]
+
+
+def test_webcam_photo_is_captioned(webcam_page) -> None:
+    pg = webcam_page
+    pg.locator("#vicap-webcam").get_by_text("Click to Access Webcam").click()
+    pg.locator("#vicap-webcam video").wait_for()
+    pg.locator(
+        "#vicap-webcam button[aria-label*='apture'], #vicap-webcam button.button-capture, "
+        "#vicap-webcam [data-testid=capture-button]"
+    ).first.click()
+    pg.locator("#vicap-webcam img").first.wait_for()
+    msg = _run_and_wait(pg, "#vicap-run", "#vicap-message", "Captioned")
+    assert "with 2 run(s)" in msg
+    assert _cell(pg, 0, 1) and _cell(pg, 1, 1)
+    ARTIFACTS.mkdir(exist_ok=True)
+    pg.screenshot(path=str(ARTIFACTS / "serve-webcam.png"), full_page=True)
