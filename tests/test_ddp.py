@@ -59,6 +59,9 @@ def _launch(recipe_file: Path, *args: str, nproc: int = 2) -> None:
         *args,
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    # Accelerate's launcher reads the user's default config under HF_HOME; the test sets everything
+    # on the command line, so it points HF_HOME at an empty folder.
+    env["HF_HOME"] = str(Path(recipe_file).parent / "hf_home")
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
 

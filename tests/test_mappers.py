@@ -208,16 +208,16 @@ def test_transformer_mapper_rejects_heads_that_do_not_divide() -> None:
         build_mapper(MapperConfig(type="transformer", num_heads=5), 24, 32)
 
 
-@pytest.mark.parametrize("enc_dec", [False, True])
-def test_transformer_last_rows_equal_full_run_sliced(enc_dec: bool) -> None:
+@pytest.mark.parametrize("mode", ["self", "cross", "alternating"])
+def test_transformer_last_rows_equal_full_run_sliced(mode: str) -> None:
     # The transformer mapper's last layer computes only the prefix rows; values and gradients must be
-    # those of running every row and slicing.
+    # those of running every row and slicing, whether that layer self-attends or cross-attends.
     from vicap.mappers import Transformer
 
     torch.manual_seed(0)
-    net = Transformer(32, 4, 3, dim_ref=24 if enc_dec else None, enc_dec=enc_dec)
+    net = Transformer(32, 4, 3, dim_ref=None if mode == "self" else 24, enc_dec=mode == "alternating")
     x = torch.randn(2, 9, 32, requires_grad=True)
-    y = torch.randn(2, 5, 24) if enc_dec else None
+    y = None if mode == "self" else torch.randn(2, 5, 24)
     full = net(x, y)[:, -4:]
     (g_full,) = torch.autograd.grad(full.square().sum(), x)
     part = net(x, y, last=4)

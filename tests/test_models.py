@@ -310,7 +310,7 @@ def test_load_trainable_round_trip_and_rejections(gpt2: Decoder) -> None:
 
 
 def test_gpt2_activation_is_fused_with_the_same_outputs(tiny_lm_dir: Path) -> None:
-    from transformers.activations import GELUTanh, NewGELUActivation
+    from transformers.activations import NewGELUActivation
 
     from vicap.decoders import fuse_activations
 
@@ -320,7 +320,8 @@ def test_gpt2_activation_is_fused_with_the_same_outputs(tiny_lm_dir: Path) -> No
     fused = load_decoder(DecoderConfig(model=str(tiny_lm_dir))).lm
     assert fuse_activations(fused) == n_layers
     assert not any(isinstance(m, NewGELUActivation) for m in fused.modules())
-    assert sum(isinstance(m, GELUTanh) for m in fused.modules()) == n_layers
+    fused_acts = [m for m in fused.modules() if isinstance(m, torch.nn.GELU)]
+    assert len(fused_acts) == n_layers and all(m.approximate == "tanh" for m in fused_acts)
     assert fuse_activations(fused) == 0  # idempotent
     ids = torch.randint(0, plain.config.vocab_size, (2, 7))
     with torch.no_grad():
@@ -359,3 +360,34 @@ def test_optimizer_is_fused_adamw_with_the_default_update(monkeypatch) -> None:
 
     monkeypatch.setattr(torch.optim, "AdamW", refuse_fused)
     assert not build_optimizer([torch.nn.Parameter(torch.zeros(2))], 1e-3, 0.0).param_groups[0]["fused"]
+
+
+def test_resume_keeps_this_machines_optimizer_implementation(tiny_recipe, tmp_path: Path) -> None:
+    # A checkpoint written by the default AdamW resumes into fused AdamW (and the other way round)
+    # with the same moments, and the next update is the same.
+    from vicap.checkpoint import list_checkpoints, load_trainer_state, read_checkpoint, save_checkpoint
+    from vicap.train import build_optimizer
+
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(3, 2))
+    plain = torch.optim.AdamW([p], lr=1e-2, weight_decay=0.0)
+    p.grad = torch.randn(3, 2)
+    plain.step()
+    save_checkpoint(
+        tmp_path / "run",
+        model_state={"w": p.detach().clone()},
+        recipe=tiny_recipe(),
+        encoder_dim=ENCODER_DIM,
+        step=1,
+        epoch=0,
+        optimizer=plain,
+    )
+    q = torch.nn.Parameter(p.detach().clone())
+    fused = build_optimizer([q], 1e-2, 0.0)
+    load_trainer_state(read_checkpoint(list_checkpoints(tmp_path / "run")[-1]), fused, None)
+    assert fused.param_groups[0]["fused"] is True
+    torch.testing.assert_close(fused.state[q]["exp_avg_sq"], plain.state[p]["exp_avg_sq"])
+    p.grad = q.grad = torch.randn(3, 2)
+    plain.step()
+    fused.step()
+    torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)

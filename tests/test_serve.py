@@ -207,12 +207,11 @@ def _cell(pg, row: int, col: int, table: str = "#vicap-results") -> str:
     return cell.inner_text().strip()
 
 
-def _rows(pg, table: str, n_cols: int) -> list[list[str]]:
-    rows, r = [], 0
-    while pg.locator(f'{table} [role=gridcell][data-testid="cell-{r}-0"]').count():
-        rows.append([_cell(pg, r, c, table) for c in range(n_cols)])
-        r += 1
-    return rows
+def _rows(pg, table: str, n_rows: int, n_cols: int) -> list[list[str]]:
+    """The table's body once it has `n_rows` rows (and no more)."""
+    pg.locator(f'{table} [role=gridcell][data-testid="cell-{n_rows - 1}-0"]').wait_for()
+    assert not pg.locator(f'{table} [role=gridcell][data-testid="cell-{n_rows}-0"]').count()
+    return [[_cell(pg, r, c, table) for c in range(n_cols)] for r in range(n_rows)]
 
 
 def test_page_captions_an_uploaded_image(page, server: str, demo_out: Path, test_images) -> None:
@@ -225,7 +224,7 @@ def test_page_captions_an_uploaded_image(page, server: str, demo_out: Path, test
     message = _run_and_wait(page, "#vicap-run", "#vicap-message", "Captioned")
     assert "demo: document frequencies from 6 images (test)" in message
     assert "transformer: document frequencies from 6 images (test)" in message
-    rows = _rows(page, "#vicap-results", len(CAPTION_HEADERS))
+    rows = _rows(page, "#vicap-results", 2, len(CAPTION_HEADERS))
     assert [r[0] for r in rows] == ["demo", "transformer"]
     summaries = {
         "demo": "open_clip tiny-clip -> mlp mapper (prefix 4) -> tiny-gpt2-vi [full], vi",
@@ -347,7 +346,7 @@ def test_batch_tab_captions_several_images_and_downloads_csv(page, test_images, 
         page.locator("#vicap-batch-upload").get_by_text(f.stem, exact=True).first.wait_for()
     msg = _run_and_wait(page, "#vicap-batch-run", "#vicap-batch-message", "Captioned")
     assert "Captioned 2 of 3 image(s) with 2 run(s)" in msg and "1 file(s) could not be used" in msg
-    rows = _rows(page, "#vicap-batch-results", len(BATCH_HEADERS))
+    rows = _rows(page, "#vicap-batch-results", 5, len(BATCH_HEADERS))
     names = [files[0].name] * 2 + [files[1].name] * 2 + [broken.name]
     assert [r[0] for r in rows] == names
     for r in rows[:4]:

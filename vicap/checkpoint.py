@@ -153,7 +153,18 @@ def load_model_state(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
 def load_trainer_state(ckpt: Checkpoint, optimizer, scheduler) -> None:
     tensors = load_file(str(ckpt.path / "trainer.safetensors"))
     trainer = json.loads((ckpt.path / "trainer.json").read_text())
+    # The saved param groups carry the implementation flags (fused, foreach) of the optimizer that
+    # saved them; which kernel runs the update is this machine's choice (vicap.train.build_optimizer),
+    # not training state, so it is kept across the load.
+    flags = [{k: g.get(k) for k in ("fused", "foreach")} for g in optimizer.param_groups]
     optimizer.load_state_dict(_optimizer_from_tensors(tensors, trainer["optimizer"]))
+    for group, kept in zip(optimizer.param_groups, flags, strict=True):
+        group.update(kept)
+        if kept["fused"]:  # the fused kernel keeps its step counters on the parameters' device
+            for p in group["params"]:
+                state = optimizer.state.get(p, {})
+                if "step" in state:
+                    state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
     if scheduler is not None and trainer.get("scheduler") is not None:
         scheduler.load_state_dict(trainer["scheduler"])
     torch.set_rng_state(tensors["rng.torch"])

@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import logging
+import os
 import re
 import tempfile
 import time
@@ -113,12 +114,13 @@ def reference_corpus(run: Run) -> tuple[CiderD | None, str]:
     path = Path(recipe.data.source) if recipe.data.adapter == "manifest" else run.run_dir / "manifest.jsonl"
     try:
         manifest = read_manifest(path)
-    except (OSError, ValueError) as e:
-        return None, f"not given: no readable manifest for its document frequencies ({e})"
+    except (OSError, ValueError) as e:  # the note is shown on the page: file name only
+        log.warning("run %s: no CIDEr-D for typed references: %s", run.run_dir, e)
+        return None, f"not given: no readable {path.name} for its document frequencies ({type(e).__name__})"
     records = manifest.split(recipe.eval.split) or manifest.records
     records = [r for r in records if r.captions]
     if not records:
-        return None, f"not given: {path} has no captions for its document frequencies"
+        return None, f"not given: {path.name} has no captions for its document frequencies"
     level = recipe.eval.levels[0]
     flat = tokenize_for_metrics([c for r in records for c in r.captions], recipe.data.language, level)
     gts, i = {}, 0
@@ -270,9 +272,18 @@ def caption_batch(
     return rows, msg, str(out)
 
 
+def _upload_roots() -> list[str]:
+    """Folders uploads live in: Gradio's temp dir (GRADIO_TEMP_DIR, else <tmp>/gradio) and the system's."""
+    roots = [os.environ.get("GRADIO_TEMP_DIR", ""), tempfile.gettempdir()]
+    return [r.rstrip("/\\") for r in roots if r]
+
+
 def _page_message(e: Exception) -> str:
-    """The error for the page: upload paths are the server's temp files, so only file names are shown."""
-    return re.sub(r"(?:[A-Za-z]:)?[/\\][^\s'\"]*[/\\]([^/\\\s'\"]+)", r"\1", str(e))
+    """The error for the page: an uploaded file is named by its own name, not the server's temp path."""
+    text = str(e)
+    for root in _upload_roots():
+        text = re.sub(re.escape(root) + r"(?:[/\\][^/\\\s'\"]+)*[/\\]([^/\\\s'\"]+)", r"\1", text)
+    return text
 
 
 def build_app(
