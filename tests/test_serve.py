@@ -367,12 +367,16 @@ def test_batch_tab_captions_several_images_and_downloads_csv(page, test_images, 
 def test_webcam_photo_is_captioned(webcam_page) -> None:
     pg = webcam_page
     pg.locator("#vicap-webcam").get_by_text("Click to Access Webcam").click()
-    pg.locator("#vicap-webcam video").wait_for()
+    # the fake camera's stream is playing (a capture before the first frame takes nothing)
+    pg.wait_for_function(
+        "() => { const v = document.querySelector('#vicap-webcam video');"
+        " return v && v.readyState >= 2 && v.videoWidth > 0; }"
+    )
     pg.locator(
         "#vicap-webcam button[aria-label*='apture'], #vicap-webcam button.button-capture, "
         "#vicap-webcam [data-testid=capture-button]"
     ).first.click()
-    pg.locator("#vicap-webcam img").first.wait_for()
+    pg.locator("#vicap-webcam img:visible").first.wait_for()  # the photo taken
     msg = _run_and_wait(pg, "#vicap-run", "#vicap-message", "Captioned")
     assert "with 2 run(s)" in msg
     assert _cell(pg, 0, 1) and _cell(pg, 1, 1)
