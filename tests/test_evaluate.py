@@ -149,3 +149,21 @@ def test_protocol_names_tokenizers_and_metrics() -> None:
     assert "data_prep.languages" in p["levels"]["syllable"]["tokenizer"]
     assert p["metrics"]["SPICE"].startswith("not applicable")
     assert "PTB-compatible" in protocol("en", ("word",))["levels"]["word"]["tokenizer"]
+
+
+def test_held_out_records_name_the_manifest_and_its_splits(tmp_path) -> None:
+    import pytest
+
+    from data_prep.manifest import Record, read_manifest, write_manifest
+    from vicap.evaluate import held_out_records
+
+    records = [
+        Record(str(i), f"{i}.jpg", "test" if i < 3 else "train", (f"caption {i}",), (str(i),))
+        for i in range(5)
+    ]
+    write_manifest(tmp_path / "m.jsonl", records, {"dataset": "folder", "language": "vi"})
+    manifest = read_manifest(tmp_path / "m.jsonl")
+    assert [r.image_id for r in held_out_records(manifest, "test")] == ["0", "1", "2"]
+    assert [r.image_id for r in held_out_records(manifest, "test", max_images=2)] == ["0", "1"]
+    with pytest.raises(ValueError, match=r"m\.jsonl: split 'val' is empty; splits: \['test', 'train'\]"):
+        held_out_records(manifest, "val")

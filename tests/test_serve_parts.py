@@ -142,3 +142,18 @@ def test_page_messages_show_file_names_not_server_paths() -> None:
         "greedy/beam/sample and 1/2/3",
     ):
         assert _page_message(ValueError(text)) == text  # only upload paths are rewritten
+
+
+def test_runs_with_one_encoder_share_it_and_encode_an_image_once(tiny_recipe, ktvic_dir: Path) -> None:
+    run_dir = train(tiny_recipe(**{"train.epochs": "1"}), progress=False)
+    runs = load_runs([run_dir, run_dir])
+    assert [lr.name for lr in runs] == [run_dir.name, f"{run_dir.name} (2)"]
+    assert runs[0].encoder is runs[1].encoder
+    calls = []
+    encode = runs[0].encoder.encode
+    runs[0].encoder.encode = lambda pixels: calls.append(1) or encode(pixels)
+    image = sorted((ktvic_dir / "public-test-images").iterdir())[0]
+    rows, _ = caption_image(runs, image, "greedy", 1, 1.0, 1.0, "")
+    assert len(calls) == 1 and rows[0][1] == rows[1][1]  # same run twice: same caption
+    caption_batch(runs, [image, image], "greedy", 1, 1.0, 1.0)
+    assert len(calls) == 3  # once per image

@@ -334,6 +334,15 @@ def caption_report(
     return report
 
 
+def held_out_records(manifest, split: str, max_images: int = 0) -> list:
+    """The split's records to caption and score (the first `max_images` when set); an empty split is
+    an error naming the manifest and the splits it has."""
+    records = manifest.split(split)
+    if not records:
+        raise ValueError(f"{manifest.path}: split {split!r} is empty; splits: {sorted(manifest.splits)}")
+    return records[:max_images] if max_images else records
+
+
 def evaluate_run(
     run_dir: str | Path,
     overrides: list[str] | tuple[str, ...] = (),
@@ -351,14 +360,7 @@ def evaluate_run(
     split = split or recipe.eval.split
     manifest = prepare_manifest(recipe, run.run_dir)
     store = run_features(recipe, manifest, progress=progress)
-    records = manifest.split(split)
-    if not records:
-        raise ValueError(
-            f"{manifest.path}: split {split!r} is empty; splits: "
-            f"{sorted({r.split for r in manifest.records})}"
-        )
-    if recipe.eval.max_images:
-        records = records[: recipe.eval.max_images]
+    records = held_out_records(manifest, split, recipe.eval.max_images)
     scored = [r for r in records if store.has(manifest.resolve_image(r))]
     features = store.get([manifest.resolve_image(r) for r in scored])
     captions = generate_captions(

@@ -83,15 +83,20 @@ class LoadedRun:
 
 
 def load_runs(run_dirs: list[str | Path]) -> list[LoadedRun]:
-    """Load every run and its encoder once. Names are the run folders' names, made unique."""
+    """Load every run once, and each distinct image encoder once (runs with the same [encoder]
+    section share it). Names are the run folders' names, made unique."""
     if not run_dirs:
         raise ValueError("name at least one run directory")
     loaded: list[LoadedRun] = []
     seen: dict[str, int] = {}
+    encoders: dict[tuple[str, str], Encoder] = {}
     for d in run_dirs:
         run = load_run(d)
         device = pick_device(run.recipe.train.device)
-        encoder = load_encoder(run.recipe.encoder).to(device)
+        key = (repr(run.recipe.encoder), str(device))
+        if key not in encoders:
+            encoders[key] = load_encoder(run.recipe.encoder).to(device)
+        encoder = encoders[key]
         model = run.model.to(device).eval()
         run.model = model
         name = Path(d).resolve().name or str(d)
@@ -184,11 +189,18 @@ def score_caption(lr: LoadedRun, caption: str, references: list[str]) -> dict[st
 
 
 @torch.no_grad()
-def caption_with(lr: LoadedRun, image, cfg: GenerateConfig) -> tuple[str, float]:
-    """(caption, seconds) for one decoded PIL image."""
+def caption_with(
+    lr: LoadedRun, image, cfg: GenerateConfig, features: dict[int, torch.Tensor] | None = None
+) -> tuple[str, float]:
+    """(caption, seconds) for one decoded PIL image. `features` caches the image's features per
+    encoder for one request, so runs sharing an encoder encode it once (the first one's time
+    includes the encoding)."""
     start = time.perf_counter()
-    pixels = lr.encoder.preprocess(image).unsqueeze(0).to(lr.device)
-    feats = lr.encoder.encode(pixels)
+    features = {} if features is None else features
+    if id(lr.encoder) not in features:
+        pixels = lr.encoder.preprocess(image).unsqueeze(0).to(lr.device)
+        features[id(lr.encoder)] = lr.encoder.encode(pixels)
+    feats = features[id(lr.encoder)]
     caps = generate(
         lr.run.model, feats, cfg, language=lr.recipe.data.language, segment=lr.recipe.data.segment
     )
@@ -211,10 +223,10 @@ def caption_image(
     `reference`: optional reference caption(s), one per line."""
     image = load_image(check_upload(path, max_bytes))
     references = [line.strip() for line in (reference or "").splitlines() if line.strip()]
-    rows = []
+    rows, features = [], {}
     for lr in runs:
         cfg = decoding_config(lr.recipe.generate, strategy, beam_size, temperature, top_p)
-        text, seconds = caption_with(lr, image, cfg)
+        text, seconds = caption_with(lr, image, cfg, features)
         scores = score_caption(lr, text, references) if references else {}
         rows.append(
             [lr.name, text]
@@ -258,8 +270,9 @@ def caption_batch(
             bad += 1
             rows.append([name, "", "", None, _page_message(e)])
             continue
+        features = {}
         for lr, cfg in zip(runs, cfgs, strict=True):
-            text, seconds = caption_with(lr, image, cfg)
+            text, seconds = caption_with(lr, image, cfg, features)
             rows.append([name, lr.name, text, round(seconds, 3), ""])
     out = Path(tempfile.mkdtemp(prefix="vicap-serve-")) / "captions.csv"
     with open(out, "w", encoding="utf-8", newline="") as f:

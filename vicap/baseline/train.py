@@ -448,18 +448,14 @@ def evaluate_baseline(
     """Caption the held-out split with the baseline and score it exactly as `vicap evaluate` does."""
     from accelerate import Accelerator
 
-    from vicap.evaluate import caption_report
+    from vicap.evaluate import caption_report, held_out_records
     from vicap.pipeline import prepare_manifest
 
     recipe, model, vocab, step = load_baseline_run(run_dir, overrides)
     run_dir = Path(run_dir)
     split = split or recipe.eval.split
     manifest = prepare_manifest(recipe, run_dir)
-    records = manifest.split(split)
-    if not records:
-        raise ValueError(f"{manifest.path}: split {split!r} is empty; splits: {sorted(manifest.splits)}")
-    if recipe.eval.max_images:
-        records = records[: recipe.eval.max_images]
+    records = held_out_records(manifest, split, recipe.eval.max_images)
     device = Accelerator(cpu=recipe.train.device == "cpu").device
     store = None
     if not recipe.encoder.trainable:
