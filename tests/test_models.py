@@ -376,8 +376,11 @@ def test_resume_keeps_this_machines_optimizer_implementation(tiny_recipe, tmp_pa
     save_checkpoint(
         tmp_path / "run",
         model_state={"w": p.detach().clone()},
-        recipe=tiny_recipe(),
-        encoder_dim=ENCODER_DIM,
+        meta={
+            "format": "vicap-checkpoint-1",
+            "recipe": tiny_recipe().to_json(),
+            "encoder_dim": str(ENCODER_DIM),
+        },
         step=1,
         epoch=0,
         optimizer=plain,

@@ -1,41 +1,67 @@
-"""Checkpoints: safetensors for every tensor, JSON for everything else, the recipe inside each one.
+"""Checkpoints of every captioner vicap trains: safetensors for tensors, JSON for the rest.
 
 <run>/checkpoints/step_00001234/
-    model.safetensors    trainable weights only: the mapper, plus the LM when fully tuned or its LoRA
-                         adapters (lora_A / lora_B, never the base LM) under LoRA; metadata holds the
-                         resolved recipe, the encoder width and the step
-    trainer.safetensors  optimizer moments and the torch RNG state, for resuming
+    model.safetensors    what training changed, nothing else (vicap: the mapper, plus the LM when fully
+                         tuned or its LoRA adapters; baseline: the LSTM, plus the CNN when trained);
+                         metadata: format, the resolved recipe as JSON, step, epoch and the kind's own
+                         keys (vicap: encoder_dim; baseline: vocab_size)
+    trainer.safetensors  optimizer moments and each process's torch RNG state, for resuming
     trainer.json         step, epoch, scheduler state and optimizer hyperparameters
+
+A checkpoint is written into `step_N.tmp/`, its files flushed to disk, and only then renamed to
+`step_N/`; old checkpoints are renamed to `step_N.old/` before they are deleted. A process killed at
+any moment therefore leaves complete `step_N/` folders and, at most, a leftover `.tmp`/`.old` folder
+that nothing lists, loads or prunes as a checkpoint (the next save removes it).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import shutil
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from vicap import __version__
-from vicap.recipe import Recipe, recipe_from_json
+from vicap.recipe import recipe_from_json
 
 log = logging.getLogger(__name__)
 
-FORMAT = "vicap-checkpoint-1"
-# Recipe sections that decide the model's shape and meaning; a checkpoint only fits a recipe that
-# agrees on these.
-MODEL_SECTIONS = ("encoder", "decoder", "mapper")
-# Keys in those sections that a checkpoint may differ on: feature-extraction batch size, and the dtype
-# a frozen LM is held in (the trained weights are the same either way).
-NOT_MODEL_DEFINING = ("batch_size", "dtype")
+_STEP_DIR = re.compile(r"step_(\d{8})")
+MODEL_FILE, TRAINER_FILE, TRAINER_JSON = "model.safetensors", "trainer.safetensors", "trainer.json"
 
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, corrupt, or does not match its recipe."""
+
+
+@dataclass(frozen=True)
+class RunKind:
+    """How a kind of run is stored: checkpoint format, recipe file, which recipe keys define the model."""
+
+    format: str
+    recipe_file: str
+    parse_recipe: Callable[[str], Any]
+    model_sections: tuple[str, ...]  # a checkpoint only fits a recipe that agrees on these sections...
+    free_keys: tuple[str, ...] = ()  # ...except these dotted keys (they do not change trained weights)
+
+
+VICAP_RUN = RunKind(
+    format="vicap-checkpoint-1",
+    recipe_file="recipe.toml",
+    parse_recipe=recipe_from_json,
+    model_sections=("encoder", "decoder", "mapper"),
+    # feature-extraction batch size, and the dtype a frozen LM is held in (same trained weights)
+    free_keys=("encoder.batch_size", "decoder.dtype"),
+)
 
 
 @dataclass
@@ -43,8 +69,12 @@ class Checkpoint:
     path: Path
     step: int
     epoch: int
-    recipe: Recipe
-    encoder_dim: int
+    recipe: Any  # the kind's recipe dataclass, parsed from the metadata
+    meta: dict[str, str]  # the safetensors metadata as written
+
+    @property
+    def encoder_dim(self) -> int:
+        return int(self.meta["encoder_dim"])
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -52,49 +82,86 @@ def checkpoint_dir(run_dir: Path) -> Path:
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    return sorted(p for p in checkpoint_dir(run_dir).glob("step_*") if (p / "model.safetensors").is_file())
+    """Complete checkpoints of a run, oldest first. Leftovers of an interrupted save or prune
+    (`step_N.tmp`, `step_N.old`) never match."""
+    folder = checkpoint_dir(run_dir)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if _STEP_DIR.fullmatch(p.name) and (p / MODEL_FILE).is_file())
+
+
+def latest_checkpoint(run_dir: Path) -> Path:
+    found = list_checkpoints(run_dir)
+    if not found:
+        raise CheckpointError(f"{run_dir}: no checkpoints yet (looked in {checkpoint_dir(run_dir)})")
+    return found[-1]
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(folder: Path) -> None:
+    """Delete a folder so that no half-deleted checkpoint is ever listed: rename it out of the
+    `step_N` namespace first (atomic), then delete."""
+    if not folder.exists():
+        return
+    gone = folder.with_name(folder.name + ".old")
+    shutil.rmtree(gone, ignore_errors=True)
+    folder.rename(gone)
+    shutil.rmtree(gone, ignore_errors=True)
 
 
 def save_checkpoint(
     run_dir: Path,
     *,
     model_state: dict[str, torch.Tensor],
-    recipe: Recipe,
-    encoder_dim: int,
+    meta: dict[str, str],
     step: int,
     epoch: int,
     optimizer: torch.optim.Optimizer | None = None,
     scheduler=None,
+    rng_states: list[dict[str, torch.Tensor]] | None = None,
     keep: int = 2,
+    protect: Iterable[int] = (),
 ) -> Path:
+    """Write `step_N/` atomically, then prune to the `keep` newest (never a step in `protect`).
+
+    `meta` holds the kind's metadata (format, recipe JSON, ...); step and epoch are added here.
+    `rng_states` are every process's RNG states ({"torch": CPU state, "cuda": ...}), saved for an
+    exact resume."""
     folder = checkpoint_dir(run_dir) / f"step_{step:08d}"
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    meta = {
-        "format": FORMAT,
-        "vicap_version": __version__,
-        "recipe": recipe.to_json(),
-        "encoder_dim": str(encoder_dim),
-        "step": str(step),
-        "epoch": str(epoch),
-    }
-    save_file(model_state, tmp / "model.safetensors", metadata=meta)
+    meta = {**meta, "vicap_version": __version__, "step": str(step), "epoch": str(epoch)}
+    save_file(model_state, tmp / MODEL_FILE, metadata=meta)
     if optimizer is not None:
         tensors, state_json = _optimizer_to_tensors(optimizer.state_dict())
-        tensors["rng.torch"] = torch.get_rng_state()
-        save_file(tensors, tmp / "trainer.safetensors")
+        for rank, states in enumerate(rng_states or [{"torch": torch.get_rng_state()}]):
+            for name, state in states.items():
+                tensors[f"rng.{name}.{rank}"] = state
+        save_file(tensors, tmp / TRAINER_FILE)
         trainer = {
             "step": step,
             "epoch": epoch,
             "optimizer": state_json,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
         }
-        (tmp / "trainer.json").write_text(json.dumps(trainer, indent=1, default=_jsonable))
-    shutil.rmtree(folder, ignore_errors=True)
+        (tmp / TRAINER_JSON).write_text(json.dumps(trainer, indent=1, default=_jsonable))
+    for f in tmp.iterdir():
+        _fsync(f)
+    _remove(folder)
     tmp.rename(folder)
+    _fsync(folder.parent)
+    keep_steps = set(protect)
     for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if int(old.name[5:]) not in keep_steps:
+            _remove(old)
     return folder
 
 
@@ -126,8 +193,19 @@ def _optimizer_from_tensors(tensors: dict[str, torch.Tensor], state_json: dict) 
     return {"state": state, "param_groups": state_json["param_groups"]}
 
 
-def read_checkpoint(path: Path) -> Checkpoint:
-    file = Path(path) / "model.safetensors"
+def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+
+
+def read_checkpoint(path: Path, *, kind: RunKind = VICAP_RUN) -> Checkpoint:
+    """The checkpoint's metadata and recipe, checked for the kind's format; its tensors stay on
+    disk until `load_model_state`. Anything missing or cut short is a CheckpointError naming the file."""
+    file = Path(path) / MODEL_FILE
     if not file.is_file():
         raise CheckpointError(f"{file}: checkpoint weights not found")
     try:
@@ -135,49 +213,89 @@ def read_checkpoint(path: Path) -> Checkpoint:
             meta = f.metadata() or {}
     except Exception as e:
         raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{file}: not a vicap checkpoint (metadata format={meta.get('format')!r})")
-    return Checkpoint(
-        Path(path),
-        int(meta["step"]),
-        int(meta["epoch"]),
-        recipe_from_json(meta["recipe"]),
-        int(meta["encoder_dim"]),
-    )
+    if meta.get("format") != kind.format:
+        raise CheckpointError(f"{file}: format {meta.get('format')!r}, expected {kind.format!r}")
+    try:
+        step, epoch = int(meta["step"]), int(meta["epoch"])
+        recipe = kind.parse_recipe(meta["recipe"])
+    except KeyError as e:
+        raise CheckpointError(f"{file}: metadata has no {e.args[0]!r}") from None
+    except (ValueError, TypeError) as e:  # bad numbers, JSON cut short, a recipe that no longer validates
+        raise CheckpointError(f"{file}: unreadable metadata ({type(e).__name__}: {e})") from None
+    return Checkpoint(Path(path), step, epoch, recipe, meta)
 
 
 def load_model_state(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
-    return load_file(str(ckpt.path / "model.safetensors"))
+    """The trained tensors; every one must be finite (NaN/inf weights would caption silently)."""
+    state = _load_tensors(ckpt.path / MODEL_FILE)
+    for name, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(
+                f"{ckpt.path / MODEL_FILE}: tensor {name} holds NaN or infinite values; "
+                "the training that wrote it diverged"
+            )
+    return state
 
 
-def load_trainer_state(ckpt: Checkpoint, optimizer, scheduler) -> None:
-    tensors = load_file(str(ckpt.path / "trainer.safetensors"))
-    trainer = json.loads((ckpt.path / "trainer.json").read_text())
+def load_trainer_state(
+    ckpt: Checkpoint, optimizer, scheduler, *, rank: int = 0
+) -> dict[str, torch.Tensor] | None:
+    """Restore optimizer and scheduler; returns this process's saved RNG states ({"torch": ..., and
+    the accelerator's when it had one}), or None if the checkpoint was written by fewer processes."""
+    tensors = _load_tensors(ckpt.path / TRAINER_FILE)
+    file = ckpt.path / TRAINER_JSON
+    try:
+        trainer = json.loads(file.read_text())
+        state = _optimizer_from_tensors(tensors, trainer["optimizer"])
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: missing") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{file}: unreadable ({type(e).__name__}: {e})") from None
     # The saved param groups carry the implementation flags (fused, foreach) of the optimizer that
     # saved them; which kernel runs the update is this machine's choice (vicap.train.build_optimizer),
     # not training state, so it is kept across the load.
     flags = [{k: g.get(k) for k in ("fused", "foreach")} for g in optimizer.param_groups]
-    optimizer.load_state_dict(_optimizer_from_tensors(tensors, trainer["optimizer"]))
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"{ckpt.path}: optimizer state does not fit this model ({e})") from None
     for group, kept in zip(optimizer.param_groups, flags, strict=True):
         group.update(kept)
         if kept["fused"]:  # the fused kernel keeps its step counters on the parameters' device
             for p in group["params"]:
-                state = optimizer.state.get(p, {})
-                if "step" in state:
-                    state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
+                s = optimizer.state.get(p, {})
+                if "step" in s:
+                    s["step"] = s["step"].to(device=p.device, dtype=torch.float32)
     if scheduler is not None and trainer.get("scheduler") is not None:
         scheduler.load_state_dict(trainer["scheduler"])
-    torch.set_rng_state(tensors["rng.torch"])
+    suffix = f".{rank}"
+    states = {
+        k[4 : -len(suffix)]: v for k, v in tensors.items() if k.startswith("rng.") and k.endswith(suffix)
+    }
+    if not states and rank == 0 and "rng.torch" in tensors:  # written before per-process states
+        states = {"torch": tensors["rng.torch"]}
+    return states or None
 
 
-def check_compatible(ckpt: Checkpoint, recipe: Recipe) -> None:
+def recipe_differences(
+    saved: dict, current: dict, sections: Iterable[str], *, allowed: Iterable[str] = ()
+) -> list[str]:
+    """'section.key: checkpoint X vs recipe Y' for every key of `sections` that differs, except the
+    dotted keys in `allowed`."""
+    allowed = set(allowed)
+    out = []
+    for s in sections:
+        a, b = saved.get(s, {}), current.get(s, {})
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k) and f"{s}.{k}" not in allowed:
+                out.append(f"{s}.{k}: checkpoint {a.get(k)!r} vs recipe {b.get(k)!r}")
+    return out
+
+
+def check_compatible(ckpt: Checkpoint, recipe, kind: RunKind) -> None:
     """A checkpoint fits a recipe when the model-defining sections agree; name every key that differs."""
-    a, b = ckpt.recipe.to_dict(), recipe.to_dict()
-    diffs = [
-        f"{s}.{k}: checkpoint {a[s].get(k)!r} vs recipe {b[s].get(k)!r}"
-        for s in MODEL_SECTIONS
-        for k in sorted(set(a[s]) | set(b[s]))
-        if a[s].get(k) != b[s].get(k) and k not in NOT_MODEL_DEFINING
-    ]
+    diffs = recipe_differences(
+        ckpt.recipe.to_dict(), recipe.to_dict(), kind.model_sections, allowed=kind.free_keys
+    )
     if diffs:
         raise CheckpointError(f"{ckpt.path} does not match the recipe:\n  " + "\n  ".join(diffs))

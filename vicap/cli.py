@@ -48,9 +48,11 @@ def _user_errors():
     from vicap.encoders import ModelLoadError
     from vicap.images import ImageError
     from vicap.recipe import RecipeError
+    from vicap.train import TrainingError
 
     return (
         RecipeError,
+        TrainingError,
         CheckpointError,
         ModelLoadError,
         ImageError,
@@ -303,6 +305,7 @@ app.add_typer(baseline_app, name="baseline")
 def baseline_train(
     recipe: Path = typer.Argument(..., help="baseline recipe (recipes/baseline_*.toml)"),
     overrides: list[str] = Overrides,
+    resume: bool = typer.Option(False, "--resume", help="continue from the run's last checkpoint"),
     verbose: bool = typer.Option(False, "-v", "--verbose"),
 ) -> None:
     """Train the CNN+LSTM baseline of a baseline recipe; writes the run named by `train.output_dir`."""
@@ -310,7 +313,7 @@ def baseline_train(
     from vicap.baseline.train import train_baseline_file
 
     try:
-        run_dir = train_baseline_file(recipe, overrides or [])
+        run_dir = train_baseline_file(recipe, overrides or [], resume=resume)
     except _user_errors() as e:
         _fail(e)
     typer.echo(f"baseline run saved to {run_dir}")

@@ -130,6 +130,11 @@ class CaptionModel(nn.Module):
             "labels": labels,
         }
 
+    @staticmethod
+    def learned_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """attention_mask marks exactly the learned tokens (caption + EOS) of a collated batch."""
+        return batch["attention_mask"].sum()
+
     # ------------------------------------------------------------------ what is trained
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:

@@ -7,10 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vicap.checkpoint import (
+    VICAP_RUN,
     Checkpoint,
     CheckpointError,
     check_compatible,
-    list_checkpoints,
+    latest_checkpoint,
     load_model_state,
     read_checkpoint,
 )
@@ -37,11 +38,8 @@ def load_run(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
             f"{run_dir}: not a vicap run directory (no recipe.toml); train one with `vicap train`"
         )
     recipe = load_recipe(run_dir / "recipe.toml", overrides)
-    found = list_checkpoints(run_dir)
-    if not found:
-        raise CheckpointError(f"{run_dir}: no checkpoints yet (looked in {run_dir / 'checkpoints'})")
-    ckpt = read_checkpoint(found[-1])
-    check_compatible(ckpt, recipe)
+    ckpt = read_checkpoint(latest_checkpoint(run_dir), kind=VICAP_RUN)
+    check_compatible(ckpt, recipe, VICAP_RUN)
     decoder = load_decoder(recipe.decoder)
     # LoRA runs get fresh adapters here; load_trainable then fills them (and the mapper) in.
     model = CaptionModel.from_recipe(recipe, ckpt.encoder_dim, decoder)

@@ -1,11 +1,15 @@
-"""Training: one readable loop through Hugging Face Accelerate.
+"""Training: one readable loop through Hugging Face Accelerate, for every captioner vicap trains.
 
-The same command runs on one CPU, one GPU, or under `accelerate launch` on many. Sections:
-setup (recipe, data, features, model) -> loop (AdamW, warmup + linear decay, clipping) -> save.
+The same command runs on one CPU, one GPU, or under `accelerate launch` on many. A `TrainJob` holds
+what differs between captioners (the ClipCap model and its caption pairs here, the CNN+LSTM in
+`vicap.baseline.train`); `fit` is the loop they share:
+
+    start_run (checkpoints, resume checks, recipe file) -> fit: setup (loaders, AdamW, schedule,
+    resume state) -> loop (optimizer_step per global batch, log, validate, save) -> done
 
 Scale, and why a recipe trains the same on 1 or N processes:
 - `train.batch_size` is the global batch. `GlobalBatches` cuts one seeded shuffle into global batches
-  and gives each process a contiguous slice, so N processes see exactly the captions one process
+  and gives each process a contiguous slice, so N processes see exactly the items one process
   would, step for step.
 - Every learned token of an optimizer step weighs the same: each micro-batch's summed token loss is
   divided by the token count of the whole step (all accumulation micro-batches on all processes,
@@ -14,6 +18,10 @@ Scale, and why a recipe trains the same on 1 or N processes:
 - The scheduler is stepped unwrapped, once per optimizer step, whatever the process count.
 - Gradient accumulation is done here (DDP's no_sync on all but the last micro-batch), not by
   Accelerate, because the normalisation above needs the whole step's token count up front.
+
+Exact resume: data order comes from (seed, epoch, step) alone, the loaders draw from their own
+generators (never the global RNG), and each process's torch RNG state (dropout, noise) is saved in
+the checkpoint, so a run killed and resumed ends with the same weights as one that never stopped.
 """
 
 from __future__ import annotations
@@ -22,29 +30,89 @@ import contextlib
 import itertools
 import json
 import logging
+import os
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
-from torch.utils.data import DataLoader
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from vicap.checkpoint import (
+    VICAP_RUN,
+    Checkpoint,
+    CheckpointError,
+    RunKind,
     check_compatible,
     list_checkpoints,
     load_model_state,
     load_trainer_state,
     read_checkpoint,
+    recipe_differences,
     save_checkpoint,
 )
-from vicap.data import Collator, GlobalBatches, build_pairs, optimizer_steps
-from vicap.decoders import load_decoder
-from vicap.mappers import MAPPERS
-from vicap.model import CaptionModel
-from vicap.pipeline import prepare_manifest, run_features
-from vicap.recipe import Recipe, RecipeError
+from vicap.data import GlobalBatches, optimizer_steps
+from vicap.recipe import RecipeError
 
 log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss, say); the message names the step and what to change."""
+
+
+# --------------------------------------------------------------------------- what differs per captioner
+
+
+class Captioner(Protocol):
+    """The model side of a TrainJob."""
+
+    def forward(self, **batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A collated batch -> {"loss_sum": summed token loss, "tokens": learned tokens, ...}."""
+
+    def learned_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """How many tokens of `batch` are learned (counted before the forward pass)."""
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint holds: only what training changes."""
+
+    def load_trainable(self, state: dict[str, torch.Tensor]) -> None: ...
+
+
+# On resume, the run continues exactly as saved: the train and data settings must be the saved ones,
+# except these, which change where things are written or how often, not what is learned.
+RESUME_FREE = (
+    "train.output_dir",
+    "train.device",
+    "train.log_every",
+    "train.save_every",
+    "train.keep_checkpoints",
+    "data.features_dir",
+)
+
+
+@dataclass
+class TrainJob:
+    """Everything `fit` needs that differs between captioners."""
+
+    kind: RunKind
+    recipe: Any  # has .train (the shared train keys) and .to_json()
+    run_dir: Path
+    model: nn.Module  # a Captioner
+    train_set: Dataset
+    val_set: Dataset | None
+    collate: Callable[[list], dict[str, torch.Tensor]]
+    param_groups: list[dict]  # trainable parameters; a group may set its own "lr"
+    meta: dict[str, str] = field(default_factory=dict)  # the kind's checkpoint metadata
+    augment: Callable[[dict], dict] | None = None  # applied to training batches only
+    summary: str = ""  # for the log: what is trained on what
+
+
+# --------------------------------------------------------------------------- pieces of the loop
 
 
 def linear_warmup_decay(warmup: int, total: int):
@@ -59,9 +127,10 @@ def linear_warmup_decay(warmup: int, total: int):
 
 
 def build_optimizer(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; PyTorch's fused implementation where the parameters allow
-    it (one kernel for the whole update instead of a pass per op: ~3x faster on CPU for ClipCap's 54M
-    mapper parameters), the default implementation otherwise. Same update rule, same state dict."""
+    """AdamW over the trainable parameters (or parameter groups); PyTorch's fused implementation where
+    the parameters allow it (one kernel for the whole update instead of a pass per op: ~3x faster on
+    CPU for ClipCap's 54M mapper parameters), the default implementation otherwise. Same update rule,
+    same state dict."""
     params = list(params)
     try:
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
@@ -78,20 +147,33 @@ def optimizer_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over `window` (this process's micro-batches of one global step).
 
-    Returns (this process's summed token loss, the step's token count over all processes).
+    Returns (this process's summed token loss, the step's token count over all processes). Raises
+    TrainingError, before any weight changes, when the loss or the gradient is not finite.
     """
     world = accelerator.num_processes
-    # attention_mask marks exactly the learned tokens (caption + EOS), so this is the step's denominator.
-    n_tokens = accelerator.reduce(sum(b["attention_mask"].sum() for b in window).float(), "sum")
+    count = accelerator.unwrap_model(model).learned_tokens
+    n_tokens = accelerator.reduce(sum(count(b) for b in window).float(), "sum")
     loss_sum = torch.zeros((), device=accelerator.device)
     for i, batch in enumerate(window):
         sync = i == len(window) - 1
         with contextlib.nullcontext() if sync else accelerator.no_sync(model):
             out = model(**batch)
             accelerator.backward(out["loss_sum"] * world / n_tokens)
-        loss_sum += out["loss_sum"].detach()
+        loss_sum += out["loss_sum"].detach().float()
+    # Any process's non-finite loss stops every process, before the update (one scalar all-reduce).
+    bad_loss = bool(accelerator.reduce((~torch.isfinite(loss_sum)).float(), "sum"))
+    # A finite loss can still give an infinite gradient, so the gradient norm is checked too (it is
+    # all-reduced already). Under fp16, Accelerate's loss scaler skips such steps by design.
+    norm = None
     if grad_clip > 0:
-        accelerator.clip_grad_norm_(params, grad_clip)
+        norm = accelerator.clip_grad_norm_(params, grad_clip)
+    elif accelerator.mixed_precision != "fp16":
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    bad_grad = norm is not None and accelerator.mixed_precision != "fp16" and not bool(torch.isfinite(norm))
+    if bad_loss or bad_grad:
+        optimizer.zero_grad(set_to_none=True)
+        what, value = ("loss", float(loss_sum)) if bad_loss else ("gradient norm", float(norm))
+        raise TrainingError(f"the {what} is {value} (not finite)")
     optimizer.step()
     scheduler.step()  # unwrapped: one step per optimizer step, whatever the process count
     optimizer.zero_grad(set_to_none=True)
@@ -113,104 +195,171 @@ def mean_loss(model, loader, accelerator) -> float:
     return float(total / count.clamp(min=1))
 
 
-def train(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> Path:
-    """Train the recipe's mapper (and LM or its LoRA adapters when tuned); returns the run directory."""
+def make_accelerator(cfg):
+    """An Accelerator for the recipe's train section (device, mixed precision)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from accelerate.utils import set_seed
 
-    cfg = recipe.train
-    run_dir = Path(cfg.output_dir)
     # Accelerate keeps one process-wide state and refuses a second, different mixed-precision or
     # device setting. A process may train several recipes (the demo, notebooks, tests), so forget the
     # previous run's settings; the distributed setup (PartialState, the process group) is kept.
     AcceleratorState._reset_state()
-    accelerator = Accelerator(cpu=cfg.device == "cpu", mixed_precision=cfg.mixed_precision)
-    set_seed(cfg.seed)
-    main = accelerator.is_main_process
-    rank, world = accelerator.process_index, accelerator.num_processes
+    return Accelerator(cpu=cfg.device == "cpu", mixed_precision=cfg.mixed_precision)
 
-    # ---------------------------------------------------------------- setup
+
+def start_run(kind: RunKind, recipe, accelerator, *, resume: bool) -> Checkpoint | None:
+    """Check the run directory against --resume and the recipe; write the resolved recipe file.
+
+    Returns the checkpoint to resume from (None for a fresh run). A fresh run refuses a directory
+    that holds checkpoints; a resume refuses a recipe whose model, train or data settings differ from
+    the checkpoint's (naming each key), since the run would no longer continue what was saved."""
+    cfg = recipe.train
+    run_dir = Path(cfg.output_dir)
     existing = list_checkpoints(run_dir)
     if existing and not resume:
         raise FileExistsError(
             f"{run_dir} already holds checkpoints; pass --resume to continue, or choose "
             "another train.output_dir"
         )
-    ckpt = read_checkpoint(existing[-1]) if resume and existing else None
-    if ckpt is not None:
-        check_compatible(ckpt, recipe)
+    ckpt = None
+    if resume and existing:
+        ckpt = read_checkpoint(existing[-1], kind=kind)
+        check_compatible(ckpt, recipe, kind)
+        run_diffs = recipe_differences(
+            ckpt.recipe.to_dict(), recipe.to_dict(), ("train", "data"), allowed=RESUME_FREE
+        )
+        if run_diffs:
+            raise CheckpointError(
+                f"--resume continues {run_dir} exactly as it was saved, but the recipe changes how it "
+                "trains:\n  " + "\n  ".join(run_diffs) + "\nResume without these changes, or train a "
+                "new run (another train.output_dir) with them."
+            )
+    elif resume:
+        log.info("%s: no checkpoint to resume from; starting a new run", run_dir)
+    world = accelerator.num_processes
     if cfg.batch_size < world:
         raise RecipeError(
             f"train.batch_size = {cfg.batch_size} is the global batch, split over {world} processes; "
             f"it must be at least {world}"
         )
-    if main:
+    if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.toml").write_text(recipe.to_toml(), encoding="utf-8")
+        _write_atomic(run_dir / kind.recipe_file, recipe.to_toml())
     accelerator.wait_for_everyone()
+    return ckpt
 
-    # The main process writes the manifest and encodes the features; the others then find both on disk.
-    with accelerator.main_process_first():
-        manifest = prepare_manifest(recipe, run_dir)
-        store = run_features(recipe, manifest, device=accelerator.device, progress=progress and main)
-    if MAPPERS.get(recipe.mapper.type).uses_tokens and not store.has_tokens:
-        raise RecipeError(
-            f"mapper.type = {recipe.mapper.type!r} attends to patch tokens, but the feature store holds "
-            "pooled vectors only: set encoder.patch_tokens = true"
-        )
-    decoder = load_decoder(recipe.decoder)
-    set_seed(cfg.seed)  # again: feature extraction may or may not have drawn from the RNG
-    model = CaptionModel.from_recipe(recipe, store.dim, decoder)
 
-    def loader_for(split: str, shuffle: bool) -> DataLoader | None:
-        records = manifest.split(split)
-        if not records:
-            return None
-        pairs = build_pairs(
-            manifest, records, store, decoder, segment=recipe.data.segment, max_tokens=recipe.data.max_tokens
-        )
-        batches = GlobalBatches(
-            len(pairs), cfg.batch_size, shuffle=shuffle, seed=cfg.seed, rank=rank, world=world
-        )
-        return DataLoader(pairs, batch_sampler=batches, collate_fn=Collator(store, decoder.pad_token_id))
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
-    train_loader = loader_for("train", shuffle=True)
-    if train_loader is None:
-        raise ValueError(f"manifest {manifest.path} has no 'train' split")
-    val_loader = loader_for("val", shuffle=False)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for p in trainable)
-    n_total = sum(p.numel() for p in model.parameters())
-    optimizer = build_optimizer(trainable, cfg.lr, cfg.weight_decay)
-    steps_per_epoch = optimizer_steps(len(train_loader.batch_sampler), cfg.grad_accum)
+
+def _loader(job: TrainJob, dataset: Dataset, *, shuffle: bool, rank: int, world: int) -> DataLoader:
+    cfg = job.recipe.train
+    batches = GlobalBatches(
+        len(dataset), cfg.batch_size, shuffle=shuffle, seed=cfg.seed, rank=rank, world=world
+    )
+    # The loader's own generator: iterating it never draws from the global RNG (dropout's), which
+    # would put a resumed run's dropout masks out of step.
+    return DataLoader(
+        dataset, batch_sampler=batches, collate_fn=job.collate, generator=torch.Generator().manual_seed(0)
+    )
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """This process's RNG states: torch's CPU generator and, on an accelerator, the device's own
+    (dropout on a GPU draws from that one)."""
+    states = {"torch": torch.get_rng_state()}
+    if device.type != "cpu":
+        states[device.type] = torch.get_device_module(device.type).get_rng_state()
+    return states
+
+
+def _set_rng_state(states: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(states["torch"])
+    if device.type in states:
+        torch.get_device_module(device.type).set_rng_state(states[device.type])
+
+
+def _rng_states(accelerator) -> list[dict[str, torch.Tensor]]:
+    """Every process's RNG states, gathered (the main process saves them all)."""
+    mine = _rng_state(accelerator.device)
+    if accelerator.num_processes == 1:
+        return [mine]
+    gathered = accelerator.gather({k: v.to(accelerator.device).unsqueeze(0) for k, v in mine.items()})
+    return [{k: v[r].cpu() for k, v in gathered.items()} for r in range(accelerator.num_processes)]
+
+
+def _keep_log_until(path: Path, step: int) -> None:
+    """A resumed run's log keeps only the rows up to its checkpoint; what came after was undone."""
+    if not path.is_file():
+        return
+    rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    kept = [line for line in rows if json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(rows):
+        _write_atomic(path, "".join(line + "\n" for line in kept))
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def fit(job: TrainJob, accelerator, ckpt: Checkpoint | None = None, *, progress: bool = True) -> Path:
+    """Train `job.model` on `job.train_set`; checkpoints and the log go to the run directory."""
+    cfg = job.recipe.train
+    run_dir = job.run_dir
+    main = accelerator.is_main_process
+    rank, world = accelerator.process_index, accelerator.num_processes
+    grad_accum, save_every = cfg.grad_accum, cfg.save_every
+
+    # ---------------------------------------------------------------- setup
+    train_loader = _loader(job, job.train_set, shuffle=True, rank=rank, world=world)
+    val_loader = _loader(job, job.val_set, shuffle=False, rank=rank, world=world) if job.val_set else None
+    model = job.model
+    params = [p for g in job.param_groups for p in g["params"]]
+    optimizer = build_optimizer(job.param_groups, cfg.lr, cfg.weight_decay)
+    steps_per_epoch = optimizer_steps(len(train_loader.batch_sampler), grad_accum)
     total_steps = steps_per_epoch * cfg.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, linear_warmup_decay(cfg.warmup_steps, total_steps)
     )
+    rng = None
     if ckpt is not None:
-        model.load_trainable(load_model_state(ckpt))
-        load_trainer_state(ckpt, optimizer, scheduler)
+        try:
+            model.load_trainable(load_model_state(ckpt))
+        except ValueError as e:
+            raise CheckpointError(f"{ckpt.path}: {e}") from None
+        rng = load_trainer_state(ckpt, optimizer, scheduler, rank=rank)
+        if rng is None or world != int(ckpt.meta.get("processes", world)):
+            log.warning(
+                "resuming on %d process(es) a run saved on %s: dropout and noise draws will differ "
+                "from an uninterrupted run",
+                world,
+                ckpt.meta.get("processes", "?"),
+            )
     model, optimizer = accelerator.prepare(model, optimizer)
-    pairs = train_loader.dataset
+    n_trainable = sum(p.numel() for p in params)
     log.info(
-        "training %s: %d captions of %d images, %d steps (%d/epoch), global batch %d x %d accumulation "
-        "over %d process(es), %s trainable of %s parameters",
+        "training %s: %s; %d steps (%d/epoch), global batch %d x %d accumulation over %d process(es), "
+        "%s trainable parameters",
         run_dir,
-        len(pairs),
-        len(set(pairs.rows.tolist())),
+        job.summary or f"{len(job.train_set)} items",
         total_steps,
         steps_per_epoch,
         cfg.batch_size,
-        cfg.grad_accum,
+        grad_accum,
         world,
         f"{n_trainable:,}",
-        f"{n_total:,}",
     )
 
     # ---------------------------------------------------------------- loop
     step = ckpt.step if ckpt else 0
-    log_file = (run_dir / "train_log.jsonl").open("a", encoding="utf-8") if main else None
+    log_path = run_dir / "train_log.jsonl"
+    if main and ckpt is not None:
+        _keep_log_until(log_path, step)
+    elif main:
+        log_path.unlink(missing_ok=True)  # a fresh run (no checkpoint) starts a fresh log
+    log_file = log_path.open("a", encoding="utf-8") if main else None
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not (progress and main))
     # Since the last log line: this process's summed token loss, and all processes' token count.
     running = torch.zeros((), device=accelerator.device)
@@ -228,39 +377,53 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> Pat
         event="resume" if ckpt else "start",
         processes=world,
         global_batch=cfg.batch_size,
-        grad_accum=cfg.grad_accum,
-        mixed_precision=cfg.mixed_precision,
+        grad_accum=grad_accum,
+        mixed_precision=accelerator.mixed_precision,
     )
 
     def save(epoch: int) -> None:
+        states = _rng_states(accelerator)
         accelerator.wait_for_everyone()
         if main:
             save_checkpoint(
                 run_dir,
                 model_state=accelerator.unwrap_model(model).trainable_state_dict(),
-                recipe=recipe,
-                encoder_dim=store.dim,
+                meta={
+                    **job.meta,
+                    "recipe": job.recipe.to_json(),
+                    "processes": str(world),
+                },
                 step=step,
                 epoch=epoch,
                 optimizer=optimizer,
                 scheduler=scheduler,
+                rng_states=states,
                 keep=cfg.keep_checkpoints,
             )
         accelerator.wait_for_everyone()
 
+    if rng is not None:
+        _set_rng_state(rng, accelerator.device)  # last, after everything that may draw during setup
     model.train()
     for epoch in range(step // steps_per_epoch, cfg.epochs):
         done_in_epoch = step - epoch * steps_per_epoch  # optimizer steps already taken (resuming)
-        train_loader.batch_sampler.set_epoch(epoch, start=done_in_epoch * cfg.grad_accum)
+        train_loader.batch_sampler.set_epoch(epoch, start=done_in_epoch * grad_accum)
         batches = iter(train_loader)
-        while window := list(itertools.islice(batches, cfg.grad_accum)):
+        while window := list(itertools.islice(batches, grad_accum)):
             window = [_to(b, accelerator.device) for b in window]
-            if cfg.feature_noise > 0:  # CapDec: train on noisy image features, caption clean ones
-                for b in window:
-                    b["features"] = b["features"] + cfg.feature_noise * torch.randn_like(b["features"])
-            loss_sum, n_tokens = optimizer_step(
-                model, optimizer, scheduler, window, accelerator, grad_clip=cfg.grad_clip, params=trainable
-            )
+            if job.augment is not None:
+                window = [job.augment(b) for b in window]
+            try:
+                loss_sum, n_tokens = optimizer_step(
+                    model, optimizer, scheduler, window, accelerator, grad_clip=cfg.grad_clip, params=params
+                )
+            except TrainingError as e:
+                last = list_checkpoints(run_dir)
+                raise TrainingError(
+                    f"{run_dir}: training stopped at step {step + 1} (epoch {epoch}): {e}. No update was "
+                    f"applied; the last checkpoint ({last[-1].name if last else 'none'}) is intact. "
+                    "Lower train.lr, set train.grad_clip, or check the data."
+                ) from None
             running += loss_sum
             running_tokens += n_tokens
             step += 1
@@ -277,19 +440,94 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> Pat
                 )
                 running.zero_()
                 running_tokens.zero_()
-            if cfg.save_every and step % cfg.save_every == 0:
+            end_of_epoch = step == (epoch + 1) * steps_per_epoch
+            if end_of_epoch and val_loader is not None:  # before the save: the checkpoint's log has it
+                val = mean_loss(model, val_loader, accelerator)
+                log_line(step=step, epoch=epoch, val_loss=round(val, 6))
+                log.info("epoch %d: val loss %.4f", epoch, val)
+            if end_of_epoch or (save_every and step % save_every == 0):
                 save(epoch)
-        if val_loader is not None:
-            val = mean_loss(model, val_loader, accelerator)
-            log_line(step=step, epoch=epoch, val_loss=round(val, 6))
-            log.info("epoch %d: val loss %.4f", epoch, val)
-        if not cfg.save_every or step % cfg.save_every:
-            save(epoch)
     bar.close()
     if log_file is not None:
         log_file.close()
     accelerator.wait_for_everyone()
     return run_dir
+
+
+# --------------------------------------------------------------------------- ClipCap
+
+
+def clipcap_job(recipe, accelerator, *, progress: bool = True) -> TrainJob:
+    """The ClipCap side of training: manifest, features, LM, caption model and caption pairs."""
+    from accelerate.utils import set_seed
+
+    from vicap.data import Collator, build_pairs
+    from vicap.decoders import load_decoder
+    from vicap.mappers import MAPPERS
+    from vicap.model import CaptionModel
+    from vicap.pipeline import prepare_manifest, run_features
+
+    cfg = recipe.train
+    run_dir = Path(cfg.output_dir)
+    # The main process writes the manifest and encodes the features; the others then find both on disk.
+    with accelerator.main_process_first():
+        manifest = prepare_manifest(recipe, run_dir)
+        store = run_features(
+            recipe, manifest, device=accelerator.device, progress=progress and accelerator.is_main_process
+        )
+    if MAPPERS.get(recipe.mapper.type).uses_tokens and not store.has_tokens:
+        raise RecipeError(
+            f"mapper.type = {recipe.mapper.type!r} attends to patch tokens, but the feature store holds "
+            "pooled vectors only: set encoder.patch_tokens = true"
+        )
+    decoder = load_decoder(recipe.decoder)
+    set_seed(cfg.seed)  # again: feature extraction may or may not have drawn from the RNG
+    model = CaptionModel.from_recipe(recipe, store.dim, decoder)
+
+    def pairs(split: str):
+        records = manifest.split(split)
+        if not records:
+            return None
+        return build_pairs(
+            manifest, records, store, decoder, segment=recipe.data.segment, max_tokens=recipe.data.max_tokens
+        )
+
+    train_set = pairs("train")
+    if train_set is None:
+        raise RecipeError(f"manifest {manifest.path} has no 'train' split")
+    augment = None
+    if cfg.feature_noise > 0:  # CapDec: train on noisy image features, caption clean ones
+
+        def augment(batch: dict) -> dict:
+            return {
+                **batch,
+                "features": batch["features"] + cfg.feature_noise * torch.randn_like(batch["features"]),
+            }
+
+    return TrainJob(
+        kind=VICAP_RUN,
+        recipe=recipe,
+        run_dir=run_dir,
+        model=model,
+        train_set=train_set,
+        val_set=pairs("val"),
+        collate=Collator(store, decoder.pad_token_id),
+        param_groups=[{"params": [p for p in model.parameters() if p.requires_grad]}],
+        meta={"format": "vicap-checkpoint-1", "encoder_dim": str(store.dim)},
+        augment=augment,
+        summary=f"{len(train_set)} captions of {len(set(train_set.rows.tolist()))} images",
+    )
+
+
+def train(recipe, *, resume: bool = False, progress: bool = True) -> Path:
+    """Train the recipe's mapper (and LM or its LoRA adapters when tuned); returns the run directory."""
+    from accelerate.utils import set_seed
+
+    accelerator = make_accelerator(recipe.train)
+    set_seed(recipe.train.seed)
+    ckpt = start_run(VICAP_RUN, recipe, accelerator, resume=resume)
+    job = clipcap_job(recipe, accelerator, progress=progress)
+    return fit(job, accelerator, ckpt, progress=progress)
 
 
 def read_log(run_dir: Path) -> list[dict]:

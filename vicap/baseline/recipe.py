@@ -114,24 +114,33 @@ class BaselineTrainConfig:
     output_dir: str = _help("run directory (checkpoints, logs, vocabulary, resolved recipe)", "runs/baseline")
     seed: int = _help("seed for weights init, data order and dropout", 42)
     epochs: int = _help("passes over the training images (each with all its captions)", 20)
-    batch_size: int = _help("images per step; each brings all of its captions", 32)
+    batch_size: int = _help(
+        "images per micro-batch summed over all processes (the global batch); each brings all of its "
+        "captions, and every caption token of a step weighs the same",
+        32,
+    )
+    grad_accum: int = _help("gradient accumulation steps (micro-batches per optimizer step)", 1)
     lr: float = _help("peak learning rate (AdamW)", 4e-4)
     cnn_lr: float = _help("learning rate of a trainable CNN (encoder.trainable)", 1e-4)
     weight_decay: float = _help("AdamW weight decay", 0.0)
     warmup_steps: int = _help("linear warmup steps, then linear decay to 0", 200)
     grad_clip: float = _help("max gradient norm; 0 disables clipping", 5.0)
+    mixed_precision: str = _help("'no', 'bf16' or 'fp16' (through Accelerate)", "no")
     device: str = _help("'auto' lets Accelerate choose; 'cpu' forces the CPU", "auto")
     log_every: int = _help("steps between loss log lines", 50)
-    keep_checkpoints: int = _help("how many recent checkpoints (one per epoch) to keep", 1)
+    save_every: int = _help("optimizer steps between checkpoints; 0 saves once per epoch", 0)
+    keep_checkpoints: int = _help("how many recent checkpoints to keep", 1)
 
     def __post_init__(self) -> None:
-        for key in ("epochs", "batch_size", "log_every", "keep_checkpoints"):
+        for key in ("epochs", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):
             _check(getattr(self, key) > 0, f"train.{key}", getattr(self, key), "must be > 0")
         for key in ("lr", "cnn_lr"):
             _check(getattr(self, key) > 0, f"train.{key}", getattr(self, key), "must be > 0")
         _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
         _check(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "must be >= 0")
         _check(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "must be >= 0")
+        _check(self.save_every >= 0, "train.save_every", self.save_every, "must be >= 0")
+        _one_of("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
         _one_of("train.device", self.device, ("auto", "cpu"))
 
 

@@ -1,43 +1,50 @@
 """Training and evaluating the CNN+LSTM baseline on a vicap manifest.
 
-Setup (manifest, vocabulary, images or cached CNN features, model) -> loop (teacher forcing,
-AdamW, warmup + linear decay, clipping; one step = a batch of images with all their captions) ->
-save (safetensors + the resolved recipe). Evaluation captions the held-out split with beam search and
-hands the captions to `vicap.evaluate.caption_report`, the code path vicap's own runs use.
+`baseline_job` builds what differs from a ClipCap run (manifest, vocabulary, images or cached CNN
+features, the CNN+LSTM and its token loss); `vicap.train.fit` trains it with the same loop, global
+batches (one item = an image with all its captions), per-token loss, checkpoints and exact resume as
+vicap's own runs. Evaluation captions the held-out split with beam search and hands the captions to
+`vicap.evaluate.caption_report`, the code path vicap's own runs use.
 
 Run directory:
   baseline.toml                      the resolved recipe (kind = "baseline")
   manifest.jsonl, prepare_report.json
   vocab.json (+ spm.model)           the vocabulary
-  checkpoints/step_XXXXXXXX/model.safetensors   decoder weights (+ the CNN when it is trained);
-                                     metadata: format, recipe JSON, step, epoch, vocabulary size
+  checkpoints/step_XXXXXXXX/         vicap.checkpoint's layout: model.safetensors (decoder weights,
+                                     + the CNN when it is trained or random; metadata: format, recipe
+                                     JSON, step, epoch, vocabulary size) and the trainer state
   train_log.jsonl                    {"step", "epoch", "loss", "lr", "elapsed"} and {"val_loss"} rows
   report.json, report.md, captions_<split>.jsonl   from `vicap baseline evaluate`
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
+from torch import nn
+from torch.utils.data import Dataset
 
 from data_prep.languages import get_language
 from data_prep.manifest import Manifest, Record
 from vicap.baseline.model import CNNLSTM, beam_search, image_transform
 from vicap.baseline.recipe import BaselineRecipe, baseline_from_json, load_baseline_recipe
 from vicap.baseline.vocab import EOS, Vocab, build_vocab, caption_tokens, load_vocab
-from vicap.checkpoint import CheckpointError
+from vicap.checkpoint import (
+    CheckpointError,
+    RunKind,
+    check_compatible,
+    latest_checkpoint,
+    load_model_state,
+    read_checkpoint,
+)
 from vicap.encoders import Encoder, file_digest
 from vicap.images import ImageError, load_image
 from vicap.recipe import RecipeError
+from vicap.train import TrainJob, fit, make_accelerator, start_run
 
 log = logging.getLogger(__name__)
 
@@ -153,11 +160,6 @@ def collate(items: list[_Item]) -> dict[str, torch.Tensor]:
     }
 
 
-def _loss(model: CNNLSTM, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    logits = model(batch["images"], batch["inputs"], batch["image_index"])
-    return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
-
-
 # --------------------------------------------------------------------------- data
 
 
@@ -186,7 +188,7 @@ def _dataset(recipe, manifest, records, ids, store, pixels) -> ImageCaptions:
     return ImageCaptions([manifest.resolve_image(r) for r in records], ids, pixels)
 
 
-# --------------------------------------------------------------------------- checkpoints
+# --------------------------------------------------------------------------- the model as training sees it
 
 
 def _cnn_in_checkpoint(recipe: BaselineRecipe) -> bool:
@@ -194,183 +196,136 @@ def _cnn_in_checkpoint(recipe: BaselineRecipe) -> bool:
     return recipe.encoder.trainable or recipe.encoder.weights == "none"
 
 
-def _state_to_save(model: CNNLSTM, recipe: BaselineRecipe) -> dict[str, torch.Tensor]:
-    """Only what cannot be rebuilt from the recipe: the decoder, and the CNN when trained or random."""
-    return {
-        k: v.detach().cpu().contiguous()
-        for k, v in model.state_dict().items()
-        if k.startswith("decoder.") or _cnn_in_checkpoint(recipe)
-    }
+class BaselineCaptioner(nn.Module):
+    """The CNN+LSTM with its token loss: what `vicap.train.fit` trains (see `vicap.train.Captioner`)."""
 
+    def __init__(self, model: CNNLSTM, recipe: BaselineRecipe) -> None:
+        super().__init__()
+        self.model = model
+        self.cnn_frozen = not recipe.encoder.trainable
+        self.save_cnn = _cnn_in_checkpoint(recipe)
+        if self.cnn_frozen:
+            model.encoder.requires_grad_(False)
 
-def save_baseline_checkpoint(
-    run_dir: Path, model, recipe: BaselineRecipe, vocab_size: int, step: int, epoch: int
-):
-    from safetensors.torch import save_file
-
-    folder = Path(run_dir) / "checkpoints" / f"step_{step:08d}"
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    meta = {
-        "format": FORMAT,
-        "recipe": recipe.to_json(),
-        "step": str(step),
-        "epoch": str(epoch),
-        "vocab_size": str(vocab_size),
-    }
-    save_file(_state_to_save(model, recipe), tmp / "model.safetensors", metadata=meta)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
-    found = sorted((Path(run_dir) / "checkpoints").glob("step_????????"))
-    for old in found[: -recipe.train.keep_checkpoints]:
-        shutil.rmtree(old, ignore_errors=True)
-    return folder
-
-
-def _latest_checkpoint(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
-
-    found = sorted(
-        p
-        for p in (Path(run_dir) / "checkpoints").glob("step_????????")
-        if (p / "model.safetensors").is_file()
-    )
-    if not found:
-        raise CheckpointError(
-            f"{run_dir}: no baseline checkpoints (looked in {Path(run_dir) / 'checkpoints'})"
+    def forward(self, images, inputs, labels, image_index) -> dict[str, torch.Tensor]:
+        logits = self.model(images, inputs, image_index)
+        loss_sum = F.cross_entropy(
+            logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
         )
-    path = found[-1] / "model.safetensors"
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        state = load_file(str(path))
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
-    return state, meta
+        return {"loss_sum": loss_sum, "tokens": (labels != -100).sum()}
+
+    @staticmethod
+    def learned_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return (batch["labels"] != -100).sum()
+
+    def train(self, mode: bool = True) -> BaselineCaptioner:
+        super().train(mode)
+        if self.cnn_frozen:
+            self.model.encoder.eval()  # frozen: BatchNorm statistics stay put
+        return self
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only what cannot be rebuilt from the recipe: the decoder, and the CNN when trained or random."""
+        return {
+            k: v.detach().cpu().contiguous()
+            for k, v in self.model.state_dict().items()
+            if k.startswith("decoder.") or self.save_cnn
+        }
+
+    def load_trainable(self, state: dict[str, torch.Tensor]) -> None:
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if k.startswith("decoder.") or self.save_cnn]
+        if missing or unexpected:
+            raise ValueError(
+                f"checkpoint does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
+
+
+BASELINE_RUN = RunKind(
+    format=FORMAT,
+    recipe_file=RECIPE_FILE,
+    parse_recipe=baseline_from_json,
+    model_sections=("encoder", "decoder", "vocab"),
+    free_keys=("encoder.batch_size",),
+)
 
 
 # --------------------------------------------------------------------------- train
 
 
-def train_baseline(recipe: BaselineRecipe, *, progress: bool = True) -> Path:
-    """Train the CNN+LSTM baseline; returns the run directory."""
-    from accelerate import Accelerator
+def baseline_job(recipe: BaselineRecipe, accelerator, *, resume: bool, progress: bool = True) -> TrainJob:
+    """The baseline side of training: manifest, vocabulary, CNN+LSTM, images (or cached CNN features)."""
     from accelerate.utils import set_seed
 
     from vicap.pipeline import prepare_manifest
-    from vicap.train import linear_warmup_decay
 
     cfg = recipe.train
     run_dir = Path(cfg.output_dir)
-    if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
-        raise FileExistsError(f"{run_dir} already holds checkpoints; choose another train.output_dir")
-    accelerator = Accelerator(cpu=cfg.device == "cpu")
-    set_seed(cfg.seed)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / RECIPE_FILE).write_text(recipe.to_toml(), encoding="utf-8")
-
-    # ---------------------------------------------------------------- setup
-    manifest = prepare_manifest(recipe, run_dir)  # the same adapter + manifest as a ClipCap run
-    language, segment = manifest.language, recipe.data.segment
+    with accelerator.main_process_first():
+        manifest = prepare_manifest(recipe, run_dir)  # the same adapter + manifest as a ClipCap run
+    language, segment, max_tokens = manifest.language, recipe.data.segment, recipe.data.max_tokens
     train_records, val_records = manifest.split("train"), manifest.split("val")
     if not train_records:
-        raise ValueError(f"manifest {manifest.path} has no 'train' split")
-    tokens, _ = _encode(train_records, language, segment, None, recipe.data.max_tokens)
-    vocab = build_vocab([t for toks in tokens for t in toks], recipe.vocab, run_dir)
-    max_tokens = recipe.data.max_tokens
+        raise RecipeError(f"manifest {manifest.path} has no 'train' split")
+    tokens, _ = _encode(train_records, language, segment, None, max_tokens)
+    if resume and (run_dir / "vocab.json").is_file():
+        vocab = load_vocab(run_dir)  # the vocabulary the checkpoint was trained with
+    else:
+        with accelerator.main_process_first():
+            if accelerator.is_main_process:
+                build_vocab([t for toks in tokens for t in toks], recipe.vocab, run_dir)
+        vocab = load_vocab(run_dir)
     train_ids = [[vocab.encode(t)[: max_tokens - 1] + [EOS] for t in toks] for toks in tokens]
     set_seed(cfg.seed)
     model = CNNLSTM(recipe.encoder, recipe.decoder, len(vocab))
+    captioner = BaselineCaptioner(model, recipe)
     if recipe.encoder.trainable:
         store, pixels = None, _Pixels(recipe)
     else:
-        model.encoder.requires_grad_(False).eval()
-        store, pixels = (
-            frozen_feature_store(recipe, model, manifest, progress=progress, device=accelerator.device),
-            None,
-        )
-    g = torch.Generator().manual_seed(cfg.seed)
+        model.encoder.eval()
+        with accelerator.main_process_first():
+            store = frozen_feature_store(
+                recipe,
+                model,
+                manifest,
+                progress=progress and accelerator.is_main_process,
+                device=accelerator.device,
+            )
+        pixels = None
     train_set = _dataset(recipe, manifest, train_records, train_ids, store, pixels)
-    loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate, generator=g)
-    val_loader = None
+    val_set = None
     if val_records:
         _, val_ids = _encode(val_records, language, segment, vocab, max_tokens)
         val_set = _dataset(recipe, manifest, val_records, val_ids, store, pixels)
-        val_loader = DataLoader(val_set, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate)
     groups = [{"params": list(model.decoder.parameters()), "lr": cfg.lr}]
     if recipe.encoder.trainable:
         groups.append({"params": list(model.encoder.parameters()), "lr": cfg.cnn_lr})
-    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    total_steps = len(loader) * cfg.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, linear_warmup_decay(cfg.warmup_steps, total_steps)
-    )
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    if val_loader is not None:
-        val_loader = accelerator.prepare(val_loader)
-    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info(
-        "baseline %s: %d images, %d captions, vocabulary %d (%s), %d steps, %s trainable parameters",
-        run_dir,
-        len(train_set),
-        sum(len(c) for c in train_set.captions),
-        len(vocab),
-        vocab.kind,
-        total_steps,
-        f"{n_params:,}",
+    return TrainJob(
+        kind=BASELINE_RUN,
+        recipe=recipe,
+        run_dir=run_dir,
+        model=captioner,
+        train_set=train_set,
+        val_set=val_set,
+        collate=collate,
+        param_groups=groups,
+        meta={"format": FORMAT, "vocab_size": str(len(vocab))},
+        summary=(
+            f"{len(train_set)} images, {sum(len(c) for c in train_set.captions)} captions, "
+            f"vocabulary {len(vocab)} ({vocab.kind})"
+        ),
     )
 
-    # ---------------------------------------------------------------- loop
-    log_file = (run_dir / "train_log.jsonl").open("w", encoding="utf-8")
-    bar = tqdm(total=total_steps, desc="baseline", unit="step", disable=not progress)
-    step, running, seen, t0 = 0, 0.0, 0, time.time()
 
-    def train_mode() -> None:
-        model.train()
-        if not recipe.encoder.trainable:
-            accelerator.unwrap_model(model).encoder.eval()  # frozen: BatchNorm statistics stay put
+def train_baseline(recipe: BaselineRecipe, *, resume: bool = False, progress: bool = True) -> Path:
+    """Train the CNN+LSTM baseline through vicap's training loop; returns the run directory."""
+    from accelerate.utils import set_seed
 
-    train_mode()
-    for epoch in range(cfg.epochs):
-        for batch in loader:
-            loss = _loss(model, batch)
-            accelerator.backward(loss)
-            if cfg.grad_clip > 0:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            running, seen = running + float(loss.detach()), seen + 1
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == total_steps:
-                row = {"step": step, "epoch": epoch, "loss": round(running / seen, 6)}
-                row.update(lr=scheduler.get_last_lr()[0], elapsed=round(time.time() - t0, 2))
-                log_file.write(json.dumps(row) + "\n")
-                log_file.flush()
-                bar.set_postfix(loss=f"{running / seen:.4f}", epoch=epoch)
-                running, seen = 0.0, 0
-        if val_loader is not None:
-            model.eval()
-            with torch.no_grad():
-                losses = [(float(_loss(model, b)), int((b["labels"] != -100).sum())) for b in val_loader]
-            val = sum(v * n for v, n in losses) / max(1, sum(n for _, n in losses))
-            log_file.write(json.dumps({"step": step, "epoch": epoch, "val_loss": round(val, 6)}) + "\n")
-            log_file.flush()
-            log.info("epoch %d: val loss %.4f", epoch, val)
-            train_mode()
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            save_baseline_checkpoint(
-                run_dir, accelerator.unwrap_model(model), recipe, len(vocab), step, epoch
-            )
-    bar.close()
-    log_file.close()
-    return run_dir
+    accelerator = make_accelerator(recipe.train)
+    set_seed(recipe.train.seed)
+    ckpt = start_run(BASELINE_RUN, recipe, accelerator, resume=resume)
+    job = baseline_job(recipe, accelerator, resume=ckpt is not None, progress=progress)
+    return fit(job, accelerator, ckpt, progress=progress)
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -383,24 +338,19 @@ def load_baseline_run(run_dir: str | Path, overrides=()) -> tuple[BaselineRecipe
         hint = " (a vicap run: use `vicap evaluate`)" if (run_dir / "recipe.toml").is_file() else ""
         raise RecipeError(f"{run_dir}: not a baseline run directory (no {RECIPE_FILE}){hint}")
     recipe = load_baseline_recipe(run_dir / RECIPE_FILE, overrides)
-    state, meta = _latest_checkpoint(run_dir)
-    trained = baseline_from_json(meta["recipe"])
-    for section in ("encoder", "decoder", "vocab"):
-        if getattr(trained, section) != getattr(recipe, section):
-            raise CheckpointError(f"{run_dir}: [{section}] differs between {RECIPE_FILE} and the checkpoint")
+    ckpt = read_checkpoint(latest_checkpoint(run_dir), kind=BASELINE_RUN)
+    check_compatible(ckpt, recipe, BASELINE_RUN)
     vocab = load_vocab(run_dir)
-    if len(vocab) != int(meta["vocab_size"]):
+    if len(vocab) != int(ckpt.meta.get("vocab_size", -1)):
         raise CheckpointError(
-            f"{run_dir}: vocabulary has {len(vocab)} entries, checkpoint {meta['vocab_size']}"
+            f"{run_dir}: vocabulary has {len(vocab)} entries, checkpoint {ckpt.meta.get('vocab_size')}"
         )
-    model = CNNLSTM(recipe.encoder, recipe.decoder, len(vocab))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k.startswith("decoder.") or _cnn_in_checkpoint(recipe)]
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{run_dir}: checkpoint does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
-    return recipe, model.eval(), vocab, int(meta["step"])
+    captioner = BaselineCaptioner(CNNLSTM(recipe.encoder, recipe.decoder, len(vocab)), recipe)
+    try:
+        captioner.load_trainable(load_model_state(ckpt))
+    except ValueError as e:
+        raise CheckpointError(f"{ckpt.path}: {e}") from None
+    return recipe, captioner.model.eval(), vocab, ckpt.step
 
 
 def caption_records(
@@ -476,8 +426,10 @@ def evaluate_baseline(
     )
 
 
-def train_baseline_file(path: str | Path, overrides=(), *, progress: bool = True) -> Path:
-    return train_baseline(load_baseline_recipe(path, overrides), progress=progress)
+def train_baseline_file(
+    path: str | Path, overrides=(), *, resume: bool = False, progress: bool = True
+) -> Path:
+    return train_baseline(load_baseline_recipe(path, overrides), resume=resume, progress=progress)
 
 
 __all__ = [
