@@ -163,7 +163,8 @@ def test_frozen_cnn_features_are_cached(tmp_path: Path, ktvic_dir: Path) -> None
     )
     run = train_baseline(load_baseline_recipe(DEMO, overrides), progress=False)
     stores = list((tmp_path / "features").iterdir())
-    assert len(stores) == 1 and json.loads((stores[0] / "meta.json").read_text())["rows"] == 30
+    (shard,) = (stores[0] / "shards").glob("*.json")
+    assert len(stores) == 1 and len(json.loads(shard.read_text())["entries"]) == 30
     report = evaluate_baseline(run, ["generate.strategy=greedy", 'eval.metrics=["BLEU"]', "eval.human=false"])
     assert set(report["scores"]["syllable"]) == {"CNN+LSTM (show_tell)", FLOOR}
     assert len(list((tmp_path / "features").iterdir())) == 1  # reused, not re-encoded elsewhere

@@ -154,9 +154,9 @@ def test_store_keeps_patch_tokens(kind: str, tmp_path: Path, images, tiny_clip_d
     enc = load_encoder(EncoderConfig(name=kind, model=model, patch_tokens=True))
     store = extract_features(enc, images, tmp_path / "store", progress=False)
     assert store.has_tokens and store.dim == 24
-    assert store.features.shape == (3, 1 + PATCHES, 24) and isinstance(store.features, np.memmap)
+    assert store.features.shape == (3, 1 + PATCHES, 24) and isinstance(store.features._arrays[0], np.memmap)
     torch.testing.assert_close(store.get(images[1:2])[0], enc.encode(_pixels(enc, images[1:2]))[0])
     meta = json.loads((store.root / "meta.json").read_text())
-    assert meta["shape"] == [3, 1 + PATCHES, 24] and meta["identity"]["patch_tokens"] is True
+    assert meta["row_shape"] == [1 + PATCHES, 24] and meta["identity"]["patch_tokens"] is True
     empty = extract_features(enc, [], tmp_path / "other", progress=False)
     assert empty.features.shape == (0, 1 + PATCHES, 24)

@@ -136,13 +136,16 @@ def test_store_files_are_plain_arrays_and_json(encoder, images, tmp_path: Path) 
     store = extract_features(encoder, images, tmp_path / "store", progress=False)
     folder = tmp_path / "store" / encoder.key
     assert store.root == folder
-    array = np.load(folder / "features.npy", allow_pickle=False)
+    (index_file,) = (folder / "shards").glob("*.json")
+    index = json.loads(index_file.read_text())
+    array = np.load(folder / "shards" / index["npy"], allow_pickle=False)
     assert array.dtype == np.float32 and array.shape == (4, 24)
-    index = json.loads((folder / "index.json").read_text())
-    assert [e["path"] for e in index] == [str(p.resolve()) for p in images]
+    assert [e["path"] for e in index["entries"]] == [str(p.resolve()) for p in images]
+    assert [e["row"] for e in index["entries"]] == [0, 1, 2, 3] and index["failures"] == []
     meta = json.loads((folder / "meta.json").read_text())
-    assert meta["identity"] == encoder.identity and meta["embed_dim"] == 24 and meta["rows"] == 4
-    assert isinstance(store.features, np.memmap)  # read back memory-mapped
+    assert meta["identity"] == encoder.identity and meta["embed_dim"] == 24 and meta["row_shape"] == [24]
+    assert isinstance(store.features._arrays[0], np.memmap)  # read back memory-mapped
+    np.testing.assert_array_equal(np.asarray(store.features), array)
 
 
 def test_empty_image_list_writes_an_empty_store(encoder, tmp_path: Path) -> None:
@@ -166,6 +169,128 @@ def test_a_different_encoder_gets_its_own_store(encoder, images, tmp_path: Path,
     assert sorted(p.name for p in root.iterdir()) == sorted([encoder.key, other.key])
     assert not np.allclose(np.asarray(store.features), np.asarray(open_store(encoder, root).features))
     _check_rows(store, other, images)
+
+
+# --------------------------------------------------------------------------- shards, crashes, bad files
+
+
+def _shard_files(root: Path, encoder) -> list[Path]:
+    return sorted((root / encoder.key / "shards").iterdir())
+
+
+def test_a_run_that_encodes_nothing_writes_nothing(encoder, images, tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    extract_features(encoder, images, root, progress=False)
+    before = {p: p.stat().st_mtime_ns for p in (root / encoder.key).rglob("*")}
+    extract_features(encoder, images[:2], root, progress=False)
+    extract_features(encoder, images, root, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in (root / encoder.key).rglob("*")} == before
+
+
+def test_rows_are_written_in_shards_that_each_commit_alone(encoder, images, tmp_path: Path, counted) -> None:
+    root = tmp_path / "store"
+    store = extract_features(encoder, images, root, batch_size=1, shard_images=3, progress=False)
+    assert sum(counted) == 4 and len(store.rows) == 4
+    assert [p.suffix for p in _shard_files(root, encoder)] == [".json", ".npy", ".json", ".npy"]
+    _check_rows(store, encoder, images)
+
+
+def test_failures_are_retried_only_when_the_file_changes(encoder, images, tmp_path: Path, counted) -> None:
+    root = tmp_path / "store"
+    broken = images[0].parent / "broken.jpg"
+    broken.write_bytes(images[0].read_bytes()[:300])
+    store = extract_features(encoder, [*images, broken], root, progress=False)
+    assert set(store.failures) == {str(broken.resolve())}
+    counted.clear()
+    again = extract_features(encoder, [*images, broken], root, progress=False)
+    assert counted == [] and set(again.failures) == {str(broken.resolve())}  # recorded, not retried
+    shutil.copy(images[0], broken)  # repaired
+    _bump_mtime(broken)
+    fixed = extract_features(encoder, [*images, broken], root, progress=False)
+    assert counted == [1] and not fixed.failures and fixed.has(broken)
+    _check_rows(fixed, encoder, [*images, broken])
+
+
+def _damage_npy_same_size(npy: Path) -> None:
+    data = bytearray(npy.read_bytes())
+    data[-8:] = bytes(8)  # the last row's last values zeroed: same size, other content
+    npy.write_bytes(bytes(data))
+
+
+BAD_SHARDS = [
+    # (case, damage to the first shard's files, images encoded again)
+    ("rows file cut short", lambda npy, idx: npy.write_bytes(npy.read_bytes()[:200]), 3),
+    ("rows file rewritten, same size", lambda npy, idx: _damage_npy_same_size(npy), 3),
+    ("rows file missing", lambda npy, idx: npy.unlink(), 3),
+    ("index cut short", lambda npy, idx: idx.write_text(idx.read_text()[:50]), 3),
+    ("index of another format", lambda npy, idx: idx.write_text('{"format": "x"}'), 3),
+    ("index points at another rows file", lambda npy, idx: idx.write_text(idx.read_text().replace(npy.name, "x.npy")), 3),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("case", "damage", "again"), BAD_SHARDS, ids=[c[0] for c in BAD_SHARDS])
+def test_a_shard_that_does_not_match_its_index_is_never_used(
+    encoder, images, tmp_path: Path, counted, case, damage, again
+) -> None:
+    root = tmp_path / "store"
+    extract_features(encoder, images, root, shard_images=3, progress=False)
+    idx, npy = _shard_files(root, encoder)[:2]
+    damage(npy, idx)
+    counted.clear()
+    store = extract_features(encoder, images, root, shard_images=3, progress=False)
+    assert sum(counted) == again  # the damaged shard's images, encoded again
+    _check_rows(store, encoder, images)
+
+
+def test_a_killed_extraction_is_completed_by_the_next_run(encoder, images, tmp_path: Path, counted) -> None:
+    # Killed while writing its second shard: the first shard is committed, the second left half-written.
+    import vicap.features as F
+
+    root = tmp_path / "store"
+    commits = {"n": 0}
+    commit = F._ShardWriter.commit
+
+    def killed_on_second(self):
+        commits["n"] += 1
+        if commits["n"] == 2:
+            raise KeyboardInterrupt
+        commit(self)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(F._ShardWriter, "commit", killed_on_second)
+        mp.setattr(F.os, "getpid", lambda: 2**22 + 7)  # a writer pid that is not running afterwards
+        with pytest.raises(KeyboardInterrupt):
+            extract_features(encoder, images, root, shard_images=3, batch_size=1, progress=False)
+    leftovers = [p.name for p in _shard_files(root, encoder) if p.name.endswith(".tmp")]
+    assert len(leftovers) == 1
+    assert len(open_store(encoder, root).rows) == 3
+    counted.clear()
+    store = extract_features(encoder, images, root, shard_images=3, batch_size=1, progress=False)
+    assert counted == [1] and len(store.rows) == 4  # only the image of the lost shard
+    assert not [p for p in _shard_files(root, encoder) if p.name.endswith(".tmp")]  # the dead writer's file
+    _check_rows(store, encoder, images)
+
+
+def test_a_store_in_the_old_single_file_layout_is_moved_once(
+    encoder, images, tmp_path: Path, counted
+) -> None:
+    root = tmp_path / "store"
+    folder = root / encoder.key
+    folder.mkdir(parents=True)
+    rows = np.stack([_direct(encoder, p).numpy() for p in images])
+    np.save(folder / "features.npy", rows)
+    (folder / "index.json").write_text(
+        json.dumps(
+            [{"path": str(p.resolve()), "stat": [p.stat().st_size, p.stat().st_mtime_ns]} for p in images]
+        )
+    )
+    (folder / "meta.json").write_text(json.dumps({"identity": encoder.identity}))
+    counted.clear()
+    store = open_store(encoder, root)
+    assert len(store.rows) == 4 and not (folder / "features.npy").exists()
+    store = extract_features(encoder, images, root, progress=False)
+    assert counted == []
+    _check_rows(store, encoder, images)
 
 
 def test_images_are_decoded_like_load_image(encoder, tmp_path: Path) -> None:

@@ -1,21 +1,32 @@
 """The feature store: one encoder vector per unique image, on disk, memory-mapped, never pickled.
 
 Layout of `<features_dir>/<encoder key>/`:
-  meta.json      the encoder's identity (model, weights hash, preprocessing) and the array's shape
-  features.npy   float32 (N, D), read with mmap so millions of images need no RAM; with
-                 `encoder.patch_tokens = true`, (N, 1 + T, D): each image's pooled vector, then its T
-                 patch tokens (ViT-B/32 at 224 px: 1 + 49 rows of 512, 100 KB an image)
-  index.json     row -> image path, size and mtime; a changed file is re-encoded, never served stale
+  meta.json                 the encoder's identity (model, weights hash, preprocessing) and row shape
+  shards/<name>.npy         float32 rows (n, D), or (n, 1 + T, D) with `encoder.patch_tokens = true`
+                            (each image's pooled vector, then its T patch tokens), written as they are
+                            encoded and read back memory-mapped
+  shards/<name>.json        the shard's index, written last: row -> image path, size and mtime, plus
+                            the images that could not be encoded and why. A shard exists once its
+                            index does; a shard whose rows file no longer matches its index (size,
+                            fingerprint, shape) is ignored and its images are encoded again.
 
-The key is a hash of the encoder identity, so a different model, weights file or preprocessing gets
-its own store and a rerun with the same encoder reuses what is there.
+Why shards: extraction never holds more than a batch in RAM, a kill loses at most the shard being
+written (`SHARD_IMAGES` images), and every process of a distributed extraction writes shards of its
+own, so no two writers ever share a file. The key is a hash of the encoder identity, so a different
+model, weights file or preprocessing gets its own store, and a rerun with the same encoder reuses
+what is there: only new or changed images (size or mtime) are encoded, an image that could not be
+read is retried only once its file changes, and a run that encodes nothing writes nothing. When an
+image is encoded again, the newest shard's row wins.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,18 +40,87 @@ from vicap.images import ImageError, load_image
 
 log = logging.getLogger(__name__)
 
+SHARD_IMAGES = 4096  # images per shard: what a killed extraction can lose
+SHARD_FORMAT = "vicap-features-shard-1"
+_FINGERPRINT_BYTES = 1 << 20  # the first and last MiB of a rows file are hashed into its index
 
-def _stat(path: Path) -> list[int]:
-    st = path.stat()
+
+def _stat(path: Path) -> list[int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
     return [st.st_size, st.st_mtime_ns]
+
+
+def _resolve(path: str | Path) -> str:
+    try:
+        return str(Path(path).resolve())
+    except (OSError, RuntimeError):  # a symlink loop: keep the name, it will fail to load and be named
+        return str(Path(path).absolute())
+
+
+def _fingerprint(path: Path) -> str:
+    """sha256 of the size and the first and last MiB: cheap enough to check at every open."""
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(_FINGERPRINT_BYTES))
+        if size > _FINGERPRINT_BYTES:
+            f.seek(max(_FINGERPRINT_BYTES, size - _FINGERPRINT_BYTES))
+            h.update(f.read())
+    return h.hexdigest()
+
+
+def _write_json_atomic(path: Path, data) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, ensure_ascii=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class StoreRows:
+    """The live rows of a store as one read-only array: `rows[i]`, `rows[list_of_i]`, `.shape`.
+
+    Row i lives in one shard's memory-mapped file; indexing gathers from those files, so nothing is
+    loaded until it is asked for."""
+
+    def __init__(self, arrays: list[np.ndarray], shard: np.ndarray, local: np.ndarray, row_shape) -> None:
+        self._arrays, self._shard, self._local = arrays, shard, local
+        self.shape = (len(shard), *row_shape)
+        self.ndim = len(self.shape)
+        self.dtype = np.dtype(np.float32)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, idx):
+        if isinstance(idx, (int, np.integer)):
+            return self._arrays[self._shard[idx]][self._local[idx]]
+        idx = np.arange(self.shape[0])[idx] if isinstance(idx, slice) else np.asarray(idx, dtype=np.int64)
+        out = np.empty((len(idx), *self.shape[1:]), dtype=np.float32)
+        shards = self._shard[idx]
+        for s in np.unique(shards):
+            where = shards == s
+            out[where] = self._arrays[s][self._local[idx[where]]]
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        out = self[slice(None)]
+        return out if dtype is None else out.astype(dtype)
 
 
 @dataclass
 class FeatureStore:
     root: Path
-    features: np.ndarray  # (N, D) or (N, 1 + T, D) float32, memory-mapped
+    features: StoreRows  # (N, D) or (N, 1 + T, D) float32, memory-mapped shard by shard
     rows: dict[str, int]  # absolute image path -> row
-    failures: dict[str, str] = field(default_factory=dict)  # images that could not be encoded this time
+    failures: dict[str, str] = field(default_factory=dict)  # requested images that could not be encoded
 
     @property
     def dim(self) -> int:
@@ -53,14 +133,93 @@ class FeatureStore:
         return self.features.ndim == 3
 
     def row(self, path: str | Path) -> int:
-        return self.rows[str(Path(path).resolve())]
+        return self.rows[_resolve(path)]
 
     def has(self, path: str | Path) -> bool:
-        return str(Path(path).resolve()) in self.rows
+        return _resolve(path) in self.rows
 
     def get(self, paths: list[str | Path]) -> torch.Tensor:
-        idx = [self.row(p) for p in paths]
-        return torch.from_numpy(np.ascontiguousarray(self.features[idx]))
+        return torch.from_numpy(np.ascontiguousarray(self.features[[self.row(p) for p in paths]]))
+
+
+@dataclass
+class _State:
+    """What the committed shards say: per image, its newest row or its newest failure."""
+
+    arrays: list[np.ndarray] = field(default_factory=list)
+    rows: dict[str, tuple[int, int, list | None]] = field(default_factory=dict)  # path -> shard, row, stat
+    failed: dict[str, tuple[str, list | None]] = field(default_factory=dict)  # path -> error, stat
+    last_seq: int = -1
+
+
+def _shards_dir(folder: Path) -> Path:
+    return folder / "shards"
+
+
+def _read_state(folder: Path, row_shape: tuple[int, ...]) -> _State:
+    state = _State()
+    shards = _shards_dir(folder)
+    if not shards.is_dir():
+        return state
+    for index_file in sorted(shards.glob("*.json")):
+        try:
+            index = json.loads(index_file.read_text(encoding="utf-8"))
+            if index.get("format") != SHARD_FORMAT:
+                raise ValueError(f"format {index.get('format')!r}")
+            array = None
+            if index["npy"]:
+                npy = shards / index["npy"]
+                if not npy.is_file() or _fingerprint(npy) != index["fingerprint"]:
+                    raise ValueError(f"{index['npy']} is missing or does not match its index")
+                array = np.load(npy, mmap_mode="r", allow_pickle=False)
+                if array.dtype != np.float32 or array.shape != (index["capacity"], *row_shape):
+                    raise ValueError(f"{index['npy']} holds {array.dtype} {array.shape}")
+            seq = int(index_file.name.split("-", 1)[0])
+        except (OSError, ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+            log.warning(
+                "feature store %s: ignoring shard %s (%s); its images will be encoded again",
+                folder,
+                index_file.name,
+                e,
+            )
+            continue
+        state.last_seq = max(state.last_seq, seq)
+        s = len(state.arrays)
+        state.arrays.append(array)
+        # Shards are read oldest first, so a newer row or failure of the same image replaces the older.
+        for e in index["entries"]:
+            state.rows[e["path"]] = (s, e["row"], e["stat"])
+            state.failed.pop(e["path"], None)
+        for e in index["failures"]:
+            state.failed[e["path"]] = (e["error"], e["stat"])
+            state.rows.pop(e["path"], None)
+    return state
+
+
+def _open(folder: Path, state: _State, row_shape: tuple[int, ...]) -> FeatureStore:
+    paths = sorted(state.rows, key=lambda p: state.rows[p][:2])
+    shard = np.fromiter((state.rows[p][0] for p in paths), dtype=np.int64, count=len(paths))
+    local = np.fromiter((state.rows[p][1] for p in paths), dtype=np.int64, count=len(paths))
+    return FeatureStore(
+        folder, StoreRows(state.arrays, shard, local, row_shape), {p: i for i, p in enumerate(paths)}
+    )
+
+
+def _row_shape(encoder: Encoder) -> tuple[int, ...]:
+    return tuple(encoder.feature_shape)
+
+
+def open_store(encoder: Encoder, store_root: str | Path) -> FeatureStore | None:
+    """The encoder's store as it is on disk, or None when nothing was ever written there."""
+    folder = Path(store_root) / encoder.key
+    if not (folder / "meta.json").is_file():
+        return None
+    _migrate_single_file_store(folder)
+    shape = _row_shape(encoder)
+    return _open(folder, _read_state(folder, shape), shape)
+
+
+# --------------------------------------------------------------------------- writing
 
 
 class _Images(Dataset):
@@ -84,28 +243,129 @@ def _collate(items):
     return [i for i, _ in ok], pixels, bad
 
 
-def _read_store(folder: Path) -> tuple[np.ndarray | None, list[dict]]:
-    if not (folder / "features.npy").is_file() or not (folder / "index.json").is_file():
-        return None, []
-    index = json.loads((folder / "index.json").read_text())
-    array = np.load(folder / "features.npy", mmap_mode="r", allow_pickle=False)
-    if array.shape[0] != len(index):
-        log.warning(
-            "feature store %s is inconsistent (%d rows, %d index entries); rebuilding",
-            folder,
-            array.shape[0],
-            len(index),
+class _ShardWriter:
+    """One shard: rows go straight into a memory-mapped file; `commit` writes the index last."""
+
+    def __init__(self, folder: Path, name: str, capacity: int, row_shape: tuple[int, ...]) -> None:
+        self.folder, self.name, self.capacity = folder, name, capacity
+        self.tmp = folder / f"{name}.npy.tmp"
+        self.array = np.lib.format.open_memmap(
+            self.tmp, mode="w+", dtype=np.float32, shape=(capacity, *row_shape)
         )
-        return None, []
-    return array, index
+        self.entries: list[dict] = []
+        self.failures: list[dict] = []
+
+    def add(self, path: Path, row: np.ndarray) -> None:
+        self.array[len(self.entries)] = row
+        self.entries.append({"path": str(path), "stat": _stat(path), "row": len(self.entries)})
+
+    def fail(self, path: Path, error: str) -> None:
+        self.failures.append({"path": str(path), "stat": _stat(path), "error": error})
+
+    def commit(self) -> None:
+        self.array.flush()
+        del self.array
+        npy = None
+        if self.entries:
+            npy = f"{self.name}.npy"
+            with open(self.tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(self.tmp, self.folder / npy)
+        else:
+            self.tmp.unlink()
+        index = {
+            "format": SHARD_FORMAT,
+            "npy": npy,
+            "capacity": self.capacity,
+            "fingerprint": _fingerprint(self.folder / npy) if npy else None,
+            "entries": self.entries,
+            "failures": self.failures,
+        }
+        _write_json_atomic(self.folder / f"{self.name}.json", index)
 
 
-def open_store(encoder: Encoder, store_root: str | Path) -> FeatureStore | None:
-    folder = Path(store_root) / encoder.key
-    array, index = _read_store(folder)
-    if array is None:
-        return None
-    return FeatureStore(folder, array, {e["path"]: r for r, e in enumerate(index)})
+def _shard_name(seq: int, chunk: int) -> str:
+    # seq orders extractions (newest wins); host and pid make every writer's files its own.
+    return f"{seq:06d}-{chunk:05d}-{os.getpid()}-{socket.gethostname()}"
+
+
+def _remove_dead_writers_files(folder: Path) -> None:
+    """Uncommitted files (a rows file without its index, `.tmp` files) of writers on this host that are
+    no longer running: what an extraction killed mid-shard leaves behind."""
+    shards = _shards_dir(folder)
+    committed = {p.name[: -len(".json")] for p in shards.glob("*.json")}
+    host = socket.gethostname()
+    for p in shards.iterdir():
+        stem = p.name
+        for suffix in (".tmp", ".npy", ".json"):
+            stem = stem.removesuffix(suffix)
+        if p.name.endswith(".json") or (stem in committed and not p.name.endswith(".tmp")):
+            continue
+        parts = stem.split("-", 3)
+        if len(parts) != 4 or parts[3] != host or not parts[2].isdigit():
+            continue
+        try:
+            os.kill(int(parts[2]), 0)
+            continue  # still running (another extraction on this host)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        p.unlink(missing_ok=True)
+
+
+def _migrate_single_file_store(folder: Path) -> None:
+    """Stores written by vicap 0.1 (one features.npy + index.json) become one shard, once."""
+    old_npy, old_index = folder / "features.npy", folder / "index.json"
+    if not (old_npy.is_file() and old_index.is_file()) or _shards_dir(folder).is_dir():
+        return
+    try:
+        index = json.loads(old_index.read_text(encoding="utf-8"))
+        array = np.load(old_npy, mmap_mode="r", allow_pickle=False)
+        ok = array.shape[0] == len(index)
+    except (OSError, ValueError) as e:
+        ok, index = False, []
+        log.warning("feature store %s: unreadable single-file store (%s)", folder, e)
+    shards = _shards_dir(folder)
+    shards.mkdir()
+    if not ok:
+        log.warning(
+            "feature store %s: the old index does not match its rows; the images will be encoded again",
+            folder,
+        )
+        return
+    name = "000000-00000-0-migrated"
+    os.replace(old_npy, shards / f"{name}.npy")
+    _write_json_atomic(
+        shards / f"{name}.json",
+        {
+            "format": SHARD_FORMAT,
+            "npy": f"{name}.npy",
+            "capacity": len(index),
+            "fingerprint": _fingerprint(shards / f"{name}.npy"),
+            "entries": [{"path": e["path"], "stat": e["stat"], "row": r} for r, e in enumerate(index)],
+            "failures": [],
+        },
+    )
+    old_index.unlink()
+    log.info("feature store %s: moved to the sharded layout (%d rows kept)", folder, len(index))
+
+
+def _prepare_folder(encoder: Encoder, store_root: Path) -> Path:
+    folder = store_root / encoder.key
+    folder.mkdir(parents=True, exist_ok=True)
+    _migrate_single_file_store(folder)
+    _shards_dir(folder).mkdir(exist_ok=True)
+    if not (folder / "meta.json").is_file():
+        meta = {
+            "identity": encoder.identity,
+            "embed_dim": encoder.embed_dim,
+            "row_shape": list(encoder.feature_shape),
+            "dtype": "float32",
+            "layout": "shards/<name>.npy + shards/<name>.json (see vicap.features)",
+        }
+        _write_json_atomic(folder / "meta.json", meta)
+    return folder
 
 
 def extract_features(
@@ -117,72 +377,72 @@ def extract_features(
     device: str | torch.device = "cpu",
     num_workers: int = 0,
     progress: bool = True,
+    rank: int = 0,
+    world: int = 1,
+    barrier: Callable[[], None] | None = None,
+    shard_images: int = SHARD_IMAGES,
 ) -> FeatureStore:
-    """Encode every image not yet in the store (or changed since), then return the store.
+    """Encode every image not yet in the store (new, changed, or failed and since changed); return
+    the store.
 
-    Images that cannot be read are reported in `store.failures` (path -> reason) and get no row.
+    Under N processes (`rank` of `world`, with `barrier` waiting for all of them), each process
+    encodes every N-th image still to do into shards of its own; all return the same store. Images
+    that cannot be read are reported in `store.failures` (path -> reason) and get no row.
     """
-    folder = Path(store_root) / encoder.key
-    folder.mkdir(parents=True, exist_ok=True)
-    unique = list(dict.fromkeys(Path(p).resolve() for p in image_paths))
-    old, index = _read_store(folder)
-    have = {e["path"]: (r, e["stat"]) for r, e in enumerate(index)}
-
+    barrier = barrier or (lambda: None)
+    row_shape = _row_shape(encoder)
+    folder = _prepare_folder(encoder, Path(store_root)) if rank == 0 else Path(store_root) / encoder.key
+    if rank == 0:
+        _remove_dead_writers_files(folder)
+    barrier()
+    state = _read_state(folder, row_shape)
+    wanted = list(dict.fromkeys(_resolve(p) for p in image_paths))
     todo: list[Path] = []
-    for p in unique:
-        hit = have.get(str(p))
-        if hit is None or not p.exists() or hit[1] != _stat(p):
-            todo.append(p)
-    failures: dict[str, str] = {}
-    if not todo and old is not None:  # (with no store yet, fall through and write an empty one)
-        log.info("feature store %s: all %d images already encoded", folder, len(unique))
-        return FeatureStore(folder, old, {e["path"]: r for r, e in enumerate(index)})
-
-    log.info(
-        "feature store %s: encoding %d of %d images (%d reused)",
-        folder,
-        len(todo),
-        len(unique),
-        len(unique) - len(todo),
-    )
-    loader = DataLoader(
-        _Images(todo, encoder.preprocess), batch_size=batch_size, num_workers=num_workers, collate_fn=_collate
-    )
-    new_rows: list[np.ndarray] = []
-    new_index: list[dict] = []
-    encoder.to(device)
-    for ids, pixels, bad in tqdm(loader, desc="features", unit="batch", disable=not progress):
-        for i, err in bad:
-            failures[str(todo[i])] = err
-        if pixels is None:
-            continue
-        feats = encoder.encode(pixels.to(device)).cpu().numpy().astype(np.float32)
-        new_rows.append(feats)
-        new_index += [{"path": str(todo[i]), "stat": _stat(todo[i])} for i in ids]
-
-    # Keep old rows that were not re-encoded, append the new ones, write atomically.
-    replaced = {e["path"] for e in new_index} | set(failures)
-    keep = [r for r, e in enumerate(index) if e["path"] not in replaced]
-    parts = ([np.asarray(old[keep])] if old is not None and keep else []) + new_rows
-    array = np.concatenate(parts) if parts else np.zeros((0, *encoder.feature_shape), np.float32)
-    full_index = [index[r] for r in keep] + new_index
-    tmp = folder / "features.npy.tmp"
-    with open(tmp, "wb") as f:
-        np.save(f, array, allow_pickle=False)
-    os.replace(tmp, folder / "features.npy")
-    (folder / "index.json").write_text(json.dumps(full_index))
-    meta = {
-        "identity": encoder.identity,
-        "embed_dim": encoder.embed_dim,
-        "shape": list(array.shape),
-        "rows": len(full_index),
-    }
-    (folder / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))
-    if failures:
-        log.warning(
-            "%d image(s) could not be encoded; first: %s", len(failures), next(iter(failures.values()))
+    for p in wanted:
+        stat = _stat(Path(p))
+        if p in state.rows and stat is not None and state.rows[p][2] == stat:
+            continue  # encoded, unchanged
+        if p in state.failed and state.failed[p][1] == stat:
+            continue  # failed before, unchanged: not retried
+        todo.append(Path(p))
+    mine = todo[rank::world]
+    if todo:
+        log.info(
+            "feature store %s: encoding %d of %d images (%d reused)%s",
+            folder,
+            len(todo),
+            len(wanted),
+            len(wanted) - len(todo),
+            f", {len(mine)} in process {rank} of {world}" if world > 1 else "",
         )
-    store = open_store(encoder, store_root)
-    assert store is not None
-    store.failures = failures
+    elif rank == 0:
+        log.info("feature store %s: all %d images already encoded", folder, len(wanted))
+    if mine:
+        encoder.to(device)
+        bar = tqdm(total=len(mine), desc="features", unit="img", disable=not progress)
+        seq = state.last_seq + 1
+        for chunk, start in enumerate(range(0, len(mine), shard_images)):
+            paths = mine[start : start + shard_images]
+            writer = _ShardWriter(_shards_dir(folder), _shard_name(seq, chunk), len(paths), row_shape)
+            loader = DataLoader(
+                _Images(paths, encoder.preprocess),
+                batch_size=batch_size,
+                num_workers=num_workers,
+                collate_fn=_collate,
+            )
+            for ids, pixels, bad in loader:
+                for i, err in bad:
+                    writer.fail(paths[i], err)
+                if pixels is not None:
+                    feats = encoder.encode(pixels.to(device)).float().cpu().numpy()
+                    for i, row in zip(ids, feats, strict=True):
+                        writer.add(paths[i], row)
+                bar.update(len(ids) + len(bad))
+            writer.commit()
+        bar.close()
+    barrier()
+    if todo:
+        state = _read_state(folder, row_shape)
+    store = _open(folder, state, row_shape)
+    store.failures = {p: state.failed[p][0] for p in wanted if p in state.failed}
     return store

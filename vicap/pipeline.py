@@ -43,18 +43,43 @@ def prepare_manifest(recipe: Recipe, run_dir: Path) -> Manifest:
     return read_manifest(out)
 
 
+def sharing(accelerator, device: torch.device | str = "cpu", progress: bool = True) -> dict:
+    """`extract_features` arguments that split the work over Accelerate's processes (none: one process)."""
+    if accelerator is None:
+        return {"device": device, "progress": progress}
+    return {
+        "device": accelerator.device,
+        "progress": progress and accelerator.is_main_process,
+        "rank": accelerator.process_index,
+        "world": accelerator.num_processes,
+        "barrier": accelerator.wait_for_everyone,
+    }
+
+
 def run_features(
-    recipe: Recipe, manifest: Manifest, *, device: torch.device | str = "cpu", progress: bool = True
+    recipe: Recipe,
+    manifest: Manifest,
+    *,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    accelerator=None,
 ) -> FeatureStore:
-    """Features for every image in the manifest (all splits at once, so evaluation reuses them)."""
+    """Features for every image in the manifest (all splits at once, so evaluation reuses them).
+
+    Under Accelerate with N processes (`accelerator`), each process encodes its share on its own
+    device into shards of its own; every process returns the complete store."""
     paths = [manifest.resolve_image(r) for r in manifest.records]
     store_root = Path(recipe.data.features_dir)
     encoder = load_encoder(recipe.encoder)
     # Encodes only images that are new or changed since the store was written (size/mtime checked).
     store = extract_features(
-        encoder, paths, store_root, batch_size=recipe.encoder.batch_size, device=device, progress=progress
+        encoder,
+        paths,
+        store_root,
+        batch_size=recipe.encoder.batch_size,
+        **sharing(accelerator, device, progress),
     )
-    if store.failures:
+    if store.failures and (accelerator is None or accelerator.is_main_process):
         log.warning(
             "%d of %d images could not be read and are skipped: %s",
             len(store.failures),

@@ -469,12 +469,10 @@ def clipcap_job(recipe, accelerator, *, progress: bool = True) -> TrainJob:
 
     cfg = recipe.train
     run_dir = Path(cfg.output_dir)
-    # The main process writes the manifest and encodes the features; the others then find both on disk.
+    # The main process writes the manifest; then every process encodes its share of the images.
     with accelerator.main_process_first():
         manifest = prepare_manifest(recipe, run_dir)
-        store = run_features(
-            recipe, manifest, device=accelerator.device, progress=progress and accelerator.is_main_process
-        )
+    store = run_features(recipe, manifest, progress=progress, accelerator=accelerator)
     if MAPPERS.get(recipe.mapper.type).uses_tokens and not store.has_tokens:
         raise RecipeError(
             f"mapper.type = {recipe.mapper.type!r} attends to patch tokens, but the feature store holds "

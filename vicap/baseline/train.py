@@ -67,11 +67,18 @@ class _Flat(torch.nn.Module):
 
 
 def frozen_feature_store(
-    recipe: BaselineRecipe, model: CNNLSTM, manifest: Manifest, *, progress: bool, device
+    recipe: BaselineRecipe,
+    model: CNNLSTM,
+    manifest: Manifest,
+    *,
+    progress: bool,
+    device="cpu",
+    accelerator=None,
 ):
     """Regions of every manifest image through the frozen CNN, cached in vicap's feature store (one row
     of grid*grid*C floats per image, keyed by the CNN, its weights and the preprocessing)."""
     from vicap.features import extract_features
+    from vicap.pipeline import sharing
 
     cfg = recipe.encoder
     if cfg.weights == "imagenet":
@@ -98,9 +105,13 @@ def frozen_feature_store(
     )
     paths = [manifest.resolve_image(r) for r in manifest.records]
     store = extract_features(
-        encoder, paths, recipe.data.features_dir, batch_size=cfg.batch_size, device=device, progress=progress
+        encoder,
+        paths,
+        recipe.data.features_dir,
+        batch_size=cfg.batch_size,
+        **sharing(accelerator, device, progress),
     )
-    if store.failures:
+    if store.failures and (accelerator is None or accelerator.is_main_process):
         log.warning("%d image(s) could not be read and are skipped", len(store.failures))
     return store
 
