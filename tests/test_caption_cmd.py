@@ -14,7 +14,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from data_prep.manifest import Record, write_manifest
-from tests.conftest import REPO, tiny_recipe_overrides
+from tests.conftest import tiny_recipe_overrides
 from vicap.captioner import caption_images, collect_images
 from vicap.cli import app
 from vicap.images import MAX_PIXELS, ImageError
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarn
 def run_dir(tmp_path_factory, ktvic_dir: Path, tiny_lm_dir: Path, tiny_clip_dir: Path) -> Path:
     tmp = tmp_path_factory.mktemp("caption-run")
     overrides = tiny_recipe_overrides(tmp, ktvic_dir, tiny_lm_dir, tiny_clip_dir, **{"train.epochs": "1"})
-    return train(load_recipe(REPO / "recipes" / "demo_vi_synthetic.toml", overrides), progress=False)
+    return train(load_recipe("demo_vi_synthetic", overrides), progress=False)
 
 
 def _png_header_only(width: int, height: int) -> bytes:
