@@ -164,6 +164,12 @@ def test_settings_come_from_the_recipe_and_can_be_overridden(run_dir: Path, fold
     assert res.exit_code == 2 and "generate.n_best" in res.stderr
     res = runner.invoke(app, ["caption", str(run_dir), image, "--out", "caps.txt"])
     assert res.exit_code == 2 and "must end in .jsonl or .csv" in res.stderr
+    # captions longer than the LM has positions for (the tiny GPT-2 has 64, the prefix takes 2)
+    too_long = ["--set", "generate.max_new_tokens=200", "--set", "generate.min_new_tokens=200"]
+    res = runner.invoke(app, ["caption", str(run_dir), image, *too_long])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "generate.max_new_tokens = 200: the prefix (2) + start tokens (0)" in res.stderr
+    assert "has 64 positions; set generate.max_new_tokens to at most 62" in res.stderr
 
 
 def test_caption_images_yields_rows_in_input_order(run_dir: Path, folder) -> None:

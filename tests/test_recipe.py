@@ -254,6 +254,68 @@ def test_recipe_is_frozen() -> None:
         r.train.lr = 1.0  # type: ignore[misc]
 
 
+# --------------------------------------------------------------------------- the LM's positions
+
+
+@pytest.mark.parametrize(
+    ("case", "overrides", "message"),
+    [
+        # the tiny GPT-2 has 64 learned positions; the tiny recipe's prefix takes 2 of them
+        ("training captions", {"data.max_tokens": "63"}, "data.max_tokens = 63: the prefix (2) + start"),
+        (
+            "generated captions",
+            {"generate.max_new_tokens": "200", "generate.min_new_tokens": "200"},
+            "generate.max_new_tokens = 200: the prefix (2) + start tokens (0) + 200 caption tokens need 202 "
+            "positions, but the LM",
+        ),
+        ("prefix alone", {"mapper.prefix_length": "64"}, "lower mapper.prefix_length"),
+        ("fits exactly", {"data.max_tokens": "62", "generate.max_new_tokens": "62"}, None),
+    ],
+)
+def test_lengths_beyond_the_lm_positions(
+    tiny_recipe, case: str, overrides: dict, message: str | None
+) -> None:
+    from vicap.decoders import load_decoder
+    from vicap.model import CaptionModel
+
+    recipe = tiny_recipe(**overrides)
+    decoder = load_decoder(recipe.decoder)
+    if message is None:
+        CaptionModel.from_recipe(recipe, 24, decoder)
+        return
+    with pytest.raises(RecipeError) as e:
+        CaptionModel.from_recipe(recipe, 24, decoder)
+    assert message in str(e.value) and "has 64 positions" in str(e.value)
+
+
+def test_generation_checks_its_own_settings(tiny_recipe) -> None:
+    """Settings handed to generation directly (the web page, notebooks) are checked before decoding."""
+    import torch
+
+    from vicap.decoders import load_decoder
+    from vicap.generate import generate_captions
+    from vicap.model import CaptionModel
+
+    recipe = tiny_recipe()
+    model = CaptionModel.from_recipe(recipe, 24, load_decoder(recipe.decoder))
+    cfg = dataclasses.replace(recipe.generate, max_new_tokens=63)
+    with pytest.raises(
+        RecipeError, match="generate.max_new_tokens = 63: .* set generate.max_new_tokens to at most 62"
+    ):
+        generate_captions(model, torch.zeros(1, 24), cfg, language="vi")
+
+
+def test_rotary_lms_have_no_hard_limit(tmp_path: Path) -> None:
+    from tests.conftest import save_tiny_llama
+    from vicap.decoders import load_decoder
+    from vicap.model import CaptionModel, position_limit
+    from vicap.recipe import DecoderConfig, MapperConfig
+
+    decoder = load_decoder(DecoderConfig(model=str(save_tiny_llama(tmp_path / "llama", ["a b c"]))))
+    assert position_limit(decoder.lm) is None  # max_position_embeddings = 128, but rotary
+    CaptionModel(MapperConfig(prefix_length=2), 24, decoder, "frozen").check_length("data.max_tokens", 1000)
+
+
 # --------------------------------------------------------------------------- the CLI
 
 
