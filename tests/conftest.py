@@ -146,7 +146,7 @@ def tiny_recipe(tmp_path, ktvic_dir, tiny_lm_dir, tiny_clip_dir):
 
     def make(**extra: str):
         return load_recipe(
-            REPO / "recipes" / "demo_vi_synthetic.toml",
+            "demo_vi_synthetic",  # the shipped recipe, by name
             tiny_recipe_overrides(tmp_path, ktvic_dir, tiny_lm_dir, tiny_clip_dir, **extra),
         )
 

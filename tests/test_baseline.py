@@ -15,27 +15,25 @@ from vicap.baseline.recipe import LSTMConfig, is_baseline_recipe, load_baseline_
 from vicap.baseline.vocab import BOS, EOS, SPECIALS, SentencePieceVocab, Vocab, caption_tokens
 from vicap.cli import app
 from vicap.evaluate import FLOOR, HUMAN
-from vicap.recipe import RecipeError
+from vicap.recipe import RecipeError, find_recipe, shipped_recipes
 
-REPO = Path(__file__).resolve().parents[1]
-BASELINE_RECIPES = sorted((REPO / "recipes").glob("baseline_*.toml"))
-DEMO = REPO / "recipes" / "baseline_demo_vi_synthetic.toml"
+BASELINE_RECIPES = sorted(name for name in shipped_recipes() if name.startswith("baseline_"))
+DEMO = find_recipe("baseline_demo_vi_synthetic")
 
 
-@pytest.mark.parametrize("path", BASELINE_RECIPES, ids=lambda p: p.name)
-def test_shipped_baseline_recipes_validate(path: Path) -> None:
-    recipe = load_baseline_recipe(path)
-    assert is_baseline_recipe(path) and recipe.encoder.cnn and recipe.data.source
-    assert path.read_text(encoding="utf-8").startswith("#"), (
-        f"{path.name}: start with its command and targets"
+@pytest.mark.parametrize("name", BASELINE_RECIPES)
+def test_shipped_baseline_recipes_validate(name: str) -> None:
+    recipe = load_baseline_recipe(name)
+    assert is_baseline_recipe(name) and recipe.encoder.cnn and recipe.data.source
+    assert find_recipe(name).read_text(encoding="utf-8").startswith("#"), (
+        f"{name}: start with its command and targets"
     )
 
 
 def test_baseline_recipes_exist() -> None:
-    names = {p.name for p in BASELINE_RECIPES}
-    assert {"baseline_demo_vi_synthetic.toml", "baseline_ktvic.toml", "baseline_uitviic.toml"} <= names
-    assert "baseline_coco.toml" in names
-    assert not is_baseline_recipe(REPO / "recipes" / "demo_vi_synthetic.toml")
+    assert {"baseline_demo_vi_synthetic", "baseline_ktvic", "baseline_uitviic"} <= set(BASELINE_RECIPES)
+    assert "baseline_coco" in BASELINE_RECIPES
+    assert not is_baseline_recipe("demo_vi_synthetic")
 
 
 @pytest.mark.parametrize(
@@ -45,7 +43,10 @@ def test_baseline_recipes_exist() -> None:
         ("decoder.type=gru", "decoder.type = 'gru': must be one of show_tell, attention"),
         ("encoder.weights=imagenet", "the tiny CNN has no pretrained weights"),
         ("train.lr=0", "train.lr = 0.0: must be > 0"),
+        ("train.lr=inf", "train.lr = inf: must be a finite number"),
+        ("train.seed=-1", "train.seed = -1: must be in [0, 2**32 - 1"),
         ("generate.beam_size=0", "generate.beam_size = 0: must be >= 1"),
+        ("data.adapter=ktvik", "data.adapter = 'ktvik': must be one of"),
         ("kind=vicap", 'a baseline recipe starts with kind = "baseline"'),
     ],
 )
@@ -53,6 +54,44 @@ def test_bad_baseline_recipes_name_the_key(override: str, message: str) -> None:
     with pytest.raises(RecipeError, match="baseline_demo_vi_synthetic.toml") as e:
         load_baseline_recipe(DEMO, [override])
     assert message in str(e.value)
+
+
+# The baseline decodes with its own greedy / beam search: a [generate] setting it does not implement is
+# an error, so a recipe never says something that is silently not done.
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "generate.strategy=sample",
+            "generate.strategy = 'sample': the baseline decodes with greedy or beam",
+        ),
+        ("generate.n_best=2", "generate.n_best = 2: the baseline does not implement it"),
+        ("generate.temperature=0.7", "generate.temperature = 0.7: the baseline does not implement it"),
+        ("generate.top_k=10", "generate.top_k = 10: the baseline does not implement it"),
+        ("generate.top_p=0.9", "generate.top_p = 0.9: the baseline does not implement it"),
+        ("generate.seed=3", "generate.seed = 3: the baseline does not implement it"),
+        ("generate.repetition_penalty=1.2", "generate.repetition_penalty = 1.2: the baseline does not"),
+        ("generate.no_repeat_ngram_size=3", "generate.no_repeat_ngram_size = 3: the baseline does not"),
+        ("generate.stop=.", "generate.stop = '.': the baseline does not implement it"),
+        ("generate.min_new_tokens=5", "generate.min_new_tokens = 5: the baseline does not implement it"),
+    ],
+)
+def test_baseline_rejects_decoding_options_it_does_not_implement(override: str, message: str) -> None:
+    with pytest.raises(RecipeError) as e:
+        load_baseline_recipe(DEMO, [override])
+    assert str(e.value).startswith(f"{DEMO}: ") and message in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["generate.strategy=greedy"],
+        ["generate.beam_size=4", "generate.length_penalty=0.5", "generate.max_new_tokens=9"],
+        ["generate.top_p=1.0", "generate.temperature=1.0"],  # written out, but at their defaults
+    ],
+)
+def test_baseline_decoding_options_it_implements(overrides: list[str]) -> None:
+    load_baseline_recipe(DEMO, overrides)
 
 
 def test_vocabularies_from_segmented_tokens(tmp_path: Path) -> None:
@@ -116,7 +155,8 @@ def _tiny_overrides(tmp: Path, ktvic: Path, **extra: str) -> list[str]:
 
 def test_cli_baseline_train_evaluate_compare(tmp_path: Path, ktvic_dir: Path) -> None:
     runner = CliRunner()
-    res = runner.invoke(app, ["baseline", "train", str(DEMO), *_tiny_overrides(tmp_path, ktvic_dir)])
+    args = ["baseline", "train", "baseline_demo_vi_synthetic", *_tiny_overrides(tmp_path, ktvic_dir)]
+    res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     run = tmp_path / "baseline"
     assert (run / "baseline.toml").is_file() and (run / "vocab.json").is_file()

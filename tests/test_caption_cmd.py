@@ -14,7 +14,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from data_prep.manifest import Record, write_manifest
-from tests.conftest import REPO, tiny_recipe_overrides
+from tests.conftest import tiny_recipe_overrides
 from vicap.captioner import caption_images, collect_images
 from vicap.cli import app
 from vicap.images import MAX_PIXELS, ImageError
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarn
 def run_dir(tmp_path_factory, ktvic_dir: Path, tiny_lm_dir: Path, tiny_clip_dir: Path) -> Path:
     tmp = tmp_path_factory.mktemp("caption-run")
     overrides = tiny_recipe_overrides(tmp, ktvic_dir, tiny_lm_dir, tiny_clip_dir, **{"train.epochs": "1"})
-    return train(load_recipe(REPO / "recipes" / "demo_vi_synthetic.toml", overrides), progress=False)
+    return train(load_recipe("demo_vi_synthetic", overrides), progress=False)
 
 
 def _png_header_only(width: int, height: int) -> bytes:
@@ -164,6 +164,12 @@ def test_settings_come_from_the_recipe_and_can_be_overridden(run_dir: Path, fold
     assert res.exit_code == 2 and "generate.n_best" in res.stderr
     res = runner.invoke(app, ["caption", str(run_dir), image, "--out", "caps.txt"])
     assert res.exit_code == 2 and "must end in .jsonl or .csv" in res.stderr
+    # captions longer than the LM has positions for (the tiny GPT-2 has 64, the prefix takes 2)
+    too_long = ["--set", "generate.max_new_tokens=200", "--set", "generate.min_new_tokens=200"]
+    res = runner.invoke(app, ["caption", str(run_dir), image, *too_long])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "generate.max_new_tokens = 200: the prefix (2) + start tokens (0)" in res.stderr
+    assert "has 64 positions; set generate.max_new_tokens to at most 62" in res.stderr
 
 
 def test_caption_images_yields_rows_in_input_order(run_dir: Path, folder) -> None:

@@ -126,7 +126,7 @@ def test_a_save_interrupted_anywhere_leaves_complete_checkpoints(tmp_path: Path)
 def _recipe_json() -> str:
     from vicap.recipe import load_recipe
 
-    return load_recipe(REPO / "recipes" / "demo_vi_synthetic.toml").to_json()
+    return load_recipe("demo_vi_synthetic").to_json()
 
 
 # --------------------------------------------------------------------------- exact resume
@@ -282,7 +282,7 @@ def trained_run(tmp_path_factory, ktvic_dir, tiny_lm_dir, tiny_clip_dir) -> Path
 
     tmp = tmp_path_factory.mktemp("trained")
     recipe = load_recipe(
-        REPO / "recipes" / "demo_vi_synthetic.toml",
+        "demo_vi_synthetic",
         tiny_recipe_overrides(tmp, ktvic_dir, tiny_lm_dir, tiny_clip_dir, **{"train.epochs": "1"}),
     )
     (tmp / "recipe.toml").write_text(recipe.to_toml())

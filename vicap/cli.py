@@ -17,6 +17,7 @@ app = typer.Typer(
 )
 
 Overrides = typer.Argument(None, help="dotted recipe overrides, e.g. train.lr=1e-4 generate.beam_size=3")
+RECIPE_HELP = "recipe: a shipped recipe's name (see `vicap list`) or a TOML file"
 
 
 class UserError(Exception):
@@ -81,40 +82,51 @@ _register_prepare()
 
 @app.command()
 def validate(
-    paths: list[Path] = typer.Argument(..., help="recipe files to check (no weights are loaded)"),
+    recipes: list[str] = typer.Argument(
+        ..., help="recipes to check: shipped names (see `vicap list`) or TOML files; no weights are loaded"
+    ),
     overrides: list[str] = typer.Option([], "--set", help="override to apply, e.g. --set train.lr=1e-4"),
 ) -> None:
-    """Check recipes: unknown keys, wrong types and bad values are reported with file and key."""
+    """Check recipes: unknown keys, wrong types, unknown registry names and bad values are reported with
+    file and key (exit code 1)."""
     from vicap.baseline.recipe import is_baseline_recipe, load_baseline_recipe
     from vicap.recipe import RecipeError, load_recipe
 
     bad = 0
-    for path in paths:
+    for spec in recipes:
         try:
-            if is_baseline_recipe(path):
-                b = load_baseline_recipe(path, overrides)
-                typer.echo(f"ok    {path}  (baseline: {b.encoder.cnn} -> {b.decoder.type} LSTM)")
+            if is_baseline_recipe(spec):
+                b = load_baseline_recipe(spec, overrides)
+                typer.echo(f"ok    {spec}  (baseline: {b.encoder.cnn} -> {b.decoder.type} LSTM)")
                 continue
-            recipe = load_recipe(path, overrides)
+            recipe = load_recipe(spec, overrides)
             typer.echo(
-                f"ok    {path}  ({recipe.encoder.model} -> {recipe.mapper.type} -> {recipe.decoder.model}, "
+                f"ok    {spec}  ({recipe.encoder.model} -> {recipe.mapper.type} -> {recipe.decoder.model}, "
                 f"tuning={recipe.decoder.tuning})"
             )
         except RecipeError as e:
             bad += 1
-            typer.secho(f"error {e}", fg=typer.colors.RED, err=True)
+            typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
     if bad:
         raise typer.Exit(1)
 
 
 @app.command("list")
 def list_registered() -> None:
-    """Print the registered encoders, mappers, languages and dataset adapters."""
+    """Print the shipped recipes and the registered encoders, mappers, languages and dataset adapters."""
     from data_prep.datasets import ADAPTERS
     from data_prep.languages import LANGUAGES
     from vicap.encoders import ENCODERS
     from vicap.mappers import MAPPERS
+    from vicap.recipe import SHIPPED_DIR, shipped_descriptions
 
+    typer.echo(
+        f"recipes (run one by name, e.g. `vicap validate NAME`; to edit one, copy it from {SHIPPED_DIR}):"
+    )
+    shipped = shipped_descriptions()
+    width = max((len(name) for name, _ in shipped), default=0) + 1
+    for name, doc in shipped:
+        typer.echo(f"  {name:{width}s} {doc}")
     typer.echo("encoders:")
     for name, doc in ENCODERS.describe():
         typer.echo(f"  {name:14s} {doc}")
@@ -124,7 +136,7 @@ def list_registered() -> None:
     typer.echo("mappers:")
     for name, doc in MAPPERS.describe():
         typer.echo(f"  {name:14s} {doc}")
-    typer.echo("languages:")
+    typer.echo("languages (any other ISO 639 code gets the generic fallback):")
     for code in sorted(LANGUAGES):
         typer.echo(f"  {code:14s} {LANGUAGES[code].name}")
     typer.echo("dataset adapters:")
@@ -134,7 +146,7 @@ def list_registered() -> None:
 
 @app.command()
 def features(
-    recipe: Path = typer.Argument(..., help="recipe file"),
+    recipe: str = typer.Argument(..., help=RECIPE_HELP),
     overrides: list[str] = Overrides,
     verbose: bool = typer.Option(False, "-v", "--verbose"),
 ) -> None:
@@ -157,7 +169,7 @@ def features(
 
 @app.command("train")
 def train_cmd(
-    recipe: Path = typer.Argument(..., help="recipe file"),
+    recipe: str = typer.Argument(..., help=RECIPE_HELP),
     overrides: list[str] = Overrides,
     resume: bool = typer.Option(False, "--resume", help="continue from the run's last checkpoint"),
     verbose: bool = typer.Option(False, "-v", "--verbose"),
@@ -259,7 +271,7 @@ def evaluate(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("demo_out"), help="where data, stand-in models and the run go"),
-    recipe: Path = typer.Option(None, help="demo recipe (default: recipes/demo_vi_synthetic.toml)"),
+    recipe: str = typer.Option(None, help=f"{RECIPE_HELP} (default: demo_vi_synthetic)"),
     overrides: list[str] = Overrides,
     verbose: bool = typer.Option(False, "-v", "--verbose"),
 ) -> None:
@@ -303,7 +315,9 @@ app.add_typer(baseline_app, name="baseline")
 
 @baseline_app.command("train")
 def baseline_train(
-    recipe: Path = typer.Argument(..., help="baseline recipe (recipes/baseline_*.toml)"),
+    recipe: str = typer.Argument(
+        ..., help="baseline recipe: a shipped name (baseline_*, see `vicap list`) or a file"
+    ),
     overrides: list[str] = Overrides,
     resume: bool = typer.Option(False, "--resume", help="continue from the run's last checkpoint"),
     verbose: bool = typer.Option(False, "-v", "--verbose"),

@@ -323,23 +323,20 @@ def save_open_clip(model: torch.nn.Module, model_cfg: dict, preprocess_cfg: dict
 # --------------------------------------------------------------------------- the demo
 
 
-DEMO_RECIPE = "demo_vi_synthetic.toml"
+DEMO_RECIPE = "demo_vi_synthetic"
 
 
 def demo_recipe_path() -> Path:
-    """recipes/demo_vi_synthetic.toml of the source checkout vicap runs from (README installs with -e)."""
-    path = Path(__file__).resolve().parents[1] / "recipes" / DEMO_RECIPE
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: run the demo from a vicap checkout (pip install -e .) or pass --recipe PATH"
-        )
-    return path
+    """The shipped demo recipe (package data: installed wheels and checkouts alike have it)."""
+    from vicap.recipe import find_recipe
+
+    return find_recipe(DEMO_RECIPE)
 
 
 def run_demo(
     out: Path,
     *,
-    recipe_path: Path | None = None,
+    recipe_path: str | Path | None = None,
     overrides: tuple[str, ...] = (),
     progress: bool = True,
     n_train: int = 1500,

@@ -245,6 +245,7 @@ def decode_batch(
 
     `extra` goes to `generate` as is (tests pass use_cache=False to compare with the cache off).
     """
+    model.check_length("generate.max_new_tokens", cfg.max_new_tokens)  # before the LM fails mid-way
     model.eval()
     features = features.to(next(model.parameters()).device)
     prefix = model.prefix(features)

@@ -25,9 +25,22 @@ from torch.nn import functional as F
 
 from vicap.decoders import Decoder, add_lora, fuse_activations
 from vicap.mappers import build_mapper
-from vicap.recipe import DecoderConfig, MapperConfig, Recipe
+from vicap.recipe import DecoderConfig, MapperConfig, Recipe, RecipeError
 
 IGNORE = -100
+
+
+def position_limit(lm: nn.Module) -> int | None:
+    """How many positions the LM can embed, when it has a hard limit: a learned position-embedding
+    table (GPT-2's `wpe`, `n_positions` rows) has no row past its end, and indexing past it fails deep
+    inside the LM. Rotary (Llama, Gemma) and ALiBi (BLOOM) LMs have no table and no hard limit: None."""
+    config = getattr(lm, "config", None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if not isinstance(limit, int):
+        return None
+    tokens = lm.get_input_embeddings()
+    tables = (m for m in lm.modules() if isinstance(m, nn.Embedding) and m is not tokens)
+    return limit if any(m.num_embeddings >= limit for m in tables) else None
 
 
 class CaptionModel(nn.Module):
@@ -60,10 +73,32 @@ class CaptionModel(nn.Module):
         self.register_buffer(
             "prompt_ids", torch.tensor(decoder.prompt_ids, dtype=torch.long), persistent=False
         )
+        self.max_positions = position_limit(self.lm)
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, encoder_dim: int, decoder: Decoder) -> CaptionModel:
-        return cls(recipe.mapper, encoder_dim, decoder, recipe.decoder.tuning, lora=recipe.decoder)
+        """The model of a recipe; a recipe whose captions (training or generated) would not fit the LM's
+        positions is a RecipeError here, before any training or captioning starts."""
+        model = cls(recipe.mapper, encoder_dim, decoder, recipe.decoder.tuning, lora=recipe.decoder)
+        model.check_length("data.max_tokens", recipe.data.max_tokens)
+        model.check_length("generate.max_new_tokens", recipe.generate.max_new_tokens)
+        return model
+
+    def check_length(self, key: str, tokens: int) -> None:
+        """RecipeError naming `key` when the prefix, the start tokens and `tokens` caption tokens need more
+        positions than the LM has (`position_limit`); LMs without a hard limit accept any length."""
+        if self.max_positions is None:
+            return
+        k, start = self.prefix_length, int(self.prompt_ids.numel())
+        if k + start + tokens <= self.max_positions:
+            return
+        name = getattr(self.lm.config, "name_or_path", "") or type(self.lm).__name__
+        room = self.max_positions - k - start
+        fix = f"set {key} to at most {room}" if room >= 1 else "lower mapper.prefix_length"
+        raise RecipeError(
+            f"{key} = {tokens}: the prefix ({k}) + start tokens ({start}) + {tokens} caption tokens need "
+            f"{k + start + tokens} positions, but the LM {name} has {self.max_positions} positions; {fix}"
+        )
 
     def train(self, mode: bool = True) -> CaptionModel:
         super().train(mode)

@@ -1,9 +1,15 @@
 """Recipes: one TOML file per experiment, validated into frozen dataclasses before anything heavy loads.
 
 A recipe has the sections encoder, decoder, mapper, data, train, generate and eval (plus optional
-top-level `name` and `description`). Unknown keys, wrong types and bad values raise `RecipeError`
-naming the file and the dotted key. Command-line overrides use the same dotted keys
+top-level `name` and `description`). Unknown keys, wrong types, non-finite numbers, names missing from
+vicap's registries (encoders, mappers, dataset adapters) and bad values raise `RecipeError` naming the
+file and the dotted key; no weights are loaded. Command-line overrides use the same dotted keys
 (`train.lr=1e-4`, `decoder.model=gpt2`); values are parsed as TOML, and a bare word is a string.
+
+Shipped recipes are package data (`vicap/recipes/*.toml`): a recipe's name is its file
+(`find_recipe("vi_ktvic_lora")`), as open_clip's model names are its config files. A recipe file's
+`name` and `train.output_dir` default to its file name (`runs/<file stem>`), and the resolved recipe
+written to a run records both.
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
+import re
 import tomllib
 import types
 import typing
@@ -34,8 +42,19 @@ def _check(cond: bool, key: str, value: Any, why: str) -> None:
         raise ValueError(f"{key} = {value!r}: {why}")
 
 
-def _one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
-    _check(value in choices, key, value, f"must be one of {', '.join(choices)}")
+def _one_of(key: str, value: str, choices: tuple[str, ...] | list[str]) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(value, choices, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        _check(False, key, value, f"must be one of {', '.join(choices)}{hint}")
+
+
+# numpy's seed range; Accelerate's set_seed seeds numpy, Python and torch with the same number.
+SEED_MAX = 2**32 - 1
+
+
+def _check_seed(key: str, value: int) -> None:
+    _check(0 <= value <= SEED_MAX, key, value, f"must be in [0, 2**32 - 1 = {SEED_MAX}]")
 
 
 @dataclass(frozen=True)
@@ -64,6 +83,9 @@ class EncoderConfig:
     )
 
     def __post_init__(self) -> None:
+        from vicap.encoders import ENCODERS  # imported here: vicap.encoders imports this module
+
+        _one_of("encoder.name", self.name, ENCODERS.names())
         _check(bool(self.model), "encoder.model", self.model, "must name a model")
         _check(self.batch_size > 0, "encoder.batch_size", self.batch_size, "must be > 0")
 
@@ -125,6 +147,9 @@ class MapperConfig:
     mlp_ratio: float = _help("transformer/attention: MLP width as a multiple of the LM width", 2.0)
 
     def __post_init__(self) -> None:
+        from vicap.mappers import MAPPERS  # imported here: vicap.mappers imports this module
+
+        _one_of("mapper.type", self.type, MAPPERS.names())
         _check(self.prefix_length > 0, "mapper.prefix_length", self.prefix_length, "must be > 0")
         _check(self.hidden_dim >= 0, "mapper.hidden_dim", self.hidden_dim, "must be >= 0")
         _check(0.0 <= self.dropout < 1.0, "mapper.dropout", self.dropout, "must be in [0, 1)")
@@ -132,6 +157,9 @@ class MapperConfig:
         _check(self.num_layers >= 0, "mapper.num_layers", self.num_layers, "must be >= 0")
         _check(self.num_heads > 0, "mapper.num_heads", self.num_heads, "must be > 0")
         _check(self.mlp_ratio > 0, "mapper.mlp_ratio", self.mlp_ratio, "must be > 0")
+
+
+_LANGUAGE_CODE = re.compile(r"[a-z]{2,3}([-_][A-Za-z0-9]{2,8})*")  # BCP 47-like: 'th', 'pt-BR'
 
 
 @dataclass(frozen=True)
@@ -148,15 +176,47 @@ class DataConfig:
     features_dir: str = _help("root of the on-disk feature store, shared across runs", "features")
 
     def __post_init__(self) -> None:
+        from data_prep.datasets import ADAPTERS
+        from data_prep.languages import LANGUAGES, get_language
+
+        _one_of("data.adapter", self.adapter, sorted(ADAPTERS))
         _check(bool(self.source), "data.source", self.source, "must name the dataset folder or file")
+        # A code without a registry entry gets data_prep's generic fallback (NFC, whitespace tokens), so
+        # any well-formed code is accepted; a malformed one ('Vietnamese', 'VI') would silently get it.
+        if self.language not in LANGUAGES:
+            _check(
+                _LANGUAGE_CODE.fullmatch(self.language) is not None,
+                "data.language",
+                self.language,
+                f"not a language code; registered: {', '.join(sorted(LANGUAGES))}, and any other ISO 639 "
+                "code ('th', 'sw', 'pt-BR') gets the generic fallback",
+            )
+            primary = re.split(r"[-_]", self.language)[0]
+            _check(
+                primary not in LANGUAGES,
+                "data.language",
+                self.language,
+                f"would get the generic fallback, not the rules registered for {primary!r}; write {primary!r}",
+            )
         _one_of("data.segment", self.segment, ("none", "word"))
+        modes = get_language(self.language).modes
+        _check(
+            self.segment in modes,
+            "data.segment",
+            self.segment,
+            f"language {self.language!r} has no {self.segment!r} segmenter (modes: {', '.join(modes)}); "
+            "register one in data_prep.languages or use 'none'",
+        )
         _check(0.0 <= self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "must be in [0, 1)")
         _check(self.max_tokens >= 2, "data.max_tokens", self.max_tokens, "must be >= 2")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    output_dir: str = _help("run directory (checkpoints, logs, resolved recipe)", "runs/default")
+    output_dir: str = _help(
+        "run directory (checkpoints, logs, resolved recipe); a recipe file's default is runs/<file stem>",
+        "runs/default",
+    )
     seed: int = _help("seed for weights init, data order and dropout", 42)
     epochs: int = _help("passes over the training captions", 10)
     batch_size: int = _help(
@@ -191,6 +251,7 @@ class TrainConfig:
         _check(self.save_every >= 0, "train.save_every", self.save_every, "must be >= 0")
         _one_of("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
         _one_of("train.device", self.device, ("auto", "cpu"))
+        _check_seed("train.seed", self.seed)
 
 
 @dataclass(frozen=True)
@@ -246,6 +307,7 @@ class GenerateConfig:
             )
         _check(self.temperature > 0, "generate.temperature", self.temperature, "must be > 0")
         _check(self.top_k >= 0, "generate.top_k", self.top_k, "must be >= 0")
+        _check_seed("generate.seed", self.seed)
         _check(0.0 < self.top_p <= 1.0, "generate.top_p", self.top_p, "must be in (0, 1]")
         _check(
             self.repetition_penalty > 0, "generate.repetition_penalty", self.repetition_penalty, "must be > 0"
@@ -262,7 +324,8 @@ class GenerateConfig:
 class EvalConfig:
     split: str = _help("manifest split that is scored", "test")
     levels: tuple[str, ...] = _help(
-        "metric tokenizations: 'syllable' (whitespace units) and/or 'word' (the language's word segmenter)",
+        "metric tokenizations: 'syllable' (whitespace units) and/or 'word' (the language's word segmenter); "
+        "English uses a PTB-compatible tokenizer at both",
         ("syllable",),
     )
     max_images: int = _help("score at most this many images (0 = all)", 0)
@@ -356,6 +419,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RecipeError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # TOML has inf and nan; no recipe setting means them
+            raise RecipeError(f"{key} = {value!r}: must be a finite number")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -459,20 +524,81 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+# --------------------------------------------------------------------------- files and shipped recipes
+
+SHIPPED_DIR = Path(__file__).resolve().parent / "recipes"
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """Name -> file of every recipe shipped with vicap (package data, so installed wheels have them)."""
+    return {p.stem: p for p in sorted(SHIPPED_DIR.glob("*.toml"))}
+
+
+def find_recipe(spec: str | Path) -> Path:
+    """The recipe file `spec` names: a path that exists wins; otherwise a shipped recipe's name, with or
+    without .toml (`vi_ktvic_lora`). Anything else is a RecipeError that lists close shipped names."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        raise RecipeError(f"{spec}: a folder, not a recipe file")
+    shipped = shipped_recipes()
+    name = path.name.removesuffix(".toml")
+    if path.name != str(spec):  # a path with folders is a file, never a shipped name
+        # recipes/NAME.toml is where shipped recipes lived in source checkouts before they became package data
+        hint = f"; did you mean the shipped recipe {name!r} (run it by name)?" if name in shipped else ""
+        raise RecipeError(f"{spec}: recipe file not found{hint}")
+    if name in shipped:
+        return shipped[name]
+    close = difflib.get_close_matches(name, list(shipped), n=3)
+    hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+    raise RecipeError(
+        f"{spec}: no such recipe file, and no shipped recipe of that name{hint}; "
+        "`vicap list` lists the shipped recipes"
+    )
+
+
+def shipped_descriptions() -> list[tuple[str, str]]:
+    """(name, one-line description) of every shipped recipe, for `vicap list`."""
+    return [(name, str(read_toml(path).get("description", ""))) for name, path in shipped_recipes().items()]
+
+
 def read_toml(path: str | Path) -> dict[str, Any]:
-    """A recipe file's raw TOML; a missing file or bad TOML is a RecipeError naming the file."""
+    """A recipe file's raw TOML; a missing file, bytes that are not UTF-8 or bad TOML are a RecipeError
+    naming the file."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise RecipeError(
+            f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); TOML files are "
+            "UTF-8: save it as UTF-8"
+        ) from None
     except tomllib.TOMLDecodeError as e:
         raise RecipeError(f"{path}: not valid TOML: {e}") from None
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot read it: {e.strerror or e}") from None
+
+
+def read_recipe_file(spec: str | Path, optional: tuple[str, ...] = ()) -> tuple[Path, dict[str, Any]]:
+    """Find and read a recipe file. Sections in `optional` may be left out (their defaults apply);
+    `name` and `train.output_dir` default to the file's name (`runs/<stem>`), so a recipe does not
+    repeat its own name three times. Overrides still replace them."""
+    path = find_recipe(spec)
+    data = read_toml(path)
+    for section in optional:
+        data.setdefault(section, {})
+    data.setdefault("name", path.stem)
+    if isinstance(data.get("train"), dict):  # a missing or malformed [train] is reported by validation
+        data["train"].setdefault("output_dir", f"runs/{path.stem}")
+    return path, data
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read, override and validate a recipe file. Errors name the file and key."""
-    data = read_toml(path)
+    """Read, override and validate a recipe file or shipped recipe name. Errors name the file and key."""
+    path, data = read_recipe_file(path)
     try:
         return recipe_from_dict(apply_overrides(data, list(overrides)))
     except RecipeError as e:

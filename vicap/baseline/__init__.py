@@ -1,6 +1,6 @@
 """The CNN+LSTM baseline: trained on the same manifest and scored by the same code as vicap runs.
 
-`vicap baseline train RECIPE` / `vicap baseline evaluate RUN_DIR`; recipes are `recipes/baseline_*.toml`
+`vicap baseline train RECIPE` / `vicap baseline evaluate RUN_DIR`; shipped recipes are `baseline_*`
 (see `vicap.baseline.recipe`), the model is in `vicap.baseline.model`, the loop in `vicap.baseline.train`.
 """
 

@@ -4,14 +4,16 @@ Sections: encoder (the CNN), decoder (the LSTM), vocab, data, train, generate, e
 `generate` and `eval` are vicap's own sections (same keys, same meaning), so a baseline reads the same
 manifest, decodes with the same settings and is scored by the same protocol as the ClipCap recipe
 beside it; `data.max_tokens` and `generate.max_new_tokens` count the baseline's own vocabulary tokens,
-and `data.features_dir` holds its cached CNN features when the CNN is frozen. A file is a baseline
+and `data.features_dir` holds its cached CNN features when the CNN is frozen. The baseline decodes with
+its own greedy / beam search, so `[generate]` keys it does not implement (sampling, n-best lists,
+repetition rules, stop strings, a minimum length) must stay at their defaults. A file is a baseline
 recipe when it has `kind = "baseline"` at the top.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,12 +25,15 @@ from vicap.recipe import (
     RecipeError,
     _build_section,
     _check,
+    _check_seed,
     _coerce,
     _help,
     _one_of,
     _unknown,
     apply_overrides,
     dump_toml,
+    find_recipe,
+    read_recipe_file,
     read_toml,
     sections_dict,
 )
@@ -111,7 +116,11 @@ class VocabConfig:
 
 @dataclass(frozen=True)
 class BaselineTrainConfig:
-    output_dir: str = _help("run directory (checkpoints, logs, vocabulary, resolved recipe)", "runs/baseline")
+    output_dir: str = _help(
+        "run directory (checkpoints, logs, vocabulary, resolved recipe); a recipe file's default is "
+        "runs/<file stem>",
+        "runs/baseline",
+    )
     seed: int = _help("seed for weights init, data order and dropout", 42)
     epochs: int = _help("passes over the training images (each with all its captions)", 20)
     batch_size: int = _help(
@@ -142,6 +151,32 @@ class BaselineTrainConfig:
         _check(self.save_every >= 0, "train.save_every", self.save_every, "must be >= 0")
         _one_of("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
         _one_of("train.device", self.device, ("auto", "cpu"))
+        _check_seed("train.seed", self.seed)
+
+
+# The [generate] keys the baseline's decoder honours (vicap/baseline/model.py beam_search, beam_size 1
+# being greedy); any other key must keep its default, or the recipe would say something that is not done.
+GENERATE_KEYS = ("strategy", "beam_size", "max_new_tokens", "length_penalty", "batch_size")
+
+
+def check_baseline_generate(gen: GenerateConfig) -> None:
+    """A RecipeError naming the first [generate] setting the baseline cannot honour."""
+    _check(
+        gen.strategy in ("greedy", "beam"),
+        "generate.strategy",
+        gen.strategy,
+        "the baseline decodes with greedy or beam search only",
+    )
+    default = GenerateConfig()
+    for f in dataclasses.fields(GenerateConfig):
+        value = getattr(gen, f.name)
+        _check(
+            f.name in GENERATE_KEYS or value == getattr(default, f.name),
+            f"generate.{f.name}",
+            value,
+            f"the baseline does not implement it (its decoder takes {', '.join(GENERATE_KEYS)}); "
+            f"remove it or set the default {getattr(default, f.name)!r}",
+        )
 
 
 SECTIONS: dict[str, type] = {
@@ -154,6 +189,7 @@ SECTIONS: dict[str, type] = {
     "eval": EvalConfig,
 }
 TOP_LEVEL = ("kind", "name", "description")
+REQUIRED = ("encoder", "decoder", "data")  # the other sections may be left out: their defaults apply
 KIND = "baseline"
 
 
@@ -190,27 +226,31 @@ def baseline_from_dict(data: dict[str, Any]) -> BaselineRecipe:
             raise RecipeError(_unknown(key, [*TOP_LEVEL, *SECTIONS]))
     if data.get("kind") != KIND:
         raise RecipeError(f'kind = {data.get("kind")!r}: a baseline recipe starts with kind = "baseline"')
-    missing = [s for s in ("encoder", "decoder", "data") if s not in data]
+    missing = [s for s in REQUIRED if s not in data]
     if missing:
         raise RecipeError(f"missing section(s): {', '.join('[' + s + ']' for s in missing)}")
-    # vocab, train, generate and eval may be left out: their defaults apply.
     sections = {name: _build_section(name, cls, data.get(name, {})) for name, cls in SECTIONS.items()}
+    try:
+        check_baseline_generate(sections["generate"])
+    except ValueError as e:
+        raise RecipeError(str(e)) from None
     top = {k: _coerce(k, data[k], str) for k in ("name", "description") if k in data}
     return BaselineRecipe(**sections, **top)
 
 
 def is_baseline_recipe(path: str | Path) -> bool:
-    """True when the file declares kind = "baseline" (how `vicap validate` can tell the two apart)."""
+    """True when the recipe (a file or shipped name) declares kind = "baseline" (how `vicap validate`
+    tells the two apart). A file that cannot be read is not one; loading it reports why."""
     try:
-        return tomllib.loads(Path(path).read_text(encoding="utf-8")).get("kind") == KIND
-    except (OSError, tomllib.TOMLDecodeError):
+        return read_toml(find_recipe(path)).get("kind") == KIND
+    except RecipeError:
         return False
 
 
 def load_baseline_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> BaselineRecipe:
-    """Read, override and validate a baseline recipe. Errors name the file and key."""
-    data = read_toml(path)
-    data = {**{s: {} for s in SECTIONS if s not in ("encoder", "decoder", "data")}, **data}
+    """Read, override and validate a baseline recipe file or shipped name. Errors name the file and key."""
+    # vocab, train, generate and eval may be left out: their defaults apply.
+    path, data = read_recipe_file(path, optional=tuple(s for s in SECTIONS if s not in REQUIRED))
     try:
         return baseline_from_dict(apply_overrides(data, list(overrides)))
     except RecipeError as e:
