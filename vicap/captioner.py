@@ -68,10 +68,10 @@ def collect_images(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def pick_device(setting: str) -> torch.device:
-    """'cpu', or the machine's accelerator for 'auto' (the recipe's train.device)."""
-    if setting == "cpu" or not torch.accelerator.is_available():
-        return torch.device("cpu")
-    return torch.accelerator.current_accelerator()
+    """The recipe's train.device as a torch device (see vicap.device.resolve_device)."""
+    from vicap.device import resolve_device
+
+    return resolve_device(setting, key="train.device")
 
 
 def _row(path: Path, captions: list[Caption], n_best: int) -> dict:
@@ -89,6 +89,7 @@ def caption_images(
     strict: bool = False,
     progress: bool | None = False,
     num_workers: int = 0,
+    device: str | None = None,
 ) -> Iterator[dict]:
     """Caption every image found in `paths` (see `collect_images`), yielding rows in input order.
 
@@ -96,14 +97,17 @@ def caption_images(
     generate.n_best > 1), or {"image", "error"} for a file that could not be used. Generation settings
     come from the run's recipe with `overrides` (e.g. "generate.beam_size=3") applied.
     `num_workers` image-decoding processes run ahead of the model (0: decode in this process);
-    `progress=None` shows a bar only on a terminal.
+    `progress=None` shows a bar only on a terminal. Encoding and decoding run on `device` (default:
+    the recipe's train.device) with generate.precision.
     """
+    from vicap.device import autocast, resolve_device
+
     run = load_run(run_dir, overrides)
     recipe, cfg = run.recipe, run.recipe.generate
     images = collect_images(paths)
-    device = pick_device(recipe.train.device)
-    encoder = load_encoder(recipe.encoder).to(device)
-    model = run.model.to(device).eval()
+    dev = resolve_device(device or recipe.train.device, key="--device" if device else "train.device")
+    encoder = load_encoder(recipe.encoder).to(dev)
+    model = run.model.to(dev).eval()
     loader = DataLoader(
         _Images(images, encoder.preprocess),
         batch_size=cfg.batch_size,
@@ -123,15 +127,16 @@ def caption_images(
                     raise ImageError(err)
                 rows[i] = {"image": str(images[i]), "error": err}
             if pixels is not None:
-                feats = encoder.encode(pixels.to(device))
-                caps = generate(
-                    model,
-                    feats,
-                    cfg,
-                    language=recipe.data.language,
-                    segment=recipe.data.segment,
-                    seed_offset=start,  # sampling: each batch draws its own stream
-                )
+                with autocast(dev, cfg.precision):
+                    feats = encoder.encode(pixels.to(dev))
+                    caps = generate(
+                        model,
+                        feats,
+                        cfg,
+                        language=recipe.data.language,
+                        segment=recipe.data.segment,
+                        seed_offset=start,  # sampling: each batch draws its own stream
+                    )
                 for i, c in zip(ids, caps, strict=True):
                     rows[i] = _row(images[i], c, cfg.n_best)
             for i in sorted(rows):
@@ -189,6 +194,7 @@ def caption_to_file(
     progress: bool | None = None,
     num_workers: int = 0,
     on_skip: Callable[[str], None] | None = None,
+    device: str | None = None,
 ) -> CaptionSummary:
     """`caption_images`, written as it goes to `out` (.jsonl or .csv; None: JSON lines on stdout).
 
@@ -202,7 +208,13 @@ def caption_to_file(
     try:
         rows = _CsvRows(f) if out is not None and out.suffix.lower() == ".csv" else _JsonRows(f)
         for row in caption_images(
-            run_dir, paths, overrides, strict=strict, progress=progress, num_workers=num_workers
+            run_dir,
+            paths,
+            overrides,
+            strict=strict,
+            progress=progress,
+            num_workers=num_workers,
+            device=device,
         ):
             if "error" in row:
                 summary.skipped.append(row["error"])

@@ -132,8 +132,8 @@ def save_checkpoint(
     """Write `step_N/` atomically, then prune to the `keep` newest (never a step in `protect`).
 
     `meta` holds the kind's metadata (format, recipe JSON, ...); step and epoch are added here.
-    `rng_states` are every process's RNG states ({"torch": CPU state, "cuda": ...}), saved for an
-    exact resume."""
+    `rng_states` are every process's RNG states (torch's CPU generator, and the accelerator's own
+    one when there is one), saved for an exact resume."""
     folder = checkpoint_dir(run_dir) / f"step_{step:08d}"
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-import os
 import sys
 from pathlib import Path
 
@@ -18,6 +16,11 @@ app = typer.Typer(
 
 Overrides = typer.Argument(None, help="dotted recipe overrides, e.g. train.lr=1e-4 generate.beam_size=3")
 RECIPE_HELP = "recipe: a shipped recipe's name (see `vicap list`) or a TOML file"
+DeviceOption = typer.Option(
+    None,
+    "--device",
+    help="auto (the GPU if there is one), cpu, cuda, cuda:1, mps, ... (default: the recipe's train.device)",
+)
 
 
 class UserError(Exception):
@@ -25,27 +28,15 @@ class UserError(Exception):
 
 
 def _setup(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    for noisy in ("transformers", "accelerate", "open_clip", "root", "huggingface_hub"):
-        logging.getLogger(noisy).setLevel(logging.WARNING if verbose else logging.ERROR)
-    try:
-        from transformers.utils import logging as hf_logging
+    from vicap.log import configure
 
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()  # "Loading weights" bars for tiny stand-ins are noise
-    except ImportError:
-        pass
+    configure(verbose)
 
 
 def _user_errors():
     from data_prep.manifest import ManifestError
     from vicap.checkpoint import CheckpointError
+    from vicap.device import DeviceError
     from vicap.encoders import ModelLoadError
     from vicap.images import ImageError
     from vicap.recipe import RecipeError
@@ -54,6 +45,7 @@ def _user_errors():
     return (
         RecipeError,
         TrainingError,
+        DeviceError,
         CheckpointError,
         ModelLoadError,
         ImageError,
@@ -148,18 +140,18 @@ def list_registered() -> None:
 def features(
     recipe: str = typer.Argument(..., help=RECIPE_HELP),
     overrides: list[str] = Overrides,
+    device: str = DeviceOption,
     verbose: bool = typer.Option(False, "-v", "--verbose"),
 ) -> None:
-    """Prepare the recipe's manifest and extract one feature per unique image into the feature store."""
+    """Prepare the recipe's manifest and extract one feature per unique image into the feature store.
+
+    Under `accelerate launch` (or `python -m vicap.launch`) every process encodes its share."""
     _setup(verbose)
-    from vicap.pipeline import prepare_manifest, run_features
+    from vicap.pipeline import build_features
     from vicap.recipe import load_recipe
 
     try:
-        r = load_recipe(recipe, overrides or [])
-        run_dir = Path(r.train.output_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        store = run_features(r, prepare_manifest(r, run_dir))
+        store = build_features(load_recipe(recipe, overrides or []), device=device)
     except _user_errors() as e:
         _fail(e)
     typer.echo(
@@ -202,6 +194,7 @@ def caption(
     overrides: list[str] = typer.Option(
         [], "--set", help="recipe override, e.g. --set generate.beam_size=3 (repeatable)"
     ),
+    device: str = DeviceOption,
     verbose: bool = typer.Option(False, "-v", "--verbose"),
 ) -> None:
     """Caption images with a trained run: one row per image (image, caption, score).
@@ -226,7 +219,15 @@ def caption(
         if out is not None and out.suffix.lower() not in OUTPUT_SUFFIXES:
             raise UserError(f"--out {out}: the file name must end in {' or '.join(OUTPUT_SUFFIXES)}")
         summary = caption_to_file(
-            run_dir, paths, out, sets, strict=strict, progress=None, num_workers=workers, on_skip=skipped
+            run_dir,
+            paths,
+            out,
+            sets,
+            strict=strict,
+            progress=None,
+            num_workers=workers,
+            on_skip=skipped,
+            device=device,
         )
     except ImageError as e:  # only raised with --strict
         typer.secho(f"error: {e} (--strict)", fg=typer.colors.RED, err=True)
@@ -255,6 +256,7 @@ def evaluate(
     run_dir: Path = typer.Argument(..., help="a trained run directory"),
     overrides: list[str] = Overrides,
     split: str = typer.Option(None, help="split to score (default: the recipe's eval.split)"),
+    device: str = DeviceOption,
     verbose: bool = typer.Option(False, "-v", "--verbose"),
 ) -> None:
     """Caption the held-out split and score it; writes report.json and report.md into the run."""
@@ -262,7 +264,7 @@ def evaluate(
     from vicap.evaluate import evaluate_run
 
     try:
-        report = evaluate_run(run_dir, overrides or [], split=split)
+        report = evaluate_run(run_dir, overrides or [], split=split, device=device)
     except _user_errors() as e:
         _fail(e)
     _print_report(report, run_dir)
@@ -338,6 +340,7 @@ def baseline_evaluate(
     run_dir: Path = typer.Argument(..., help="a trained baseline run directory"),
     overrides: list[str] = Overrides,
     split: str = typer.Option(None, help="split to score (default: the recipe's eval.split)"),
+    device: str = DeviceOption,
     verbose: bool = typer.Option(False, "-v", "--verbose"),
 ) -> None:
     """Caption the held-out split with the baseline and score it exactly as `vicap evaluate` does."""
@@ -345,7 +348,7 @@ def baseline_evaluate(
     from vicap.baseline.train import evaluate_baseline
 
     try:
-        report = evaluate_baseline(run_dir, overrides or [], split=split)
+        report = evaluate_baseline(run_dir, overrides or [], split=split, device=device)
     except _user_errors() as e:
         _fail(e)
     _print_report(report, run_dir)

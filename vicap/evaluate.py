@@ -279,6 +279,7 @@ def caption_report(
     skipped: int,
     eval_cfg,
     generate: dict,
+    device: str = "cpu",
 ) -> dict:
     """Score one system's captions of `records` beside the floor and human agreement; write
     `captions_<split>.jsonl`, `report.json` and `report.md` into `run_dir`. Shared by vicap and the
@@ -310,6 +311,8 @@ def caption_report(
         "references_per_image": [min(n_caps, default=0), max(n_caps, default=0)],
         "skipped": skipped,
         "generate": generate,
+        "device": device,
+        "precision": generate.get("precision", "fp32"),
         "baseline_caption": floor,
         "scores": scores,
         "human_rounds": max((n for n in n_caps if n >= 2), default=0) if eval_cfg.human else 0,
@@ -349,23 +352,31 @@ def evaluate_run(
     *,
     split: str | None = None,
     progress: bool = True,
+    device: str | None = None,
 ) -> dict:
-    """Caption the run's held-out split, score it beside the floor and human agreement, write reports."""
+    """Caption the run's held-out split, score it beside the floor and human agreement, write reports.
+
+    Encoding and decoding run on `device` (auto, cpu, or a device name such as cuda:1; default: the recipe's
+    train.device) with generate.precision; the report records both."""
+    from vicap.device import autocast, resolve_device
     from vicap.generate import generate_captions
     from vicap.pipeline import prepare_manifest, run_features
     from vicap.runs import load_run
 
     run = load_run(run_dir, overrides)
     recipe = run.recipe
+    dev = resolve_device(device or recipe.train.device, key="--device" if device else "train.device")
     split = split or recipe.eval.split
     manifest = prepare_manifest(recipe, run.run_dir)
-    store = run_features(recipe, manifest, progress=progress)
+    store = run_features(recipe, manifest, device=dev, progress=progress)
     records = held_out_records(manifest, split, recipe.eval.max_images)
     scored = [r for r in records if store.has(manifest.resolve_image(r))]
     features = store.get([manifest.resolve_image(r) for r in scored])
-    captions = generate_captions(
-        run.model, features, recipe.generate, language=manifest.language, segment=recipe.data.segment
-    )
+    model = run.model.to(dev)
+    with autocast(dev, recipe.generate.precision):
+        captions = generate_captions(
+            model, features, recipe.generate, language=manifest.language, segment=recipe.data.segment
+        )
     return caption_report(
         run_dir=run.run_dir,
         kind="vicap",
@@ -378,4 +389,5 @@ def evaluate_run(
         skipped=len(records) - len(scored),
         eval_cfg=recipe.eval,
         generate=recipe.to_dict()["generate"],
+        device=str(dev),
     )

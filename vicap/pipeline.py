@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -11,7 +12,7 @@ import torch
 from data_prep.manifest import Manifest, read_manifest
 from vicap.encoders import load_encoder
 from vicap.features import FeatureStore, extract_features
-from vicap.recipe import Recipe
+from vicap.recipe import Recipe, RecipeError
 
 log = logging.getLogger(__name__)
 
@@ -23,10 +24,17 @@ def prepare_manifest(recipe: Recipe, run_dir: Path) -> Manifest:
 
     d = recipe.data
     if d.adapter == "manifest":
-        return read_manifest(d.source)
+        manifest = read_manifest(d.source)
+        # A manifest's language and splits were fixed when `vicap prepare` wrote it.
+        if manifest.language != d.language:
+            raise RecipeError(
+                f"data.language = {d.language!r}, but the manifest {d.source} is {manifest.language!r}"
+            )
+        return manifest
     out = Path(run_dir) / "manifest.jsonl"
     if not out.exists():
         options = {"images": d.images} if d.images else {}
+        # write_manifest renames a complete file into place: a killed prepare is redone, never half-reused
         report = prepare(
             d.adapter,
             Path(d.source),
@@ -36,9 +44,11 @@ def prepare_manifest(recipe: Recipe, run_dir: Path) -> Manifest:
             seed=recipe.train.seed,
             **options,
         )
-        (Path(run_dir) / "prepare_report.json").write_text(
+        report_file = Path(run_dir) / "prepare_report.json"
+        report_file.with_name(report_file.name + ".tmp").write_text(
             json.dumps(report.to_dict(), indent=1, ensure_ascii=False), encoding="utf-8"
         )
+        os.replace(report_file.with_name(report_file.name + ".tmp"), report_file)
         log.info("prepared %s from %s with adapter %r", out, d.source, d.adapter)
     return read_manifest(out)
 
@@ -79,11 +89,46 @@ def run_features(
         batch_size=recipe.encoder.batch_size,
         **sharing(accelerator, device, progress),
     )
-    if store.failures and (accelerator is None or accelerator.is_main_process):
-        log.warning(
-            "%d of %d images could not be read and are skipped: %s",
-            len(store.failures),
-            len(paths),
-            "; ".join(list(store.failures.values())[:3]),
-        )
+    if accelerator is None or accelerator.is_main_process:
+        report_failures(store, len(paths))
     return store
+
+
+def report_failures(store: FeatureStore, total: int, *, most: int = 20) -> None:
+    """Name the images that could not be encoded (the first `most`; the count of the rest)."""
+    if not store.failures:
+        return
+    reasons = list(store.failures.values())
+    more = (
+        f"\n  ... and {len(reasons) - most} more (listed in {store.root / 'shards'})"
+        if len(reasons) > most
+        else ""
+    )
+    log.warning(
+        "%d of %d images could not be read and are skipped:\n  %s%s",
+        len(reasons),
+        total,
+        "\n  ".join(reasons[:most]),
+        more,
+    )
+
+
+def build_features(recipe: Recipe, *, device: str | None = None, progress: bool = True) -> FeatureStore:
+    """`vicap features`: the recipe's manifest, then its feature store. Under `accelerate launch` with
+    N processes every process encodes its share on its own device; otherwise the work runs on `device`
+    (default: the recipe's train.device)."""
+    from vicap.device import resolve_device
+
+    run_dir = Path(recipe.train.output_dir)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from vicap.train import make_accelerator
+
+        accelerator = make_accelerator(recipe.train)
+        with accelerator.main_process_first():
+            if accelerator.is_main_process:
+                run_dir.mkdir(parents=True, exist_ok=True)
+            manifest = prepare_manifest(recipe, run_dir)
+        return run_features(recipe, manifest, progress=progress, accelerator=accelerator)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dev = resolve_device(device or recipe.train.device, key="--device" if device else "train.device")
+    return run_features(recipe, prepare_manifest(recipe, run_dir), device=dev, progress=progress)

@@ -164,7 +164,11 @@ _LANGUAGE_CODE = re.compile(r"[a-z]{2,3}([-_][A-Za-z0-9]{2,8})*")  # BCP 47-like
 
 @dataclass(frozen=True)
 class DataConfig:
-    adapter: str = _help("dataset adapter that reads the source (see `vicap list`)", "ktvic")
+    adapter: str = _help(
+        "dataset adapter that reads the source (see `vicap list`), or 'manifest' when data.source is a "
+        "manifest written by `vicap prepare`",
+        "ktvic",
+    )
     source: str = _help("the dataset as published: a folder or file the adapter reads", "")
     images: str = _help("image folder, for adapters whose annotations live apart from the images", "")
     language: str = _help("language code of the captions (vi, en, ...)", "vi")
@@ -179,7 +183,20 @@ class DataConfig:
         from data_prep.datasets import ADAPTERS
         from data_prep.languages import LANGUAGES, get_language
 
-        _one_of("data.adapter", self.adapter, sorted(ADAPTERS))
+        _one_of("data.adapter", self.adapter, ("manifest", *sorted(ADAPTERS)))
+        if self.adapter == "manifest":  # its splits and images were fixed by `vicap prepare`
+            _check(
+                self.val_fraction == 0,
+                "data.val_fraction",
+                self.val_fraction,
+                "a manifest's splits are fixed when it is written (vicap prepare --val-fraction)",
+            )
+            _check(
+                not self.images,
+                "data.images",
+                self.images,
+                "a manifest names its images itself (paths relative to the manifest)",
+            )
         _check(bool(self.source), "data.source", self.source, "must name the dataset folder or file")
         # A code without a registry entry gets data_prep's generic fallback (NFC, whitespace tokens), so
         # any well-formed code is accepted; a malformed one ('Vietnamese', 'VI') would silently get it.
@@ -278,9 +295,15 @@ class GenerateConfig:
     )
     no_repeat_ngram_size: int = _help("no n-gram of this many tokens appears twice in a caption; 0 = off", 0)
     stop: str = _help("stop a caption once its text contains this string (kept); '' = EOS only", "")
+    precision: str = _help(
+        "'fp32', or 'bf16' / 'fp16' autocast while encoding images and decoding captions (caption, "
+        "evaluate, serve); fast on GPUs and on CPUs with bf16 support, captions may differ slightly",
+        "fp32",
+    )
 
     def __post_init__(self) -> None:
         _one_of("generate.strategy", self.strategy, ("greedy", "beam", "sample"))
+        _one_of("generate.precision", self.precision, ("fp32", "bf16", "fp16"))
         _check(self.beam_size >= 1, "generate.beam_size", self.beam_size, "must be >= 1")
         _check(self.max_new_tokens >= 1, "generate.max_new_tokens", self.max_new_tokens, "must be >= 1")
         _check(

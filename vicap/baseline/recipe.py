@@ -156,7 +156,7 @@ class BaselineTrainConfig:
 
 # The [generate] keys the baseline's decoder honours (vicap/baseline/model.py beam_search, beam_size 1
 # being greedy); any other key must keep its default, or the recipe would say something that is not done.
-GENERATE_KEYS = ("strategy", "beam_size", "max_new_tokens", "length_penalty", "batch_size")
+GENERATE_KEYS = ("strategy", "beam_size", "max_new_tokens", "length_penalty", "batch_size", "precision")
 
 
 def check_baseline_generate(gen: GenerateConfig) -> None:

@@ -78,7 +78,7 @@ def frozen_feature_store(
     """Regions of every manifest image through the frozen CNN, cached in vicap's feature store (one row
     of grid*grid*C floats per image, keyed by the CNN, its weights and the preprocessing)."""
     from vicap.features import extract_features
-    from vicap.pipeline import sharing
+    from vicap.pipeline import report_failures, sharing
 
     cfg = recipe.encoder
     if cfg.weights == "imagenet":
@@ -111,8 +111,8 @@ def frozen_feature_store(
         batch_size=cfg.batch_size,
         **sharing(accelerator, device, progress),
     )
-    if store.failures and (accelerator is None or accelerator.is_main_process):
-        log.warning("%d image(s) could not be read and are skipped", len(store.failures))
+    if accelerator is None or accelerator.is_main_process:
+        report_failures(store, len(paths))
     return store
 
 
@@ -294,14 +294,7 @@ def baseline_job(recipe: BaselineRecipe, accelerator, *, resume: bool, progress:
         store, pixels = None, _Pixels(recipe)
     else:
         model.encoder.eval()
-        with accelerator.main_process_first():
-            store = frozen_feature_store(
-                recipe,
-                model,
-                manifest,
-                progress=progress and accelerator.is_main_process,
-                device=accelerator.device,
-            )
+        store = frozen_feature_store(recipe, model, manifest, progress=progress, accelerator=accelerator)
         pixels = None
     train_set = _dataset(recipe, manifest, train_records, train_ids, store, pixels)
     val_set = None
@@ -367,7 +360,10 @@ def load_baseline_run(run_dir: str | Path, overrides=()) -> tuple[BaselineRecipe
 def caption_records(
     recipe, model, vocab, manifest, records, *, store=None, device="cpu"
 ) -> tuple[list[Record], list[str]]:
-    """Captions for `records` (those whose image can be read), decoded with recipe.generate."""
+    """Captions for `records` (those whose image can be read), decoded with recipe.generate on
+    `device` (with generate.precision's autocast)."""
+    from vicap.device import autocast
+
     gen = recipe.generate
     beam = 1 if gen.strategy == "greedy" else gen.beam_size
     lang = get_language(manifest.language)
@@ -387,7 +383,7 @@ def caption_records(
             if not chunk:
                 continue
             x = torch.stack([p for _, p in loaded if p is not None])
-        with torch.no_grad():
+        with torch.no_grad(), autocast(torch.device(device), gen.precision):
             feats = model.features(x.to(device))
             ids = beam_search(
                 model.decoder,
@@ -404,11 +400,16 @@ def caption_records(
 
 
 def evaluate_baseline(
-    run_dir: str | Path, overrides=(), *, split: str | None = None, progress: bool = True
+    run_dir: str | Path,
+    overrides=(),
+    *,
+    split: str | None = None,
+    progress: bool = True,
+    device: str | None = None,
 ) -> dict:
-    """Caption the held-out split with the baseline and score it exactly as `vicap evaluate` does."""
-    from accelerate import Accelerator
-
+    """Caption the held-out split with the baseline and score it exactly as `vicap evaluate` does, on
+    `device` (default: the recipe's train.device)."""
+    from vicap.device import resolve_device
     from vicap.evaluate import caption_report, held_out_records
     from vicap.pipeline import prepare_manifest
 
@@ -417,7 +418,7 @@ def evaluate_baseline(
     split = split or recipe.eval.split
     manifest = prepare_manifest(recipe, run_dir)
     records = held_out_records(manifest, split, recipe.eval.max_images)
-    device = Accelerator(cpu=recipe.train.device == "cpu").device
+    device = resolve_device(device or recipe.train.device, key="--device" if device else "train.device")
     store = None
     if not recipe.encoder.trainable:
         store = frozen_feature_store(recipe, model, manifest, progress=progress, device=device)
@@ -434,6 +435,7 @@ def evaluate_baseline(
         skipped=len(records) - len(kept),
         eval_cfg=recipe.eval,
         generate=recipe.to_dict()["generate"],
+        device=str(device),
     )
 
 
