@@ -118,10 +118,14 @@ def write_manifest(path: str | os.PathLike, records: Iterable[Record], meta: dic
     path.parent.mkdir(parents=True, exist_ok=True)
     header = {"vicap_manifest": FORMAT_VERSION, **{k: v for k, v in meta.items() if k != "vicap_manifest"}}
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write(json_text(header) + "\n")
-        for r in records:
-            f.write(json_text(r.to_dict()) + "\n")
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            f.write(json_text(header) + "\n")
+            for r in records:
+                f.write(json_text(r.to_dict()) + "\n")
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # the old manifest, if any, stays as it was
+        raise
     tmp.replace(path)
 
 

@@ -343,6 +343,16 @@ BAD_TABLES = [
         {"bad_entry": "line 2"},
         1,
     ),
+    (
+        "a quote left open runs past the field size limit",
+        "c.csv",
+        CSV_HEAD + 'a.jpg,"A red bus\n' + "b.jpg,A blue car\n" * 8000 + C,
+        {},
+        {
+            "bad_entry": "lines 2-7712"
+        },  # csv's 131,072-character field limit; the lines after it are rows again
+        291,
+    ),
     ("quotes inside a field are text", "c.csv", CSV_HEAD + 'a.jpg,A "red" bus\n' + B, {}, {}, 2),
     (
         "U+2028 in a JSONL caption",

@@ -138,3 +138,17 @@ def test_resolve_image_leaves_a_link_loop_to_the_image_loader(tmp_path):
     (tmp_path / "loop.jpg").symlink_to("loop.jpg")
     m = Manifest(tmp_path / "m.jsonl", META)
     assert m.resolve_image(Record("1", "loop.jpg", "test", (), ())) == tmp_path / "loop.jpg"
+
+
+def test_a_failed_write_leaves_the_old_manifest_and_no_temp_file(tmp_path):
+    path = tmp_path / "m.jsonl"
+    old = [Record("1", "a.jpg", "train", ("x",), ("1",))]
+    write_manifest(path, old, META)
+
+    def records():
+        yield Record("2", "b.jpg", "train", ("y",), ("2",))
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_manifest(path, records(), META)
+    assert read_manifest(path).records == old and list(tmp_path.iterdir()) == [path]

@@ -71,7 +71,9 @@ def _csv_rows(
             return
         except csv.Error as err:  # a quote left open to the end of the file, or text after a closing quote
             why = (
-                "a quote opened here is never closed" if "end of data" in str(err) else f"bad quoting ({err})"
+                "a quote opened here is never closed"
+                if "end of data" in str(err)
+                else f"cannot parse the row ({err})"
             )
             out.problem("bad_entry", path.name, _lines(n, reader.line_num), f"{why}; these lines are skipped")
             continue
