@@ -13,11 +13,12 @@ from pathlib import Path
 import typer
 
 from data_prep.datasets import ADAPTERS, DataError, prepare
-from data_prep.datasets.jsonio import SourceError
+from data_prep.datasets.base import MAX_CAPTION_CHARS
 from data_prep.languages import get_language
 from data_prep.manifest import read_manifest
 from data_prep.report import PrepareReport
 from data_prep.stats import caption_stats, load_tokenizer
+from data_prep.textio import safe_text
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,11 @@ def prepare_command(
     check_images: bool = typer.Option(
         True, "--check-images/--no-check-images", help="Open every image to find missing/broken files."
     ),
+    max_caption_chars: int = typer.Option(
+        MAX_CAPTION_CHARS,
+        "--max-caption-chars",
+        help="Skip (and report as long_caption) captions longer than this many characters; 0: no limit.",
+    ),
     max_problems: int = typer.Option(
         20, "--max-problems", help="Problems listed per kind; the rest are counted."
     ),
@@ -85,6 +91,7 @@ def prepare_command(
             val_fraction=val_fraction,
             seed=seed,
             check_images=check_images,
+            max_caption_chars=max_caption_chars or None,
             images=images,
             **_parse_options(option),
         )
@@ -92,8 +99,8 @@ def prepare_command(
         _finish(err.report, out, start, max_problems)
         typer.echo(f"--strict: {len(err.report.problems)} problem(s) found; no manifest written", err=True)
         raise typer.Exit(1) from None
-    except (KeyError, TypeError, ValueError, FileNotFoundError, SourceError) as err:
-        typer.echo(f"error: {err.args[0] if isinstance(err, KeyError) else err}", err=True)
+    except (KeyError, TypeError, ValueError, OSError) as err:  # SourceError is a ValueError
+        typer.echo(f"error: {safe_text(str(err.args[0] if isinstance(err, KeyError) else err))}", err=True)
         raise typer.Exit(2) from None
 
     records = read_manifest(out).records
@@ -109,4 +116,4 @@ def _finish(report: PrepareReport, out: Path, start: float, max_problems: int) -
     path.parent.mkdir(parents=True, exist_ok=True)
     report.write(path)
     typer.echo(report.format(max_problems=max_problems))
-    typer.echo(f"report: {path}")
+    typer.echo(f"report: {safe_text(str(path))}")

@@ -1,10 +1,19 @@
-"""Image file checks: missing, unreadable, truncated. Decoded with PIL, in threads."""
+"""Image files: which ones a folder holds, and whether each can be used. Decoded with PIL, in threads.
+
+vicap's image loader (`vicap/images.py`) applies the same file and size checks, so `vicap prepare`
+keeps exactly the images that `vicap features` and `vicap caption` can use.
+"""
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import stat
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
@@ -12,18 +21,67 @@ from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
+# What a folder is searched for (case-insensitive).
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+
+# Decompression-bomb guard: PIL warns at ~89 MP and raises at twice that; vicap refuses above this.
+MAX_PIXELS = 100_000_000
+
+
+def _stat_error(path: Path, err: OSError) -> tuple[str, str]:
+    """(kind, reason) for a path that `os.stat` refused."""
+    if err.errno == errno.ELOOP:
+        return "symlink_loop", "symbolic link loop"
+    if err.errno == errno.ENOENT:
+        if os.path.islink(path):
+            return "missing_image", f"broken symbolic link (to {os.readlink(path)})"
+        return "missing_image", "image file not found"
+    return "unreadable_image", f"cannot read ({err.strerror})"
+
+
+def file_problem(path: Path) -> tuple[str, str] | None:
+    """None when `path` is a regular file (links followed), else (kind, reason) with kind in
+    missing_image / symlink_loop / unreadable_image. A pipe named x.jpg would block a reader forever."""
+    try:
+        st = os.stat(path)
+    except OSError as err:
+        return _stat_error(path, err)
+    if stat.S_ISREG(st.st_mode):
+        return None
+    if stat.S_ISDIR(st.st_mode):
+        return "missing_image", "a folder, not an image file"
+    return "unreadable_image", "not a regular file (a pipe, socket or device)"
+
+
+def pixel_problem(width: int, height: int) -> str | None:
+    """Why an image of this size is refused, or None."""
+    if width * height > MAX_PIXELS:
+        return f"{width}x{height} is over the {MAX_PIXELS:,}-pixel limit"
+    return None
+
+
+def _check_file(path: Path) -> tuple[str, str] | None:
+    problem = file_problem(path)
+    return None if problem is None else (problem[0], f"{problem[1]} ({path})")
+
 
 def check_image(path: Path) -> tuple[str, str] | None:
-    """None when `path` decodes fully, else (kind, message) with kind in
-    missing_image / unreadable_image / truncated_image."""
-    if not path.is_file():
-        return "missing_image", f"no file {path}"
+    """None when `path` decodes fully, else (kind, message) with kind in missing_image / symlink_loop /
+    unreadable_image / truncated_image / oversized_image."""
+    bad = _check_file(path)
+    if bad is not None:
+        return bad
     try:
         with Image.open(path) as im:
+            too_big = pixel_problem(im.width, im.height)
+            if too_big:
+                return "oversized_image", f"{too_big} ({path})"
             # A reduced-size JPEG decode still reads the whole stream (so truncation is caught)
             # at a fraction of the cost of a full decode.
             im.draft("RGB", (64, 64))
             im.load()
+    except Image.DecompressionBombError as err:  # PIL's own limit, far above MAX_PIXELS
+        return "oversized_image", f"{err} ({path})"
     except UnidentifiedImageError:
         return "unreadable_image", f"not an image PIL can read: {path}"
     except OSError as err:
@@ -35,12 +93,14 @@ def check_image(path: Path) -> tuple[str, str] | None:
 
 
 def check_images(paths: Sequence[Path], workers: int = 8, decode: bool = True) -> dict[Path, tuple[str, str]]:
-    """Check many images; returns only the bad ones. `decode=False` checks existence only."""
+    """Check many images; returns only the bad ones. `decode=False` checks the files only."""
     if not decode:
-        return {p: ("missing_image", f"no file {p}") for p in paths if not p.is_file()}
+        return {p: bad for p in paths if (bad := _check_file(p)) is not None}
     bad: dict[Path, tuple[str, str]] = {}
-    # PIL releases the GIL while decoding, so threads give a real speed-up.
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    # PIL releases the GIL while decoding, so threads give a real speed-up. Its size warning is noise
+    # (over-limit images are refused by name); filters are process-wide, so set once around the pool.
+    with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=workers) as pool:
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         results = pool.map(check_image, paths)
         bar = tqdm(
             results, total=len(paths), desc="checking images", unit="img", disable=len(paths) < 200 or None
@@ -49,3 +109,68 @@ def check_images(paths: Sequence[Path], workers: int = 8, decode: bool = True) -
             if res is not None:
                 bad[path] = res
     return bad
+
+
+@dataclass
+class FolderScan:
+    """What `walk_images` found: image files, sorted, and what it could not walk as (kind, path, reason)."""
+
+    images: list[Path] = field(default_factory=list)
+    skipped: list[tuple[str, Path, str]] = field(default_factory=list)
+
+
+def walk_images(root: str | os.PathLike) -> FolderScan:
+    """The image files under `root`: recursive, by suffix (case-insensitive), sorted.
+
+    Entries whose name starts with "." are left out (macOS "._x.jpg" AppleDouble files are not
+    images, .git is not data). Symbolic links are followed and each folder is walked once. What
+    cannot be walked is returned by name, never dropped: a folder that cannot be listed
+    (unreadable_folder), a link that loops or leads back into a folder above it (symlink_loop), and
+    image-named entries that are broken links or not regular files (missing_image, unreadable_image).
+    """
+    root = Path(root)
+    scan = FolderScan()
+    st = os.stat(root)
+    seen = {(st.st_dev, st.st_ino)}
+    stack: list[tuple[Path, frozenset]] = [(root, frozenset(seen))]  # (folder, its ancestors and itself)
+    while stack:
+        folder, above = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = list(it)
+        except OSError as err:
+            reason = f"cannot list this folder ({err.strerror}); the images in it were not read"
+            scan.skipped.append(("unreadable_folder", folder, reason))
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = Path(entry.path)
+            is_image = path.suffix.lower() in IMAGE_SUFFIXES
+            try:
+                st = entry.stat()  # follows symbolic links
+            except OSError as err:
+                kind, reason = _stat_error(path, err)
+                if kind == "unreadable_image" and not is_image:
+                    kind = "unreadable_folder"  # cannot tell what it is; it may hold images
+                # a broken link to a non-image is not data; anything else may be (a loop may be a folder)
+                if is_image or kind != "missing_image":
+                    scan.skipped.append((kind, path, reason))
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                key = (st.st_dev, st.st_ino)
+                if key in above:
+                    loop = f"symbolic link loop (leads back to {os.path.realpath(path)})"
+                    scan.skipped.append(("symlink_loop", path, loop))
+                elif key not in seen:  # a folder two links lead to is walked once
+                    seen.add(key)
+                    stack.append((path, above | {key}))
+            elif is_image:
+                if stat.S_ISREG(st.st_mode):
+                    scan.images.append(path)
+                else:
+                    reason = "not a regular file (a pipe, socket or device)"
+                    scan.skipped.append(("unreadable_image", path, reason))
+    scan.images.sort()
+    scan.skipped.sort(key=lambda s: s[1])
+    return scan

@@ -11,6 +11,8 @@ every later line is one image::
 
 `image` is relative to the manifest's directory (absolute when no relative path
 exists, e.g. another drive), so a dataset folder can be moved with its manifest.
+A file name that is not valid UTF-8 is written with `\\udcXX` JSON escapes (see
+`data_prep/textio.py`), which read back as the same name.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from data_prep.textio import json_text, text_lines
 
 FORMAT_VERSION = 1
 _RECORD_KEYS = ("image_id", "image", "split", "captions", "caption_ids")
@@ -72,8 +76,9 @@ class Manifest:
         return self.meta["dataset"]
 
     def resolve_image(self, record: Record) -> Path:
-        """The record's image as an absolute path."""
-        return (self.path.parent / record.image).resolve()
+        """The record's image as an absolute path (links resolved where they resolve: a link loop is
+        left for the image loader to report, not raised here)."""
+        return Path(os.path.realpath(self.path.parent / record.image))
 
     def split(self, name: str) -> list[Record]:
         """Records of split `name` (e.g. "train", "val", "test")."""
@@ -113,10 +118,14 @@ def write_manifest(path: str | os.PathLike, records: Iterable[Record], meta: dic
     path.parent.mkdir(parents=True, exist_ok=True)
     header = {"vicap_manifest": FORMAT_VERSION, **{k: v for k, v in meta.items() if k != "vicap_manifest"}}
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write(json.dumps(header, ensure_ascii=False) + "\n")
-        for r in records:
-            f.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            f.write(json_text(header) + "\n")
+            for r in records:
+                f.write(json_text(r.to_dict()) + "\n")
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # the old manifest, if any, stays as it was
+        raise
     tmp.replace(path)
 
 
@@ -148,26 +157,25 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
         raise FileNotFoundError(f"manifest not found: {path} (write one with `vicap prepare`)")
     meta: dict | None = None
     records: list[Record] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            where = f"{path}:{lineno}"
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ManifestError(f"{where}: invalid JSON ({err.msg})") from None
-            if meta is None:
-                if not isinstance(obj, dict) or "vicap_manifest" not in obj:
-                    raise ManifestError(f"{where}: header missing (first line must hold 'vicap_manifest')")
-                if obj["vicap_manifest"] != FORMAT_VERSION:
-                    raise ManifestError(f"{where}: unsupported manifest version {obj['vicap_manifest']!r}")
-                for key in ("dataset", "language"):
-                    if not isinstance(obj.get(key), str):
-                        raise ManifestError(f"{where}: header needs a string {key!r}")
-                meta = obj
-                continue
-            records.append(_record_from(obj, where))
+    for lineno, line in enumerate(text_lines(path, ManifestError), start=1):
+        where = f"{path}:{lineno}"
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ManifestError(f"{where}: invalid JSON ({err.msg})") from None
+        if meta is None:
+            if not isinstance(obj, dict) or "vicap_manifest" not in obj:
+                raise ManifestError(f"{where}: header missing (first line must hold 'vicap_manifest')")
+            if obj["vicap_manifest"] != FORMAT_VERSION:
+                raise ManifestError(f"{where}: unsupported manifest version {obj['vicap_manifest']!r}")
+            for key in ("dataset", "language"):
+                if not isinstance(obj.get(key), str):
+                    raise ManifestError(f"{where}: header needs a string {key!r}")
+            meta = obj
+            continue
+        records.append(_record_from(obj, where))
     if meta is None:
         raise ManifestError(f"{path}: empty file, header missing")
     return Manifest(path=path, meta=meta, records=records)

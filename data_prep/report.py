@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from data_prep.textio import json_text, safe_text
 
 
 @dataclass(frozen=True)
@@ -46,23 +47,24 @@ class PrepareReport:
         return dict(Counter(p.kind for p in self.problems).most_common())
 
     def to_dict(self) -> dict:
-        return {
-            "adapter": self.adapter,
-            "source": self.source,
-            "out": self.out,
-            "language": self.language,
-            "counts": self.counts,
-            "splits": self.splits,
-            "problem_counts": self.problem_counts(),
-            "problems": [asdict(p) for p in self.problems],
-            "stats": self.stats,
-            "elapsed_s": round(self.elapsed_s, 3),
-        }
+        """The report as JSON-ready data; file names that are not UTF-8 show as `\\udcXX` (textio)."""
+        return _safe(
+            {
+                "adapter": self.adapter,
+                "source": self.source,
+                "out": self.out,
+                "language": self.language,
+                "counts": self.counts,
+                "splits": self.splits,
+                "problem_counts": self.problem_counts(),
+                "problems": [asdict(p) for p in self.problems],
+                "stats": self.stats,
+                "elapsed_s": round(self.elapsed_s, 3),
+            }
+        )
 
     def write(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(
-            json.dumps(self.to_dict(), ensure_ascii=False, indent=1) + "\n", encoding="utf-8"
-        )
+        Path(path).write_text(json_text(self.to_dict(), indent=1) + "\n", encoding="utf-8")
 
     def format(self, max_problems: int = 20) -> str:
         """Human-readable summary; problems listed up to `max_problems` per kind, the rest counted."""
@@ -94,7 +96,17 @@ class PrepareReport:
         else:
             lines.append("  problems: none")
         lines.append(f"  time: {self.elapsed_s:.2f} s")
-        return "\n".join(lines)
+        return safe_text("\n".join(lines))
+
+
+def _safe(obj: object) -> object:
+    if isinstance(obj, str):
+        return safe_text(obj)
+    if isinstance(obj, dict):
+        return {_safe(k): _safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_safe(v) for v in obj]
+    return obj
 
 
 def _format_stats(stats: dict) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -13,11 +14,12 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from data_prep.images import MAX_PIXELS
 from data_prep.manifest import Record, write_manifest
 from tests.conftest import tiny_recipe_overrides
 from vicap.captioner import caption_images, collect_images
 from vicap.cli import app
-from vicap.images import MAX_PIXELS, ImageError
+from vicap.images import ImageError
 from vicap.recipe import load_recipe
 from vicap.train import train
 
@@ -82,8 +84,8 @@ def _rows(text: str) -> list[dict]:
 
 def test_collect_images_walks_folders_and_skips_hidden_and_other_files(folder) -> None:
     root, good, bad = folder
-    found = collect_images([root, root / "a.jpg"])  # a repeated file is captioned once
-    assert sorted(str(p.relative_to(root)) for p in found) == sorted(good + bad)
+    found, unwalkable = collect_images([root, root / "a.jpg"])  # a repeated file is captioned once
+    assert sorted(str(p.relative_to(root)) for p in found) == sorted(good + bad) and unwalkable == []
 
 
 def test_folder_with_broken_files(run_dir: Path, folder) -> None:
@@ -189,3 +191,115 @@ def test_stdout_is_only_json(run_dir: Path, folder) -> None:
     res = CliRunner().invoke(app, ["caption", str(run_dir), str(root), *GREEDY])
     assert len(_rows(res.stdout)) == len(good)  # every stdout line parses; reports go to stderr
     assert io.StringIO(res.stdout).read().count("\n") == len(good)
+
+
+# ---------------------------------------------------------------------------------------- hostile paths
+
+
+def _loop_named(root: Path, tmp: Path) -> list[str]:
+    (root / "loop.jpg").symlink_to("loop.jpg")
+    return [str(root / "a.jpg"), str(root / "loop.jpg")]
+
+
+def _loop_in_manifest(root: Path, tmp: Path) -> list[str]:
+    (root / "loop.jpg").symlink_to("loop.jpg")
+    records = [
+        Record(str(i), str(root / n), "test", ("x",), ("0",)) for i, n in enumerate(["a.jpg", "loop.jpg"])
+    ]
+    write_manifest(tmp / "m.jsonl", records, {"dataset": "folder", "language": "vi"})
+    return [str(tmp / "m.jsonl")]
+
+
+def _loops_in_folder(root: Path, tmp: Path) -> list[str]:
+    (root / "loop.jpg").symlink_to("loop.jpg")
+    (root / "sub").mkdir()
+    (root / "sub" / "back").symlink_to("..")
+    (root / "gone.jpg").symlink_to("nowhere.jpg")
+    os.mkfifo(root / "pipe.jpg")
+    return [str(root)]
+
+
+# (case, what is added to a folder holding a.jpg and caf\xe9.jpg -> paths to caption, rows, skipped files
+# and what stderr says about them)
+HOSTILE_PATHS = [
+    ("symlink loop named", _loop_named, 1, ["loop.jpg: symbolic link loop"]),
+    ("symlink loop in a manifest", _loop_in_manifest, 1, ["loop.jpg: symbolic link loop"]),
+    (
+        "loops, a broken link and a pipe in a folder",
+        _loops_in_folder,
+        2,
+        [
+            "loop.jpg: symbolic link loop",
+            "back: symbolic link loop (leads back to",
+            "gone.jpg: broken symbolic link (to nowhere.jpg)",
+            "pipe.jpg: not a regular file",
+        ],
+    ),
+]
+
+
+@pytest.fixture
+def odd_folder(ktvic_dir: Path, tmp_path: Path) -> Path:
+    """a.jpg and a JPEG whose file name is the Latin-1 bytes b"caf\\xe9.jpg" (not UTF-8)."""
+    photos = sorted((ktvic_dir / "public-test-images").glob("*.jpg"))
+    root = tmp_path / "photos"
+    root.mkdir()
+    (root / "a.jpg").write_bytes(photos[0].read_bytes())
+    with open(os.fsencode(root) + b"/caf\xe9.jpg", "wb") as f:
+        f.write(photos[1].read_bytes())
+    return root
+
+
+@pytest.mark.parametrize(
+    ("add", "rows", "says"), [c[1:] for c in HOSTILE_PATHS], ids=[c[0] for c in HOSTILE_PATHS]
+)
+def test_hostile_paths_are_named_and_counted(
+    run_dir: Path, odd_folder: Path, tmp_path, add, rows, says
+) -> None:
+    paths = add(odd_folder, tmp_path)
+    res = CliRunner().invoke(app, ["caption", str(run_dir), *paths, *GREEDY])
+    assert res.exit_code == 0, res.output
+    assert len(_rows(res.stdout_bytes.decode("utf-8"))) == rows
+    for text in says:
+        assert text in res.stderr
+    assert f"captioned {rows} image(s); skipped {len(says)} unusable file(s)" in res.stderr
+    strict = CliRunner().invoke(app, ["caption", str(run_dir), *paths, "--strict", *GREEDY])
+    assert strict.exit_code == 1 and "(--strict)" in strict.stderr
+
+
+def test_unreadable_sub_folder_is_named_and_counted(run_dir: Path, odd_folder: Path, monkeypatch) -> None:
+    # chmod 000 does not stop root (tests may run as root), so the walker's listing is made to fail
+    (odd_folder / "locked").mkdir()
+    scandir = os.scandir
+
+    def refuse(path):
+        if Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr("data_prep.images.os.scandir", refuse)
+    res = CliRunner().invoke(app, ["caption", str(run_dir), str(odd_folder), *GREEDY])
+    assert res.exit_code == 0, res.output
+    assert f"skipped {odd_folder / 'locked'}: cannot list this folder (Permission denied)" in res.stderr
+    assert "captioned 2 image(s); skipped 1 unusable file(s)" in res.stderr
+
+
+# (case, --out file or None for stdout): every row written, the output valid UTF-8, the name recoverable
+OUTPUTS = [("jsonl", "caps.jsonl"), ("csv", "caps.csv"), ("stdout", None)]
+
+
+@pytest.mark.parametrize("out", [c[1] for c in OUTPUTS], ids=[c[0] for c in OUTPUTS])
+def test_any_file_name_is_written(run_dir: Path, odd_folder: Path, tmp_path: Path, out) -> None:
+    args = ["caption", str(run_dir), str(odd_folder), *GREEDY]
+    res = CliRunner().invoke(app, args + (["--out", str(tmp_path / out)] if out else []))
+    assert res.exit_code == 0, res.output
+    assert "captioned 2 image(s)" in res.stderr
+    text = (tmp_path / out).read_bytes().decode("utf-8") if out else res.stdout_bytes.decode("utf-8")
+    if out and out.endswith(".csv"):
+        images = [r["image"] for r in csv.DictReader(io.StringIO(text))]
+        assert images == [str(odd_folder / "a.jpg"), str(odd_folder) + "/caf\\udce9.jpg"]  # shown as \udcXX
+    else:
+        images = [r["image"] for r in _rows(text)]
+        assert [os.fsencode(i) for i in images] == [
+            os.fsencode(odd_folder) + b"/" + n for n in (b"a.jpg", b"caf\xe9.jpg")
+        ]

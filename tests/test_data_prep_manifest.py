@@ -1,6 +1,7 @@
 """The manifest format: round trip, relative image paths, errors that name file and line."""
 
 import json
+import os
 
 import pytest
 
@@ -88,11 +89,16 @@ GOOD = json.dumps(
             r":1: unsupported manifest version",
         ),
         ([], r"empty file"),
+        (
+            [HEADER, GOOD, GOOD.replace('"x"', '"café"').encode("latin-1")],  # a Latin-1 line
+            r":3: not UTF-8 text \(byte 0xe9 at byte 72 of the line",
+        ),
+        ([HEADER.encode("utf-8")[:-2] + b"\xff}"], r":1: not UTF-8 text \(byte 0xff"),
     ],
 )
 def test_read_errors_name_file_and_line(tmp_path, lines, match):
     path = tmp_path / "bad.jsonl"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    path.write_bytes(b"\n".join(x if isinstance(x, bytes) else x.encode("utf-8") for x in lines) + b"\n")
     with pytest.raises(ManifestError, match=match) as info:
         read_manifest(path)
     assert str(path) in str(info.value)
@@ -108,3 +114,41 @@ def test_image_path_outside_any_shared_folder_is_absolute(tmp_path):
 
     assert relative_image_path("/a/b.jpg", "/c/manifest.jsonl") == "/a/b.jpg"
     assert relative_image_path("/c/img/b.jpg", "/c/out/manifest.jsonl") == "../img/b.jpg"
+
+
+# (case, image path, captions): text that must come back exactly as written, one record per line
+ROUND_TRIPS = [
+    ("file name not UTF-8", os.fsdecode(b"img/caf\xe9.jpg"), ("Một con mèo.",)),
+    ("line separators in a caption", "img/a.jpg", ("Một\u2028con\u2029mèo\x85.", "Hai\x0bngười\x0c.")),
+    ("backslashes and quotes", 'img/a\\b "c".jpg', ('"Xin chào" \\ tạm biệt',)),
+]
+
+
+@pytest.mark.parametrize(("image", "captions"), [c[1:] for c in ROUND_TRIPS], ids=[c[0] for c in ROUND_TRIPS])
+def test_any_text_round_trips_and_the_file_stays_utf8(tmp_path, image, captions):
+    path = tmp_path / "m.jsonl"
+    recs = [Record("1", image, "train", captions, tuple(str(i) for i in range(len(captions))))]
+    write_manifest(path, recs + [Record("2", "img/b.jpg", "train", ("x",), ("9",))], META)
+    path.read_bytes().decode("utf-8")
+    assert len(path.read_bytes().split(b"\n")) == 4  # header, two records, final newline
+    assert read_manifest(path).records[0] == recs[0]
+
+
+def test_resolve_image_leaves_a_link_loop_to_the_image_loader(tmp_path):
+    (tmp_path / "loop.jpg").symlink_to("loop.jpg")
+    m = Manifest(tmp_path / "m.jsonl", META)
+    assert m.resolve_image(Record("1", "loop.jpg", "test", (), ())) == tmp_path / "loop.jpg"
+
+
+def test_a_failed_write_leaves_the_old_manifest_and_no_temp_file(tmp_path):
+    path = tmp_path / "m.jsonl"
+    old = [Record("1", "a.jpg", "train", ("x",), ("1",))]
+    write_manifest(path, old, META)
+
+    def records():
+        yield Record("2", "b.jpg", "train", ("y",), ("2",))
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_manifest(path, records(), META)
+    assert read_manifest(path).records == old and list(tmp_path.iterdir()) == [path]

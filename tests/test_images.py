@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-import vicap.images
+import data_prep.images
+from data_prep.images import check_image
 from vicap.images import ImageError, load_image
 
 
@@ -109,16 +112,52 @@ def test_text_file_names_the_file(tmp_path: Path) -> None:
         load_image(path)
 
 
-def test_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(ImageError, match=r"nowhere\.png: image file not found"):
-        load_image(tmp_path / "nowhere.png")
-    with pytest.raises(ImageError, match="not found"):
-        load_image(tmp_path)  # a directory is not an image file
+def _loop(tmp: Path) -> Path:
+    (tmp / "loop.jpg").symlink_to("loop.jpg")
+    return tmp / "loop.jpg"
 
 
-def test_over_pixel_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = _save(Image.new("RGB", (20, 20)), tmp_path / "big.png")
-    assert load_image(path).size == (20, 20)
-    monkeypatch.setattr(vicap.images, "MAX_PIXELS", 399)
-    with pytest.raises(ImageError, match=r"big\.png: 20x20 is over the 399-pixel limit"):
+def _dangling(tmp: Path) -> Path:
+    (tmp / "gone.jpg").symlink_to("nowhere.jpg")
+    return tmp / "gone.jpg"
+
+
+def _fifo(tmp: Path) -> Path:
+    os.mkfifo(tmp / "pipe.jpg")  # opening it to read would wait forever for a writer
+    return tmp / "pipe.jpg"
+
+
+def _big(tmp: Path) -> Path:
+    return _save(Image.new("RGB", (20, 20)), tmp / "big.png")  # over the limit the test sets: 399 pixels
+
+
+# (case, make the file, kind `vicap prepare` reports, what the message says): the same checks on both sides
+FILE_PROBLEMS = [
+    ("missing", lambda tmp: tmp / "nowhere.png", "missing_image", r"nowhere\.png: image file not found"),
+    ("folder", lambda tmp: tmp, "missing_image", r": a folder, not an image file"),
+    ("symlink loop", _loop, "symlink_loop", r"loop\.jpg: symbolic link loop"),
+    ("broken link", _dangling, "missing_image", r"gone\.jpg: broken symbolic link \(to nowhere\.jpg\)"),
+    ("pipe", _fifo, "unreadable_image", r"pipe\.jpg: not a regular file"),
+    ("over the pixel limit", _big, "oversized_image", r"big\.png: 20x20 is over the 399-pixel limit"),
+]
+
+
+@pytest.mark.parametrize(
+    ("make", "kind", "message"), [c[1:] for c in FILE_PROBLEMS], ids=[c[0] for c in FILE_PROBLEMS]
+)
+def test_bad_files_name_themselves_in_loading_and_in_prepare(
+    tmp_path: Path, monkeypatch, make, kind, message
+) -> None:
+    monkeypatch.setattr(data_prep.images, "MAX_PIXELS", 399)  # the one limit prepare and loading share
+    path = make(tmp_path)
+    with pytest.raises(ImageError, match=message):
         load_image(path)
+    found_kind, found_message = check_image(path)
+    assert found_kind == kind and str(path) in found_message
+    # the message `vicap prepare` gives is the loader's reason, with the file named
+    assert re.search(message.split(": ", 1)[-1], found_message)
+
+
+def test_pixel_limit_is_not_below_real_images(tmp_path: Path) -> None:
+    path = _save(Image.new("RGB", (20, 20)), tmp_path / "big.png")
+    assert load_image(path).size == (20, 20) and check_image(path) is None

@@ -9,8 +9,8 @@ rest go on; with `strict=True` the first one raises `ImageError` instead.
 from __future__ import annotations
 
 import csv
-import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -21,6 +21,9 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from data_prep.images import walk_images
+from data_prep.manifest import read_manifest
+from data_prep.textio import json_text, safe_text
 from vicap.encoders import load_encoder
 from vicap.features import _collate, _Images
 from vicap.generate import Caption, generate
@@ -29,42 +32,32 @@ from vicap.runs import load_run
 
 log = logging.getLogger(__name__)
 
-# What a folder is searched for (case-insensitive). A file named on the command line is tried whatever
-# its name, so an image without one of these suffixes can still be captioned.
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
+def collect_images(paths: Iterable[str | Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Image files from files, folders and manifests (`.jsonl` written by `vicap prepare`: every
+    record's image), without duplicates; and what a folder walk could not read, as (path, message).
 
-def _hidden(path: Path, root: Path) -> bool:
-    # dot-files and dot-folders: macOS "._x.jpg" AppleDouble files are not images, .git is not data
-    return any(part.startswith(".") for part in path.relative_to(root).parts)
-
-
-def collect_images(paths: Iterable[str | Path]) -> list[Path]:
-    """Image files from files, folders (recursive, by suffix, sorted, hidden entries skipped) and
-    manifests (`.jsonl` written by `vicap prepare`: every record's image), without duplicates.
-
-    A path that does not exist is kept: captioning reports it as a bad file like any other.
+    Folders are walked by `data_prep.images.walk_images` (recursive, by suffix, sorted, hidden
+    entries skipped, links followed, unreadable folders and link loops returned by name). A named
+    file that does not exist or cannot be opened is kept: captioning reports it like any bad file.
     """
-    from data_prep.manifest import read_manifest
-
     found: list[Path] = []
+    unwalkable: list[tuple[Path, str]] = []
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            found += sorted(
-                p
-                for p in path.rglob("*")
-                if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not _hidden(p, path)
-            )
+            scan = walk_images(path)
+            found += scan.images
+            unwalkable += [(p, f"{p}: {reason}") for _, p, reason in scan.skipped]
         elif path.suffix.lower() == ".jsonl" and path.is_file():
             manifest = read_manifest(path)
             found += [manifest.resolve_image(r) for r in manifest.records]
         else:
             found.append(path)
-    unique: dict[Path, Path] = {}
+    unique: dict[str, Path] = {}
     for p in found:
-        unique.setdefault(p.resolve(), p)
-    return list(unique.values())
+        unique.setdefault(os.path.realpath(p), p)  # not Path.resolve(): it raises on a link loop
+    return list(unique.values()), unwalkable
 
 
 def pick_device(setting: str) -> torch.device:
@@ -94,7 +87,8 @@ def caption_images(
     """Caption every image found in `paths` (see `collect_images`), yielding rows in input order.
 
     A row is {"image", "caption", "score"} (plus "n_best": [{"caption", "score"}, ...] when
-    generate.n_best > 1), or {"image", "error"} for a file that could not be used. Generation settings
+    generate.n_best > 1), or {"image", "error"} for a file that could not be used (first, those
+    for what a folder walk could not read: an unreadable sub-folder, a link loop). Generation settings
     come from the run's recipe with `overrides` (e.g. "generate.beam_size=3") applied.
     `num_workers` image-decoding processes run ahead of the model (0: decode in this process);
     `progress=None` shows a bar only on a terminal. Encoding and decoding run on `device` (default:
@@ -104,10 +98,14 @@ def caption_images(
 
     run = load_run(run_dir, overrides)
     recipe, cfg = run.recipe, run.recipe.generate
-    images = collect_images(paths)
+    images, unwalkable = collect_images(paths)
     dev = resolve_device(device or recipe.train.device, key="--device" if device else "train.device")
     encoder = load_encoder(recipe.encoder).to(dev)
     model = run.model.to(dev).eval()
+    for path, err in unwalkable:
+        if strict:
+            raise ImageError(err)
+        yield {"image": str(path), "error": err}
     loader = DataLoader(
         _Images(images, encoder.preprocess),
         batch_size=cfg.batch_size,
@@ -147,6 +145,8 @@ def caption_images(
 
 # ---------------------------------------------------------------------------------------- output files
 
+# Output files are UTF-8 whatever the file names: a name that is not UTF-8 is written with `\udcXX`
+# escapes (data_prep/textio.py), in JSON as JSON's own escape, which reads back as the same name.
 OUTPUT_SUFFIXES = (".jsonl", ".csv")
 
 
@@ -167,7 +167,7 @@ class _CsvRows:
         values = [row["image"], row["caption"], row["score"]]
         for c in extra:
             values += [c["caption"], c["score"]]
-        self.writer.writerow(values)
+        self.writer.writerow([safe_text(v) if isinstance(v, str) else v for v in values])
 
 
 class _JsonRows:
@@ -175,7 +175,7 @@ class _JsonRows:
         self.f = f
 
     def write(self, row: dict) -> None:
-        self.f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.f.write(json_text(row) + "\n")
 
 
 @dataclass

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-# Decompression-bomb guard: PIL warns at ~89 MP and raises at twice that; vicap refuses above this.
-MAX_PIXELS = 100_000_000
+# One set of file and size checks (missing, link loop, not a regular file, the 100 MP limit) for
+# `vicap prepare` and every stage that loads images.
+from data_prep.images import file_problem, pixel_problem
 
 
 class ImageError(ValueError):
@@ -30,16 +31,18 @@ def _high_bit_depth_to_l(im: Image.Image) -> Image.Image:
 
 def load_image(path: str | Path) -> Image.Image:
     path = Path(path)
-    if not path.is_file():
-        raise ImageError(f"{path}: image file not found")
+    problem = file_problem(path)
+    if problem is not None:
+        raise ImageError(f"{path}: {problem[1]}")
     try:
         with warnings.catch_warnings():
             # vicap refuses over-limit images itself (below), with the file's name; PIL's warning is noise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(path)
         with im:
-            if im.width * im.height > MAX_PIXELS:
-                raise ImageError(f"{path}: {im.width}x{im.height} is over the {MAX_PIXELS:,}-pixel limit")
+            too_big = pixel_problem(im.width, im.height)
+            if too_big:
+                raise ImageError(f"{path}: {too_big}")
             im.load()  # decode now so truncated files fail here, not inside a batch
             im = ImageOps.exif_transpose(im)
             if im.mode == "I" or im.mode.startswith("I;16"):

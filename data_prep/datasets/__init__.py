@@ -10,11 +10,20 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from data_prep.datasets.base import Adapter, AdapterFn, AdapterOutput, RawCaption, RawImage, build_records
+from data_prep.datasets.base import (
+    MAX_CAPTION_CHARS,
+    Adapter,
+    AdapterFn,
+    AdapterOutput,
+    RawCaption,
+    RawImage,
+    build_records,
+)
 from data_prep.languages import get_language
 from data_prep.manifest import write_manifest
 from data_prep.report import DataError, PrepareReport, Problem
@@ -81,25 +90,35 @@ def prepare(
     val_fraction: float = 0.0,
     seed: int = 0,
     check_images: bool = True,
+    max_caption_chars: int | None = MAX_CAPTION_CHARS,
     **options,
 ) -> PrepareReport:
     """Read `source` with `adapter`, write the manifest to `out`, return what was found.
 
     Bad items are skipped and listed in the report; with `strict=True` any problem raises
-    `DataError` (carrying the report) and no manifest is written.
+    `DataError` (carrying the report) and no manifest is written. Captions longer than
+    `max_caption_chars` characters are skipped as `long_caption` (None: no limit).
     """
     start = time.perf_counter()
     ad = get_adapter(adapter)
     options = {k: v for k, v in options.items() if v is not None}
     _check_options(ad, options)
     source, out = Path(source), Path(out)
-    if not source.exists():
-        raise FileNotFoundError(f"dataset source not found: {source}")
+    try:
+        os.stat(source)
+    except OSError as err:  # not found, a symbolic link loop, no permission
+        raise FileNotFoundError(f"dataset source not found: {source} ({err.strerror})") from None
     lang = get_language(language or ad.language)
 
     raw = ad.fn(source, **options)
     records, problems, counts = build_records(
-        raw, lang, out, check=check_images, val_fraction=val_fraction, seed=seed
+        raw,
+        lang,
+        out,
+        check=check_images,
+        val_fraction=val_fraction,
+        seed=seed,
+        max_caption_chars=max_caption_chars,
     )
     splits: dict[str, dict[str, int]] = {}
     for r in records:

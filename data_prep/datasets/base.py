@@ -20,8 +20,12 @@ from data_prep.images import check_images
 from data_prep.languages import Language
 from data_prep.manifest import Record, relative_image_path
 from data_prep.report import Problem
+from data_prep.textio import SURROGATES
 
 log = logging.getLogger(__name__)
+
+# Longest caption kept, in characters: a one- or two-sentence caption is well under it.
+MAX_CAPTION_CHARS = 500
 
 
 @dataclass
@@ -97,8 +101,16 @@ def build_records(
     check: bool = True,
     val_fraction: float = 0.0,
     seed: int = 0,
+    max_caption_chars: int | None = MAX_CAPTION_CHARS,
 ) -> tuple[list[Record], list[Problem], dict[str, int]]:
-    """Validate and normalize adapter output into records; every dropped item becomes a Problem."""
+    """Validate and normalize adapter output into records; every dropped item becomes a Problem.
+
+    A caption longer than `max_caption_chars` characters (after normalization; None: no limit) is
+    skipped as `long_caption`: such text is mostly rows run together or a pasted paragraph, and
+    training would cut it at the LM's length limit anyway.
+    """
+    if max_caption_chars is not None and max_caption_chars < 1:
+        raise ValueError(f"max_caption_chars must be at least 1 (or None: no limit), got {max_caption_chars}")
     problems = list(raw.problems)
     counts = {
         "images_read": len(raw.images),
@@ -138,6 +150,10 @@ def build_records(
             # Whitespace or punctuation only ("`", "]" occur in UIT-ViIC): nothing to learn from.
             skip_caption("empty_caption", c, f"caption {c.caption_id!r} has no words: {c.text!r}")
             continue
+        if SURROGATES.search(c.text):
+            # JSON allows "\ud800" escapes that stand for no character; no tokenizer can read them
+            skip_caption("invalid_text", c, f"caption {c.caption_id!r} holds a lone surrogate: {c.text!r}")
+            continue
         if not T.is_nfc(c.text):
             problems.append(
                 Problem("nfd_text", c.file, c.where, f"caption {c.caption_id!r} not NFC", "fixed")
@@ -150,6 +166,14 @@ def build_records(
                 "unexpected_script",
                 c,
                 f"caption {c.caption_id!r} has {'/'.join(sorted(stray))} letters: {text!r}",
+            )
+            continue
+        if max_caption_chars is not None and len(text) > max_caption_chars:
+            skip_caption(
+                "long_caption",
+                c,
+                f"caption {c.caption_id!r} has {len(text)} characters, over the limit of "
+                f"{max_caption_chars}: {text[:60]!r}...",
             )
             continue
         caps[c.image_id].append((c.caption_id, text))

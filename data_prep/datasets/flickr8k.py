@@ -16,6 +16,8 @@ from pathlib import Path
 
 from data_prep.datasets import register_adapter
 from data_prep.datasets.base import AdapterOutput, RawCaption, RawImage
+from data_prep.datasets.jsonio import SourceError
+from data_prep.textio import text_lines
 
 TOKEN_FILE = "Flickr8k.token.txt"
 SPLIT_FILES = {
@@ -33,8 +35,8 @@ def _default_images(root: Path) -> Path:
 
 
 def _lines(path: Path) -> list[tuple[int, str]]:
-    text = path.read_text(encoding="utf-8-sig")
-    return [(n, line.rstrip("\r")) for n, line in enumerate(text.split("\n"), start=1) if line.strip()]
+    lines = enumerate(text_lines(path, SourceError), start=1)
+    return [(n, line.rstrip("\r\n")) for n, line in lines if line.strip()]
 
 
 @register_adapter("flickr8k", language="en")

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from data_prep.datasets.base import AdapterOutput, RawCaption, RawImage
+from data_prep.textio import text_lines
 
 
 class SourceError(ValueError):
@@ -14,13 +15,11 @@ class SourceError(ValueError):
 
 
 def load_json(path: Path) -> object:
-    """Parse a JSON file (UTF-8, BOM tolerated)."""
+    """Parse a JSON file (UTF-8, BOM tolerated; a file that is not UTF-8 is named with line and byte)."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8-sig"))
+        return json.loads("".join(text_lines(path, SourceError)))
     except json.JSONDecodeError as err:
         raise SourceError(f"{path}:{err.lineno}:{err.colno}: invalid JSON ({err.msg})") from None
-    except UnicodeDecodeError as err:
-        raise SourceError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
 
 
 def read_images_annotations(

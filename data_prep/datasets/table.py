@@ -10,63 +10,92 @@ without a header row is read as ``image<TAB>caption``.
 from __future__ import annotations
 
 import csv
-import io
+import itertools
 import json
 from collections.abc import Iterator
 from pathlib import Path
 
 from data_prep.datasets import register_adapter
-from data_prep.datasets.base import AdapterOutput, RawCaption, RawImage, canonical_split
+from data_prep.datasets.base import AdapterOutput, RawCaption, RawImage, canonical_split, source_name
+from data_prep.datasets.jsonio import SourceError
+from data_prep.images import walk_images
+from data_prep.textio import text_lines
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 CAPTION_FILES = ("captions.csv", "captions.tsv", "captions.jsonl", "captions.txt")
 
 
-def _rows(
+def _json_rows(path: Path, out: AdapterOutput) -> Iterator[tuple[int, dict]]:
+    for n, line in enumerate(text_lines(path, SourceError), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            out.problem("bad_entry", path.name, f"line {n}", f"invalid JSON ({err.msg})")
+            continue
+        if not isinstance(row, dict):
+            out.problem("bad_entry", path.name, f"line {n}", "expected a JSON object")
+            continue
+        yield n, row
+
+
+def _csv_rows(
     path: Path, image_column: str, caption_column: str, out: AdapterOutput
 ) -> Iterator[tuple[int, dict]]:
-    """(line number, row dict) for each row; unparseable rows become problems."""
-    text = path.read_text(encoding="utf-8-sig")
+    lines = text_lines(path, SourceError)
+    first = next(lines, "")
     suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".ndjson"):
-        for n, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                out.problem("bad_entry", path.name, f"line {n}", f"invalid JSON ({err.msg})")
-                continue
-            if not isinstance(row, dict):
-                out.problem("bad_entry", path.name, f"line {n}", "expected a JSON object")
-                continue
-            yield n, row
-        return
-    first = text.split("\n", 1)[0]
     delimiter = "\t" if suffix == ".tsv" or (suffix == ".txt" and "\t" in first) else ","
-    reader = csv.reader(io.StringIO(text), delimiter=delimiter)
+    # strict: a stray quote is an error for its row instead of gluing the rows after it into one field
+    reader = csv.reader(itertools.chain([first], lines), delimiter=delimiter, strict=True)
     header = next(reader, None)
     if header is None:
         return
     header = [h.strip() for h in header]
     if image_column not in header:
         if len(header) == 2:  # headerless image,caption
-            yield reader.line_num, {image_column: header[0], caption_column: header[1]}
+            yield 1, {image_column: header[0], caption_column: header[1]}
             header = [image_column, caption_column]
         else:
-            raise ValueError(f"{path}:1: no column {image_column!r} in header {header}")
-    for row in reader:
-        if not any(cell.strip() for cell in row):
+            raise SourceError(f"{path}:1: no column {image_column!r} in header {header}")
+    if caption_column not in header:
+        raise SourceError(
+            f"{path}:1: no column {caption_column!r} in header {header}; name the caption column "
+            "with --option caption_column=NAME"
+        )
+    while True:
+        n = reader.line_num + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:  # a quote left open to the end of the file, or text after a closing quote
+            why = (
+                "a quote opened here is never closed"
+                if "end of data" in str(err)
+                else f"cannot parse the row ({err})"
+            )
+            out.problem("bad_entry", path.name, _lines(n, reader.line_num), f"{why}; these lines are skipped")
             continue
-        if len(row) != len(header):
+        if reader.line_num > n and any("\n" in cell for cell in row):
+            # A quote opened in one row and closed rows later: the rows in between became one field.
             out.problem(
                 "bad_entry",
                 path.name,
-                f"line {reader.line_num}",
-                f"{len(row)} fields, header has {len(header)}",
+                _lines(n, reader.line_num),
+                "a quoted field runs over several lines (a quote left open?); these lines are skipped",
             )
             continue
-        yield reader.line_num, dict(zip(header, row, strict=True))
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) != len(header):
+            out.problem("bad_entry", path.name, f"line {n}", f"{len(row)} fields, header has {len(header)}")
+            continue
+        yield n, dict(zip(header, row, strict=True))
+
+
+def _lines(start: int, end: int) -> str:
+    return f"line {start}" if end <= start else f"lines {start}-{end}"
 
 
 def read_table_into(
@@ -76,19 +105,34 @@ def read_table_into(
     *,
     image_column: str = "image",
     caption_column: str = "caption",
-    split_column: str = "split",
+    split_column: str | None = None,
     id_column: str | None = None,
 ) -> dict[str, RawImage]:
-    """Read a caption table into `out`; returns the images it named, by image id."""
+    """Read a caption table into `out`; returns the images it named, by image id.
+
+    `split_column` None reads a "split" column when there is one; a column named explicitly
+    (caption, split, id) that no row has is an error, not a default.
+    """
     by_image: dict[str, RawImage] = {}
-    for n, row in _rows(path, image_column, caption_column, out):
+    if path.suffix.lower() in (".jsonl", ".ndjson"):
+        rows = _json_rows(path, out)
+    else:
+        rows = _csv_rows(path, image_column, caption_column, out)
+    keys_seen: set[str] = set()
+    for n, row in rows:
         where = f"line {n}"
+        keys_seen |= row.keys()
+        if caption_column not in row:  # a JSONL row without it (a CSV header is checked once)
+            out.problem(
+                "bad_entry", path.name, where, f"no {caption_column!r} key; the row has {sorted(row)}"
+            )
+            continue
         image = row.get(image_column)
         if not isinstance(image, str) or not image.strip():
             out.problem("bad_entry", path.name, where, f"no {image_column!r} value")
             continue
         image_id = image.strip()
-        split = canonical_split(str(row.get(split_column) or "train"))
+        split = canonical_split(str(row.get(split_column or "split") or "train"))
         if image_id not in by_image:
             by_image[image_id] = RawImage(image_id, images / image_id, split, path.name, where)
             out.images.append(by_image[image_id])
@@ -108,6 +152,12 @@ def read_table_into(
         for k, cap in enumerate(caps):
             cap_id = base_id if len(caps) == 1 else f"{base_id}#{k}"
             out.captions.append(RawCaption(cap_id, image_id, cap, path.name, where))
+    missing = [c for c in (caption_column, split_column, id_column) if c and keys_seen and c not in keys_seen]
+    if missing:
+        raise SourceError(
+            f"{path}: no row has column(s) {', '.join(map(repr, missing))}; its columns are "
+            f"{sorted(keys_seen)}; name the right ones with --option caption_column=NAME (split_column, id_column)"
+        )
     return by_image
 
 
@@ -118,7 +168,7 @@ def read_table(
     images: Path | None = None,
     image_column: str = "image",
     caption_column: str = "caption",
-    split_column: str = "split",
+    split_column: str | None = None,
     id_column: str | None = None,
 ) -> AdapterOutput:
     """A CSV/TSV/JSONL file of image,caption rows (optional split and id columns); images under --images."""
@@ -146,7 +196,7 @@ def read_folder(
     captions_file: str | None = None,
     image_column: str = "image",
     caption_column: str = "caption",
-    split_column: str = "split",
+    split_column: str | None = None,
     id_column: str | None = None,
 ) -> AdapterOutput:
     """A folder of images with a captions file (captions.csv/.tsv/.jsonl/.txt); uncaptioned images are reported."""
@@ -171,11 +221,14 @@ def read_folder(
         split_column=split_column,
         id_column=id_column,
     )
-    # Every image file in the folder is data; one without a caption is reported, not ignored.
+    # Every image file in the folder is data; one without a caption is reported, not ignored, and so
+    # is what could not be walked (an unreadable sub-folder, a symbolic link loop).
     named_paths = {im.path for im in named.values()}
-    for path in sorted(image_root.rglob("*")):
-        if path.suffix.lower() in IMAGE_SUFFIXES and path not in named_paths:
-            rel = path.relative_to(image_root).as_posix()
-            if rel not in named:
-                out.images.append(RawImage(rel, path, "train", rel, "-"))
+    scan = walk_images(image_root)
+    for path in scan.images:
+        rel = path.relative_to(image_root).as_posix()
+        if path not in named_paths and rel not in named:
+            out.images.append(RawImage(rel, path, "train", rel, "-"))
+    for kind, path, reason in scan.skipped:
+        out.problem(kind, source_name(path, image_root), "-", f"{path}: {reason}")
     return out
