@@ -2,8 +2,9 @@
 
 The run is made by the demo's own code (`vicap.demo.run_demo`: synthetic KTVIC-layout data, the
 stand-in tiny GPT-2 and CLIP, the demo recipe, training, evaluation), at a small size so it takes
-seconds. One server serves it for the whole module, with a 256 KiB upload limit so the over-size
-case needs no large file.
+seconds. One server serves it for the whole module, with small limits (256 KiB uploads, 2,000
+reference characters, 8 reference lines, 3 images a batch) so the over-limit cases need no large
+input, and its own Gradio cache folder, so the tests can see every file a request leaves.
 
 Needs the serve extra (gradio, playwright) and Debian's chromium at /usr/bin/chromium; skipped
 without them outside CI (`.ci/install-serve-deps` installs all three; under CI=true a missing one
@@ -15,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -22,6 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+
+from tests.test_serve_parts import png_header
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -47,6 +51,7 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 UPLOAD_LIMIT = 256 * 1024
+LIMITS = dict(upload_bytes=UPLOAD_LIMIT, reference_chars=2000, reference_lines=8, batch_files=3)
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).is_file(), reason=f"no chromium at {CHROMIUM}")
 
 
@@ -98,22 +103,37 @@ def second_run(demo_out: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(demo_out: Path, second_run: Path):
-    """The demo run and a second run served side by side on a free localhost port in a background
-    thread; both loaded once."""
-    from vicap.serve import build_app, launch_options
+def gradio_cache(tmp_path_factory):
+    """The server's Gradio cache folder (uploads, webcam photos, CSVs), for this module only."""
+    cache = tmp_path_factory.mktemp("gradio-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GRADIO_TEMP_DIR", str(cache))
+        yield cache
 
-    demo = build_app([demo_out / "runs" / "demo", second_run], max_upload_bytes=UPLOAD_LIMIT)
+
+def _launch(run_dirs: list[Path]):
+    """`vicap serve`'s app for the runs, on a free localhost port in a background thread: (app, url)."""
+    from vicap.serve import Limits, build_app, launch_options
+
+    limits = Limits(**LIMITS)
+    demo = build_app(run_dirs, limits=limits)
     port = _free_port()
     demo.launch(
         server_name="127.0.0.1",
         server_port=port,
         prevent_thread_lock=True,
         quiet=True,
-        **launch_options(UPLOAD_LIMIT),
+        **launch_options(limits),
     )
+    return demo, f"http://127.0.0.1:{port}/"
+
+
+@pytest.fixture(scope="module")
+def server(demo_out: Path, second_run: Path, gradio_cache: Path):
+    """The demo run and a second run served side by side; both loaded once."""
+    demo, url = _launch([demo_out / "runs" / "demo", second_run])
     try:
-        yield f"http://127.0.0.1:{port}/"
+        yield url
     finally:
         demo.close()
 
@@ -382,3 +402,159 @@ def test_webcam_photo_is_captioned(webcam_page) -> None:
     assert _cell(pg, 0, 1) and _cell(pg, 1, 1)
     ARTIFACTS.mkdir(exist_ok=True)
     pg.screenshot(path=str(ARTIFACTS / "serve-webcam.png"), full_page=True)
+
+
+REFERENCE_CASES = [
+    # (case, reference typed in the box, what the message says)
+    (
+        "one character over",
+        "x" * 2001,
+        "Error: the reference text is 2,001 characters, over this server's limit of 2,000",
+    ),
+    (
+        "one line over",
+        "con mèo\n" * 9,
+        "Error: the reference text has 9 captions (non-blank lines), over this server's limit of 8",
+    ),
+    ("only spaces", "     ", "The reference box holds only blank space, so nothing was scored."),
+    (
+        "hundreds of empty lines",
+        "\n" * 500,
+        "The reference box holds only blank space, so nothing was scored.",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "reference", "expected"), REFERENCE_CASES, ids=[c[0] for c in REFERENCE_CASES]
+)
+def test_reference_text_over_the_limits_is_refused_on_the_page(
+    case, reference, expected, page, test_images
+) -> None:
+    assert "up to 8 lines and 2,000 characters" in page.locator("#vicap-reference").inner_text()
+    _upload(page, test_images[0])
+    page.locator("#vicap-reference textarea").fill(reference)
+    assert page.locator("#vicap-reference textarea").input_value() == reference  # the box cuts nothing
+    msg = _run_and_wait(page, "#vicap-run", "#vicap-message", expected)
+    if msg.startswith("Error:"):
+        assert msg.endswith("nothing was captioned."), msg
+        assert not page.locator('#vicap-results [role=gridcell][data-testid="cell-0-0"]').count()
+    else:  # captioned, unscored
+        assert msg.startswith("Captioned") and _cell(page, 0, 1) and _cell(page, 0, 2) == ""
+
+
+def _files(root: Path) -> set[Path]:
+    return {p.relative_to(root) for p in root.rglob("*") if p.is_file()}
+
+
+API_CASES = [
+    # (case, endpoint, its inputs (files by name; "captioned": the upload is used, the webcam's ignored),
+    #  the message, CSV files the request leaves)
+    (
+        "webcam: not an image",
+        "/caption",
+        (None, "notes.png", ""),
+        r"^\*\*Error:\*\* notes.png: unreadable image",
+        0,
+    ),
+    (
+        "webcam: 144 MP in a small file",
+        "/caption",
+        (None, "huge.png", ""),
+        r"^\*\*Error:\*\* huge.png: 12000x12000 is over the 100,000,000-pixel limit$",
+        0,
+    ),
+    ("upload: 144 MP", "/caption", ("huge.png", None, ""), r"huge.png: 12000x12000 is over", 0),
+    ("reference over the limit", "/caption", ("good.jpg", None, "x" * 2001), r"2,001 characters, over", 0),
+    ("captioned", "/caption", ("good.jpg", "huge.png", "con mèo"), r"^Captioned good\.jpg", 0),
+    (
+        "batch over the limit",
+        "/caption_batch",
+        (["good.jpg"] * 4,),
+        r"4 images is over this server's limit of 3",
+        0,
+    ),
+    (
+        "batch with a bad file",
+        "/caption_batch",
+        (["good.jpg", "notes.png"],),
+        r"^Captioned 1 of 2 image\(s\)",
+        1,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "endpoint", "inputs", "expected", "n_csv"), API_CASES, ids=[c[0] for c in API_CASES]
+)
+def test_requests_name_files_never_server_paths_and_leave_only_their_uploads(
+    case, endpoint, inputs, expected, n_csv, server: str, gradio_cache: Path, test_images, tmp_path: Path
+) -> None:
+    from gradio_client import Client, handle_file
+
+    (tmp_path / "notes.png").write_text("not an image\n")
+    (tmp_path / "huge.png").write_bytes(png_header(12000, 12000))
+    shutil.copy(test_images[0], tmp_path / "good.jpg")
+
+    def file(name):
+        return None if name is None else handle_file(str(tmp_path / name))
+
+    if endpoint == "/caption":
+        args = [file(inputs[0]), file(inputs[1]), "greedy", 1, 1.0, 1.0, inputs[2]]
+    else:
+        args = [[file(n) for n in inputs[0]], "greedy", 1, 1.0, 1.0]
+    before = _files(gradio_cache)
+    out = Client(server, verbose=False).predict(*args, api_name=endpoint)
+    message = out[1]
+    assert re.search(expected, message), message
+    assert "/" not in message.replace("(s)", "")  # no path of any kind
+    left = _files(gradio_cache) - before
+    uploads = {p for p in left if len(p.parts) == 2 and p.parts[1] in {"good.jpg", "notes.png", "huge.png"}}
+    csvs = {p for p in left if len(p.parts) == 1 and re.fullmatch(r"captions-\w+\.csv", p.name)}
+    assert left == uploads | csvs and len(csvs) == n_csv, sorted(left)
+
+
+def test_webcam_photo_over_the_pixel_limit_is_refused_before_it_is_decoded(webcam_page, monkeypatch) -> None:
+    from PIL import ImageFile
+
+    import vicap.images
+
+    monkeypatch.setattr(vicap.images, "MAX_PIXELS", 1000)  # any camera frame is over it
+    decoded = []
+    load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda im: decoded.append(im.size) or load(im))
+    pg = webcam_page
+    pg.locator("#vicap-webcam").get_by_text("Click to Access Webcam").click()
+    pg.wait_for_function(
+        "() => { const v = document.querySelector('#vicap-webcam video');"
+        " return v && v.readyState >= 2 && v.videoWidth > 0; }"
+    )
+    pg.locator(
+        "#vicap-webcam button[aria-label*='apture'], #vicap-webcam button.button-capture, "
+        "#vicap-webcam [data-testid=capture-button]"
+    ).first.click()
+    pg.locator("#vicap-webcam img:visible").first.wait_for()
+    msg = _run_and_wait(pg, "#vicap-run", "#vicap-message", "pixel limit")
+    assert re.fullmatch(r"Error: [\w.-]+\.png: \d+x\d+ is over the 1,000-pixel limit", msg), msg
+    assert decoded == []  # neither Gradio nor vicap decoded the photo to refuse it
+
+
+def test_the_server_deletes_its_files_when_it_stops(
+    demo_out: Path, gradio_cache: Path, test_images, tmp_path
+) -> None:
+    from gradio_client import Client, handle_file
+
+    cache = tmp_path / "cache"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GRADIO_TEMP_DIR", str(cache))
+        demo, url = _launch([demo_out / "runs" / "demo"])
+        try:
+            client = Client(url, verbose=False)
+            image = handle_file(str(test_images[2]))
+            _, msg, csv_path = client.predict([image], "greedy", 1, 1.0, 1.0, api_name="/caption_batch")
+            _, msg2, _ = client.predict(image, None, "greedy", 1, 1.0, 1.0, "", api_name="/caption")
+            assert msg.startswith("Captioned 1 of 1") and msg2.startswith("Captioned"), (msg, msg2)
+            assert {p.suffix for p in _files(cache)} == {".jpg", ".csv"}
+        finally:
+            demo.close()
+    assert _files(cache) == set()

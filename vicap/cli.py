@@ -383,6 +383,13 @@ def serve(
     host: str = typer.Option("127.0.0.1", "--host", help="interface to listen on (0.0.0.0: all)"),
     port: int = typer.Option(7860, "--port", help="port to listen on"),
     max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", min=0.001, help="largest image accepted"),
+    max_reference_chars: int = typer.Option(
+        10_000, "--max-reference-chars", min=1, help="most characters in the reference box (more: refused)"
+    ),
+    max_reference_lines: int = typer.Option(
+        50, "--max-reference-lines", min=1, help="most reference captions, one per line (more: refused)"
+    ),
+    max_batch_files: int = typer.Option(64, "--max-batch-files", min=1, help="most images per batch request"),
     verbose: bool = typer.Option(False, "-v", "--verbose"),
 ) -> None:
     """A web page for trying runs: upload an image, compare captions, score against a reference."""
@@ -391,10 +398,17 @@ def serve(
         import gradio  # noqa: F401
     except ImportError:
         _fail(UserError('vicap serve needs the serve extra: pip install -e ".[serve]"'))
+    from vicap.serve import Limits
     from vicap.serve import serve as serve_app
 
+    limits = Limits(
+        upload_bytes=int(max_upload_mb * 2**20),
+        reference_chars=max_reference_chars,
+        reference_lines=max_reference_lines,
+        batch_files=max_batch_files,
+    )
     try:
-        serve_app(run_dirs, host=host, port=port, max_upload_mb=max_upload_mb)
+        serve_app(run_dirs, host=host, port=port, limits=limits)
     except _user_errors() as e:
         _fail(e)
 

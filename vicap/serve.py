@@ -12,7 +12,11 @@ requests reuse them. The page has:
 - Batch: several images at once, one row per image and run, downloadable as CSV.
 
 Scripts use Gradio's API: endpoints `/caption` and `/caption_batch` (see the page's "Use via API").
-Bad input (no file, not an image, truncated, too large) is a message on the page; the server goes on.
+Bad input (no file, not an image, truncated, too large, too much reference text, too many files) is a
+message on the page that names the file by its own name, never a server path; the server goes on.
+What one request may hand in is capped (`Limits`, each a `vicap serve` option), and checked before
+any work: an image's bytes, then its header's pixel count, before it is decoded. The server's files
+(uploads, CSVs) live in Gradio's cache, which it sweeps (`CACHE_SWEEP`) and empties at shutdown.
 Requests are queued, one at a time per event, so the models are never run concurrently.
 """
 
@@ -40,13 +44,36 @@ from vicap.runs import Run, load_run
 
 log = logging.getLogger(__name__)
 
-MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # per image; larger uploads are refused with a message
-MAX_BATCH = 64  # images per batch request
+# Every CACHE_SWEEP[0] seconds Gradio deletes this server's cached files (uploads, webcam photos, CSVs)
+# older than CACHE_SWEEP[1] seconds, and all of them at shutdown: an hour is long enough to read a
+# result and download its CSV, and uploads no longer pile up on the server's disk.
+CACHE_SWEEP = (600, 3600)
 STRATEGIES = ("greedy", "beam", "sample")
 SCORE_COLUMNS = ("BLEU-4", "CIDEr-D", "chrF")
 CAPTION_HEADERS = ["run", "caption", *SCORE_COLUMNS, "time (s)", "recipe"]
 CAPTION_WIDTHS = ["9%", "33%", "8%", "8%", "7%", "7%", "28%"]
 BATCH_HEADERS = ["image", "run", "caption", "time (s)", "error"]
+
+
+class RequestError(ValueError):
+    """A request the page refuses; the message is fit for the page (no server paths)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may hand the server; each is a `vicap serve` option. Scoring typed references
+    costs memory and time that grow with the text (6.8 MB of it took 3 GB and 26 s, most of the
+    memory never returned), so the reference box is capped well above any real use."""
+
+    upload_bytes: int = 20 * 2**20  # per image (--max-upload-mb)
+    reference_chars: int = 10_000  # characters in the reference box, newlines included
+    reference_lines: int = 50  # reference captions (non-blank lines)
+    batch_files: int = 64  # images per batch request
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) < 1:
+                raise ValueError(f"limit {f.name} must be at least 1, not {getattr(self, f.name)}")
 
 
 def _short(name: str) -> str:
@@ -141,12 +168,12 @@ def decoding_config(
 ) -> GenerateConfig:
     """The run's [generate] settings with the page's decoding controls applied."""
     if strategy not in STRATEGIES:
-        raise ValueError(f"decoding must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
+        raise RequestError(f"decoding must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
     beam_size = int(beam_size)
     if strategy == "beam" and not 1 <= beam_size <= 16:
-        raise ValueError(f"beam size must be between 1 and 16, not {beam_size}")
+        raise RequestError(f"beam size must be between 1 and 16, not {beam_size}")
     if strategy == "sample" and not (float(temperature) > 0 and 0 < float(top_p) <= 1):
-        raise ValueError("sampling needs temperature > 0 and 0 < top-p <= 1")
+        raise RequestError("sampling needs temperature > 0 and 0 < top-p <= 1")
     return dataclasses.replace(
         base,
         strategy=strategy,
@@ -158,7 +185,7 @@ def decoding_config(
     )
 
 
-def check_upload(path: str | Path | None, max_bytes: int = MAX_UPLOAD_BYTES) -> Path:
+def check_upload(path: str | Path | None, max_bytes: int = Limits.upload_bytes) -> Path:
     """The upload's path, or ImageError with a message fit for the page."""
     if path is None or str(path) == "":
         raise ImageError("No image: upload a photo (or take one with the webcam) first.")
@@ -171,6 +198,24 @@ def check_upload(path: str | Path | None, max_bytes: int = MAX_UPLOAD_BYTES) -> 
             f"{path.name}: {size / 2**20:.1f} MB is over the {max_bytes / 2**20:g} MB upload limit."
         )
     return path
+
+
+def read_references(text: str | None, limits: Limits = Limits()) -> list[str]:
+    """The typed reference captions, one per non-blank line, or RequestError when the box holds more
+    than the server takes (checked on the raw text first, before anything is split or copied)."""
+    text = text or ""
+    if len(text) > limits.reference_chars:
+        raise RequestError(
+            f"the reference text is {len(text):,} characters, over this server's limit of "
+            f"{limits.reference_chars:,} (vicap serve --max-reference-chars); nothing was captioned."
+        )
+    references = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(references) > limits.reference_lines:
+        raise RequestError(
+            f"the reference text has {len(references):,} captions (non-blank lines), over this server's "
+            f"limit of {limits.reference_lines:,} (vicap serve --max-reference-lines); nothing was captioned."
+        )
+    return references
 
 
 def score_caption(lr: LoadedRun, caption: str, references: list[str]) -> dict[str, float]:
@@ -216,13 +261,14 @@ def caption_image(
     top_p: float = 1.0,
     reference: str = "",
     *,
-    max_bytes: int = MAX_UPLOAD_BYTES,
+    limits: Limits = Limits(),
 ) -> tuple[list[list], str]:
-    """One image through every run: (table rows as CAPTION_HEADERS, message). Raises ImageError/ValueError.
+    """One image through every run: (table rows as CAPTION_HEADERS, message). Raises ImageError or
+    RequestError (checked before any image is decoded).
 
     `reference`: optional reference caption(s), one per line."""
-    image = load_image(check_upload(path, max_bytes))
-    references = [line.strip() for line in (reference or "").splitlines() if line.strip()]
+    references = read_references(reference, limits)
+    image = load_image(check_upload(path, limits.upload_bytes))  # bytes, then the header's pixels
     rows, features = [], {}
     for lr in runs:
         cfg = decoding_config(lr.recipe.generate, strategy, beam_size, temperature, top_p)
@@ -241,6 +287,8 @@ def caption_image(
             f' Scored against your reference "{first}"{more} on each run\'s language tokens; '
             "CIDEr-D: " + "; ".join(f"{lr.name}: {lr.cider_note}" for lr in runs) + "."
         )
+    elif reference:
+        msg += " The reference box holds only blank space, so nothing was scored."
     return rows, msg
 
 
@@ -252,20 +300,27 @@ def caption_batch(
     temperature: float = 1.0,
     top_p: float = 1.0,
     *,
-    max_bytes: int = MAX_UPLOAD_BYTES,
-) -> tuple[list[list], str, str | None]:
-    """Several images through every run: (rows as BATCH_HEADERS, message, CSV path)."""
+    csv_dir: str | Path,
+    limits: Limits = Limits(),
+) -> tuple[list[list], str, str]:
+    """Several images through every run: (rows as BATCH_HEADERS, message, CSV path).
+
+    The CSV is one new file in `csv_dir` (the page passes Gradio's cache, which it sweeps), written
+    only once every image is done: a refused or failed request leaves nothing behind."""
     paths = [p for p in (paths or []) if p]
     if not paths:
         raise ImageError("No images: upload one or more photos first.")
-    if len(paths) > MAX_BATCH:
-        raise ImageError(f"{len(paths)} images is over the {MAX_BATCH}-image batch limit.")
+    if len(paths) > limits.batch_files:
+        raise RequestError(
+            f"{len(paths)} images is over this server's limit of {limits.batch_files} per batch "
+            "(vicap serve --max-batch-files); nothing was captioned."
+        )
     cfgs = [decoding_config(lr.recipe.generate, strategy, beam_size, temperature, top_p) for lr in runs]
     rows, bad = [], 0
     for p in paths:
         name = Path(p).name
         try:
-            image = load_image(check_upload(p, max_bytes))
+            image = load_image(check_upload(p, limits.upload_bytes))
         except ImageError as e:
             bad += 1
             rows.append([name, "", "", None, _page_message(e)])
@@ -274,36 +329,72 @@ def caption_batch(
         for lr, cfg in zip(runs, cfgs, strict=True):
             text, seconds = caption_with(lr, image, cfg, features)
             rows.append([name, lr.name, text, round(seconds, 3), ""])
-    out = Path(tempfile.mkdtemp(prefix="vicap-serve-")) / "captions.csv"
-    with open(out, "w", encoding="utf-8", newline="") as f:
+    fd, out = tempfile.mkstemp(prefix="captions-", suffix=".csv", dir=csv_dir)
+    with open(fd, "w", encoding="utf-8", newline="") as f:
         w = csv.writer(f)
         w.writerow(BATCH_HEADERS)
         w.writerows(rows)
     msg = f"Captioned {len(paths) - bad} of {len(paths)} image(s) with {len(runs)} run(s)."
     if bad:
         msg += f" {bad} file(s) could not be used: see the error column."
-    return rows, msg, str(out)
+    return rows, msg, out
 
 
 def _upload_roots() -> list[str]:
-    """Folders uploads live in: Gradio's temp dir (GRADIO_TEMP_DIR, else <tmp>/gradio) and the system's."""
-    roots = [os.environ.get("GRADIO_TEMP_DIR", ""), tempfile.gettempdir()]
-    return [r.rstrip("/\\") for r in roots if r]
+    """Folders uploads live in: Gradio's temp dir (GRADIO_TEMP_DIR, else <tmp>/gradio) and the system's,
+    each as given and with links resolved (Gradio resolves <tmp>/gradio: /var is /private/var on macOS).
+    Longest first, so a root inside another is rewritten whole."""
+    roots = {
+        form.rstrip("/\\")
+        for r in (os.environ.get("GRADIO_TEMP_DIR", ""), tempfile.gettempdir())
+        if r
+        for form in (r, os.path.abspath(r), os.path.realpath(r))
+    }
+    return sorted(roots, key=len, reverse=True)
 
 
 def _page_message(e: Exception) -> str:
-    """The error for the page: an uploaded file is named by its own name, not the server's temp path."""
+    """The error for the page: an uploaded file is named by its own name, not the server's temp path.
+    Only vicap's own refusals (ImageError, RequestError) are worded for the page; anything else is
+    named by its type, its text (which may hold any path) going to the log."""
+    if not isinstance(e, ImageError | RequestError):
+        return f"captioning failed ({type(e).__name__}); the server's log has the details"
     text = str(e)
     for root in _upload_roots():
         text = re.sub(re.escape(root) + r"(?:[/\\][^/\\\s'\"]+)*[/\\]([^/\\\s'\"]+)", r"\1", text)
     return text
 
 
+def _uploaded_paths(payload):
+    """What an upload component hands the handler: the path(s) Gradio stored the upload(s) at, the
+    file left unopened. Gradio's own preprocessing decodes a webcam photo that is not RGB in full and
+    saves a converted copy (a 144 MP PNG of a few hundred KB cost 690 MB) before vicap could refuse
+    it, and leaves an empty temp file per uploaded file; vicap checks the bytes and then the header's
+    pixel count itself (check_upload, load_image)."""
+    import gradio as gr
+    from gradio.data_classes import ListFiles
+
+    if payload is None:
+        return None
+    if isinstance(payload, ListFiles):
+        return [_uploaded_paths(f) for f in payload.root]
+    if not payload.path:  # a data: URL, which Gradio would decode in full to save it
+        raise gr.Error("Send the image as an uploaded file (a data: URL is not accepted).")
+    return payload.path
+
+
+def _unopened(component):
+    """The upload component with its preprocessing replaced by _uploaded_paths. (An override on the
+    instance: Gradio writes a .pyi file beside any module that subclasses a component.)"""
+    component.preprocess = _uploaded_paths
+    return component
+
+
 def build_app(
     run_dirs: list[str | Path] | None = None,
     *,
     runs: list[LoadedRun] | None = None,
-    max_upload_bytes: int = MAX_UPLOAD_BYTES,
+    limits: Limits = Limits(),
 ):
     """The Gradio Blocks app (queued) for the given runs; loads them once unless `runs` is given."""
     import gradio as gr
@@ -314,25 +405,25 @@ def build_app(
         path = upload or webcam
         try:
             rows, msg = caption_image(
-                runs, path, strategy, beam_size, temperature, top_p, reference, max_bytes=max_upload_bytes
+                runs, path, strategy, beam_size, temperature, top_p, reference, limits=limits
             )
-        except (ImageError, ValueError) as e:
+        except Exception as e:  # keep serving
+            if not isinstance(e, ImageError | RequestError):
+                log.exception("caption request failed")
             return [], f"**Error:** {_page_message(e)}", None
-        except Exception as e:  # keep serving; the log has the traceback
-            log.exception("caption request failed")
-            return [], f"**Error:** captioning failed ({type(e).__name__}: {_page_message(e)})", None
         return rows, msg, str(path)
 
     def on_batch(files, strategy, beam_size, temperature, top_p):
         try:
+            decoding = (strategy, beam_size, temperature, top_p)
+            # the CSV goes straight into Gradio's cache, which serves it from there and sweeps it
             rows, msg, csv_path = caption_batch(
-                runs, files, strategy, beam_size, temperature, top_p, max_bytes=max_upload_bytes
+                runs, files, *decoding, csv_dir=b_csv.GRADIO_CACHE, limits=limits
             )
-        except (ImageError, ValueError) as e:
-            return [], f"**Error:** {_page_message(e)}", None
         except Exception as e:
-            log.exception("batch request failed")
-            return [], f"**Error:** captioning failed ({type(e).__name__}: {_page_message(e)})", None
+            if not isinstance(e, ImageError | RequestError):
+                log.exception("batch request failed")
+            return [], f"**Error:** {_page_message(e)}", None
         return rows, msg, csv_path
 
     def controls():
@@ -348,19 +439,27 @@ def build_app(
             top_p = gr.Slider(0.05, 1.0, value=base.top_p, step=0.05, label="top-p (sample)")
         return strategy, beam, temp, top_p
 
-    with gr.Blocks(title="vicap captioners", analytics_enabled=False) as demo:
+    with gr.Blocks(title="vicap captioners", analytics_enabled=False, delete_cache=CACHE_SWEEP) as demo:
         gr.Markdown(
             "# vicap: try the captioners\n" + "\n".join(f"- **{lr.name}**: {lr.summary}" for lr in runs)
         )
         with gr.Tab("Caption"):
             with gr.Row():
-                upload = gr.File(label="image", file_types=["image"], type="filepath", elem_id="vicap-upload")
-                webcam = gr.Image(
-                    label="or take a photo", sources=["webcam"], type="filepath", elem_id="vicap-webcam"
+                upload = _unopened(
+                    gr.File(label="image", file_types=["image"], type="filepath", elem_id="vicap-upload")
+                )
+                webcam = _unopened(
+                    gr.Image(
+                        label="or take a photo", sources=["webcam"], type="filepath", elem_id="vicap-webcam"
+                    )
                 )
             strategy, beam, temp, top_p = controls()
             reference = gr.Textbox(
-                label="reference caption (optional; one per line for several): scores each caption against it",
+                label=(
+                    "reference caption (optional; one per line for several, up to "
+                    f"{limits.reference_lines} lines and {limits.reference_chars:,} characters): "
+                    "scores each caption against it"
+                ),
                 lines=1,
                 elem_id="vicap-reference",
             )
@@ -386,12 +485,14 @@ def build_app(
                 api_name="caption",
             )
         with gr.Tab("Batch"):
-            files = gr.File(
-                label="images",
-                file_count="multiple",
-                file_types=["image"],
-                type="filepath",
-                elem_id="vicap-batch-upload",
+            files = _unopened(
+                gr.File(
+                    label=f"images (up to {limits.batch_files})",
+                    file_count="multiple",
+                    file_types=["image"],
+                    type="filepath",
+                    elem_id="vicap-batch-upload",
+                )
             )
             b_strategy, b_beam, b_temp, b_top_p = controls()
             b_go = gr.Button("Caption all", variant="primary", elem_id="vicap-batch-run")
@@ -410,13 +511,21 @@ def build_app(
     return demo
 
 
-def launch_options(max_upload_bytes: int = MAX_UPLOAD_BYTES) -> dict:
+def launch_options(limits: Limits = Limits()) -> dict:
     """Keyword arguments for `Blocks.launch`: system fonts only (the page never reaches out to font
-    servers, so it works offline), no server-side rendering process, the upload size limit."""
+    servers, so it works offline), no server-side rendering process, the upload size limit, and
+    only vicap's own messages shown (show_error=False: an unexpected error's text, which may hold a
+    server path, stays in the log; the page says "Error")."""
     import gradio as gr
 
     theme = gr.themes.Base(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
-    return {"theme": theme, "ssr_mode": False, "max_file_size": max_upload_bytes, "share": False}
+    return {
+        "theme": theme,
+        "ssr_mode": False,
+        "max_file_size": limits.upload_bytes,
+        "share": False,
+        "show_error": False,
+    }
 
 
 def serve(
@@ -424,18 +533,16 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 7860,
     *,
-    max_upload_mb: float = MAX_UPLOAD_BYTES / 2**20,
+    limits: Limits = Limits(),
     block: bool = True,
 ):
     """Load the runs, build the app and serve it on host:port (blocking unless block=False)."""
-    max_bytes = int(max_upload_mb * 2**20)
-    demo = build_app(run_dirs, max_upload_bytes=max_bytes)
+    demo = build_app(run_dirs, limits=limits)
     demo.launch(
         server_name=host,
         server_port=port,
         inbrowser=False,
-        show_error=True,
         prevent_thread_lock=not block,
-        **launch_options(max_bytes),
+        **launch_options(limits),
     )
     return demo
