@@ -135,7 +135,11 @@ def test_find_recipe(tmp_path: Path, monkeypatch, case: str, spec: str, expected
             ["encoder.name=openclip"],
             "encoder.name = 'openclip': must be one of hf_clip, open_clip",
         ),
-        ("unknown adapter", ["data.adapter=ktvik"], "data.adapter = 'ktvik': must be one of manifest, coco, flickr8k"),
+        (
+            "unknown adapter",
+            ["data.adapter=ktvik"],
+            "data.adapter = 'ktvik': must be one of manifest, coco, flickr8k",
+        ),
         ("language name", ["data.language=Vietnamese"], "data.language = 'Vietnamese': not a language code"),
         (
             "regional code of a registered language",

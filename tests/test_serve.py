@@ -517,9 +517,9 @@ def test_requests_name_files_never_server_paths_and_leave_only_their_uploads(
 def test_webcam_photo_over_the_pixel_limit_is_refused_before_it_is_decoded(webcam_page, monkeypatch) -> None:
     from PIL import ImageFile
 
-    import vicap.images
+    import data_prep.images
 
-    monkeypatch.setattr(vicap.images, "MAX_PIXELS", 1000)  # any camera frame is over it
+    monkeypatch.setattr(data_prep.images, "MAX_PIXELS", 1000)  # any camera frame is over it
     decoded = []
     load = ImageFile.ImageFile.load
     monkeypatch.setattr(ImageFile.ImageFile, "load", lambda im: decoded.append(im.size) or load(im))
