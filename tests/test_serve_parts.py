@@ -269,7 +269,19 @@ def test_serve_command_passes_its_options(monkeypatch, tmp_path: Path) -> None:
     seen = {}
     monkeypatch.setattr(vicap.serve, "serve", lambda run_dirs, **kw: seen.update(run_dirs=run_dirs, **kw))
     res = CliRunner().invoke(
-        app, ["serve", str(tmp_path), "--host", "0.0.0.0", "--port", "8123", "--max-upload-mb", "5"]
+        app,
+        [
+            "serve",
+            str(tmp_path),
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "8123",
+            "--max-upload-mb",
+            "5",
+            "--device",
+            "cpu",
+        ],
     )
     assert res.exit_code == 0, res.output
     assert seen == {
@@ -277,6 +289,7 @@ def test_serve_command_passes_its_options(monkeypatch, tmp_path: Path) -> None:
         "host": "0.0.0.0",
         "port": 8123,
         "limits": Limits(upload_bytes=5 * 2**20),
+        "device": "cpu",
     }
     limits = ["--max-reference-chars", "300", "--max-reference-lines", "4", "--max-batch-files", "2"]
     res = CliRunner().invoke(app, ["serve", str(tmp_path), *limits])

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -58,13 +57,6 @@ def collect_images(paths: Iterable[str | Path]) -> tuple[list[Path], list[tuple[
     for p in found:
         unique.setdefault(os.path.realpath(p), p)  # not Path.resolve(): it raises on a link loop
     return list(unique.values()), unwalkable
-
-
-def pick_device(setting: str) -> torch.device:
-    """The recipe's train.device as a torch device (see vicap.device.resolve_device)."""
-    from vicap.device import resolve_device
-
-    return resolve_device(setting, key="train.device")
 
 
 def _row(path: Path, captions: list[Caption], n_best: int) -> dict:

@@ -390,6 +390,7 @@ def serve(
         50, "--max-reference-lines", min=1, help="most reference captions, one per line (more: refused)"
     ),
     max_batch_files: int = typer.Option(64, "--max-batch-files", min=1, help="most images per batch request"),
+    device: str = DeviceOption,
     verbose: bool = typer.Option(False, "-v", "--verbose"),
 ) -> None:
     """A web page for trying runs: upload an image, compare captions, score against a reference."""
@@ -408,7 +409,7 @@ def serve(
         batch_files=max_batch_files,
     )
     try:
-        serve_app(run_dirs, host=host, port=port, limits=limits)
+        serve_app(run_dirs, host=host, port=port, limits=limits, device=device)
     except _user_errors() as e:
         _fail(e)
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from vicap.captioner import pick_device
+from vicap.device import autocast, resolve_device
 from vicap.encoders import Encoder, load_encoder
 from vicap.generate import generate
 from vicap.images import ImageError, load_image
@@ -109,9 +109,10 @@ class LoadedRun:
         return recipe_summary(self.recipe)
 
 
-def load_runs(run_dirs: list[str | Path]) -> list[LoadedRun]:
+def load_runs(run_dirs: list[str | Path], *, device: str | None = None) -> list[LoadedRun]:
     """Load every run once, and each distinct image encoder once (runs with the same [encoder]
-    section share it). Names are the run folders' names, made unique."""
+    section share it), on `device` (default: each recipe's train.device). Names are the run folders'
+    names, made unique."""
     if not run_dirs:
         raise ValueError("name at least one run directory")
     loaded: list[LoadedRun] = []
@@ -119,19 +120,19 @@ def load_runs(run_dirs: list[str | Path]) -> list[LoadedRun]:
     encoders: dict[tuple[str, str], Encoder] = {}
     for d in run_dirs:
         run = load_run(d)
-        device = pick_device(run.recipe.train.device)
-        key = (repr(run.recipe.encoder), str(device))
+        dev = resolve_device(device or run.recipe.train.device, key="--device" if device else "train.device")
+        key = (repr(run.recipe.encoder), str(dev))
         if key not in encoders:
-            encoders[key] = load_encoder(run.recipe.encoder).to(device)
+            encoders[key] = load_encoder(run.recipe.encoder).to(dev)
         encoder = encoders[key]
-        model = run.model.to(device).eval()
+        model = run.model.to(dev).eval()
         run.model = model
         name = Path(d).resolve().name or str(d)
         seen[name] = seen.get(name, 0) + 1
         if seen[name] > 1:
             name = f"{name} ({seen[name]})"
         cider, note = reference_corpus(run)
-        loaded.append(LoadedRun(name, run, encoder, device, cider, note))
+        loaded.append(LoadedRun(name, run, encoder, dev, cider, note))
         log.info("serving %s: %s; CIDEr-D: %s", name, recipe_summary(run.recipe), note)
     return loaded
 
@@ -242,13 +243,14 @@ def caption_with(
     includes the encoding)."""
     start = time.perf_counter()
     features = {} if features is None else features
-    if id(lr.encoder) not in features:
-        pixels = lr.encoder.preprocess(image).unsqueeze(0).to(lr.device)
-        features[id(lr.encoder)] = lr.encoder.encode(pixels)
-    feats = features[id(lr.encoder)]
-    caps = generate(
-        lr.run.model, feats, cfg, language=lr.recipe.data.language, segment=lr.recipe.data.segment
-    )
+    with autocast(lr.device, cfg.precision):
+        if id(lr.encoder) not in features:
+            pixels = lr.encoder.preprocess(image).unsqueeze(0).to(lr.device)
+            features[id(lr.encoder)] = lr.encoder.encode(pixels)
+        feats = features[id(lr.encoder)]
+        caps = generate(
+            lr.run.model, feats, cfg, language=lr.recipe.data.language, segment=lr.recipe.data.segment
+        )
     return caps[0][0].text, time.perf_counter() - start
 
 
@@ -395,11 +397,13 @@ def build_app(
     *,
     runs: list[LoadedRun] | None = None,
     limits: Limits = Limits(),
+    device: str | None = None,
 ):
-    """The Gradio Blocks app (queued) for the given runs; loads them once unless `runs` is given."""
+    """The Gradio Blocks app (queued) for the given runs; loads them once (on `device`) unless `runs`
+    is given."""
     import gradio as gr
 
-    runs = runs if runs is not None else load_runs(list(run_dirs or []))
+    runs = runs if runs is not None else load_runs(list(run_dirs or []), device=device)
 
     def on_caption(upload, webcam, strategy, beam_size, temperature, top_p, reference):
         path = upload or webcam
@@ -535,9 +539,10 @@ def serve(
     *,
     limits: Limits = Limits(),
     block: bool = True,
+    device: str | None = None,
 ):
     """Load the runs, build the app and serve it on host:port (blocking unless block=False)."""
-    demo = build_app(run_dirs, limits=limits)
+    demo = build_app(run_dirs, limits=limits, device=device)
     demo.launch(
         server_name=host,
         server_port=port,
