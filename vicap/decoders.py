@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vicap.encoders import ModelLoadError
+from vicap.encoders import ModelLoadError, refused_hf_weights
 from vicap.recipe import DecoderConfig
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def load_decoder(cfg: DecoderConfig) -> Decoder:
         # An explicit dtype: transformers 5 otherwise keeps the dtype the weights were saved in.
         lm = AutoModelForCausalLM.from_pretrained(cfg.model, local_files_only=local, dtype=DTYPES[cfg.dtype])
     except Exception as e:
-        raise ModelLoadError(
+        raise refused_hf_weights(e, cfg.model, "decoder.model") or ModelLoadError(
             f"could not load decoder {cfg.model!r}: {type(e).__name__}: {e}\n"
             "vicap looked for a local directory of that name, then the Hugging Face cache/hub. Offline, run "
             f"`huggingface-cli download {cfg.model} --local-dir DIR` on a connected machine, copy DIR here "

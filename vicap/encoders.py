@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import pickle
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +75,100 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+# The weight files a user can hand vicap. safetensors holds only tensors; the others are torch.save
+# pickles, read only through torch.load(weights_only=True) (see load_weights_file).
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+
+
+def load_weights_file(path: Path, where: str) -> dict[str, torch.Tensor]:
+    """A state dict from a weights file; never runs code the file carries. `where` starts every
+    error message: the setting that named the file, and the file.
+
+    `.safetensors` is read by safetensors. `.pt` / `.pth` / `.bin` go through
+    `torch.load(weights_only=True)`, whose unpickler builds only tensors and plain containers and
+    refuses any other import (a payload that would call `os.system`, a TorchScript archive). A training
+    checkpoint's `state_dict` entry and DistributedDataParallel's `module.` prefix are unwrapped, as
+    open_clip does.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"{where}: file not found")
+    if path.suffix not in WEIGHT_SUFFIXES:
+        raise ModelLoadError(f"{where}: expected a {', '.join(WEIGHT_SUFFIXES)} weights file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as e:  # SafetensorError, OSError, a header cut short...
+            raise ModelLoadError(
+                f"{where}: not a readable safetensors file ({type(e).__name__}: {e})"
+            ) from None
+    if torch.__version__ < "2.6":  # CVE-2025-32434: weights_only could be bypassed before 2.6
+        raise ModelLoadError(
+            f"{where}: reading .pt/.pth/.bin files safely needs torch >= 2.6 (this is {torch.__version__}); "
+            "upgrade torch or convert the file to safetensors"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise _refused(path, where, e) from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not state:
+        raise ModelLoadError(
+            f"{where}: expected a state dict (names -> tensors), found {type(state).__name__}"
+        )
+    bad = next((k for k, v in state.items() if not isinstance(k, str) or not torch.is_tensor(v)), None)
+    if bad is not None:
+        raise ModelLoadError(f"{where}: entry {bad!r} is a {type(state[bad]).__name__}, not a tensor")
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    return state
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """What a torch.save file asks to import beyond tensors, read statically (nothing runs)."""
+    try:
+        return torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:  # not a zip-format file, a TorchScript archive...
+        return []
+
+
+def _refused(path: Path, where: str, e: Exception) -> ModelLoadError:
+    """The error for a .pt/.pth/.bin file that torch.load(weights_only=True) would not read."""
+    unsafe = _unsafe_globals(path)
+    text = str(e)
+    if unsafe:
+        why = f"it asks to import {', '.join(unsafe)}"
+    elif "TorchScript" in text:
+        why = "a TorchScript archive, which holds code"
+    elif m := re.search(r"GLOBAL ([\w.]+)", text):  # torch's message names the first global it refused
+        why = f"it asks to import {m.group(1)}"
+    elif isinstance(e, pickle.UnpicklingError):
+        why = "pickled content that weights_only does not allow"
+    else:  # a file cut short, not a torch.save file at all...
+        why = f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+    return ModelLoadError(
+        f"{where}: refused, not a plain file of tensors ({why}). vicap reads .pt/.pth/.bin files only "
+        "with torch.load(weights_only=True), which runs no code from the file; save just the state dict "
+        "(torch.save(model.state_dict(), path)) or convert it to safetensors"
+    )
+
+
+def refused_hf_weights(e: Exception, model: str, key: str) -> ModelLoadError | None:
+    """transformers' refusal of a local folder's .bin weights (it reads them with
+    torch.load(weights_only=True)) as an error naming the file; None when `e` is another failure."""
+    folder = Path(model).expanduser()
+    if not isinstance(e, pickle.UnpicklingError) or not folder.is_dir():
+        return None
+    bins = sorted(folder.glob("*.bin"))
+    named = [p for p in bins if _unsafe_globals(p)] or bins
+    if not named:
+        return None
+    return _refused(named[0], f"{key} = {model!r} (weights file {str(named[0])!r})", e)
+
+
 def _weights_identity(cfg: EncoderConfig) -> str:
     """The weights' identity: a pretrained tag as is, a local file or folder by its content hash."""
     if cfg.model.startswith("local-dir:"):
@@ -90,6 +186,7 @@ def _weights_identity(cfg: EncoderConfig) -> str:
 def load_open_clip(cfg: EncoderConfig) -> Encoder:
     import open_clip  # after vicap's torchvision guard (vicap/__init__.py)
 
+    weights_file: Path | None = None  # a file the user handed in: vicap reads it, not open_clip
     if cfg.model.startswith("local-dir:"):
         folder = Path(cfg.model[len("local-dir:") :])
         if not (folder / "open_clip_config.json").is_file():
@@ -98,24 +195,36 @@ def load_open_clip(cfg: EncoderConfig) -> Encoder:
                 "is a folder holding open_clip_config.json and open_clip_model.safetensors "
                 "(the layout open_clip's push_to_hf_hub writes)."
             )
+        found = open_clip.factory._find_checkpoint_in_dir(folder)  # the file open_clip itself would pick
         # open_clip only warns when the folder has no weights and returns a randomly initialised
         # model, whose features would be silently meaningless.
-        if not any(p.suffix in (".safetensors", ".bin", ".pth") for p in folder.iterdir()):
+        if found is None:
             raise ModelLoadError(
                 f"encoder.model = {cfg.model!r}: no weights file (*.safetensors, *.bin, *.pth) in {folder}; "
                 "expected open_clip_model.safetensors beside open_clip_config.json."
             )
-    elif cfg.pretrained and cfg.pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
-        if not Path(cfg.pretrained).is_file():
-            raise ModelLoadError(f"encoder.pretrained = {cfg.pretrained!r}: file not found")
+        weights_file = Path(found)
+        where = f"encoder.model = {cfg.model!r} (weights file {str(weights_file)!r})"
     elif not cfg.model.startswith("hf-hub:") and cfg.model not in open_clip.list_models():
         raise ModelLoadError(
             f"encoder.model = {cfg.model!r} is not an open_clip model; known include "
             f"{', '.join(open_clip.list_models()[:8])}, ... (open_clip.list_models())"
         )
-    pretrained = None if cfg.model.startswith(("local-dir:", "hf-hub:")) else (cfg.pretrained or None)
+    elif cfg.pretrained and not cfg.model.startswith("hf-hub:"):
+        is_tag = bool(open_clip.get_pretrained_cfg(cfg.model, cfg.pretrained))
+        if not is_tag and (cfg.pretrained.endswith(WEIGHT_SUFFIXES) or Path(cfg.pretrained).is_file()):
+            weights_file = Path(cfg.pretrained)
+            where = f"encoder.pretrained = {cfg.pretrained!r}"
+            if not weights_file.is_file():
+                raise ModelLoadError(f"{where}: file not found")
+    pretrained = None if weights_file or cfg.model.startswith("hf-hub:") else (cfg.pretrained or None)
+    # With a user's file, open_clip builds the model without any weights (nor a text tower's base
+    # weights from the hub); the file is read below by load_weights_file.
+    no_weights = {"load_weights": False, "pretrained_text": False} if weights_file else {}
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(cfg.model, pretrained=pretrained)
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            cfg.model, pretrained=pretrained, **no_weights
+        )
     except Exception as e:  # network errors, missing files, bad tags all land here
         raise ModelLoadError(
             f"could not load open_clip model {cfg.model!r} (pretrained={pretrained!r}): {type(e).__name__}: {e}\n"
@@ -124,6 +233,8 @@ def load_open_clip(cfg: EncoderConfig) -> Encoder:
             "pretrained='openai')\"`) and copy the cache, or set encoder.pretrained to a local .safetensors "
             "file or encoder.model to 'local-dir:PATH'."
         ) from e
+    if weights_file is not None:
+        _load_image_tower(model, load_weights_file(weights_file, where), where)
     visual = model.visual
     visual.requires_grad_(False).eval()
     embed_dim = int(getattr(model, "embed_dim", 0) or getattr(visual, "output_dim", 0))
@@ -145,6 +256,23 @@ def load_open_clip(cfg: EncoderConfig) -> Encoder:
     encoder = _finish(cfg, tower, preprocess, embed_dim, identity)
     log.info("encoder %s (%s): embed_dim=%d, store key %s", cfg.model, pretrained, embed_dim, encoder.key)
     return encoder
+
+
+def _load_image_tower(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """A CLIP state dict's image tower into `model.visual`, with the key handling of open_clip's
+    `load_checkpoint` that concerns it (vicap keeps only the image tower)."""
+    from open_clip.convert import convert_state_dict
+    from open_clip.model import resize_pos_embed
+
+    state = convert_state_dict(model, state)  # third-party layouts (Apple MobileCLIP) -> open_clip's
+    resize_pos_embed(state, model)  # a position grid saved for another image size
+    visual = {k[len("visual.") :]: v for k, v in state.items() if k.startswith("visual.")}
+    if not visual:
+        raise ModelLoadError(f"{where}: no image-tower tensors (visual.*); not an open_clip CLIP state dict")
+    try:
+        model.visual.load_state_dict(visual)
+    except RuntimeError as e:
+        raise ModelLoadError(f"{where}: does not fit the model's image tower ({str(e)[:300]})") from None
 
 
 def _finish(
@@ -250,7 +378,7 @@ def load_hf_clip(cfg: EncoderConfig) -> Encoder:
             cfg.model, local_files_only=local, dtype=torch.float32
         )
     except Exception as e:
-        raise ModelLoadError(
+        raise refused_hf_weights(e, cfg.model, "encoder.model") or ModelLoadError(
             f"could not load Hugging Face CLIP vision model {cfg.model!r}: {type(e).__name__}: {e}\n"
             "vicap looked for a local directory of that name, then the Hugging Face cache/hub. Offline, run "
             f"`huggingface-cli download {cfg.model} --local-dir DIR` on a connected machine, copy DIR here "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ from torch import nn
 
 from vicap.baseline.recipe import CNNConfig, LSTMConfig
 from vicap.baseline.vocab import BOS, EOS, PAD
-from vicap.encoders import ModelLoadError
+from vicap.encoders import ModelLoadError, load_weights_file
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,16 @@ class TinyCNN(nn.Sequential):
         self.out_channels = c_in
 
 
+# torchvision names its weight files <name>-<first hex digits of the file's sha256>.pth
+_HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,})\.pth$")
+
+
 def _imagenet_state_dict(cfg: CNNConfig) -> dict[str, torch.Tensor]:
-    """torchvision's ImageNet weights for cfg.cnn: from the torch hub cache, or downloaded when allowed."""
+    """torchvision's ImageNet weights for cfg.cnn: from the torch hub cache, or downloaded when allowed.
+
+    Read like any file a user hands in (load_weights_file: torch.load with weights_only=True), not
+    through torchvision's get_state_dict, which unpickles without that guard.
+    """
     import torchvision
 
     weights = torchvision.models.get_model_weights(cfg.cnn).DEFAULT
@@ -54,19 +63,27 @@ def _imagenet_state_dict(cfg: CNNConfig) -> dict[str, torch.Tensor]:
     offline = any(os.environ.get(v, "") not in ("", "0") for v in ("HF_HUB_OFFLINE", "VICAP_OFFLINE"))
     how = (
         f'download it on a connected machine (python -c "import torchvision; torchvision.models.{cfg.cnn}'
-        f"(weights='DEFAULT')\") and copy {cached.name} to {cached.parent}, or convert it to safetensors and "
-        "set encoder.weights to that file, or use encoder.weights = 'none'"
+        f"(weights='DEFAULT')\") and copy {cached.name} to {cached.parent}, or set encoder.weights to a copy "
+        "of it (.pth, or .safetensors), or use encoder.weights = 'none'"
     )
-    if not cached.is_file() and offline:
-        raise ModelLoadError(
-            f"ImageNet weights for {cfg.cnn} not in the cache ({cached}) and offline mode is on; {how}"
-        )
-    try:
-        return weights.get_state_dict(progress=False, check_hash=True)
-    except Exception as e:  # network errors come as URLError, OSError, RuntimeError...
-        raise ModelLoadError(
-            f"could not get ImageNet weights for {cfg.cnn} ({type(e).__name__}: {e}); {how}"
-        ) from None
+    if not cached.is_file():
+        if offline:
+            raise ModelLoadError(
+                f"ImageNet weights for {cfg.cnn} not in the cache ({cached}) and offline mode is on; {how}"
+            )
+        match = _HASH_IN_NAME.search(cached.name)
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            # written to a temporary name and moved into place only once its sha256 matches the name's
+            torch.hub.download_url_to_file(
+                weights.url, str(cached), hash_prefix=match.group(1) if match else None, progress=False
+            )
+        except Exception as e:  # network errors come as URLError, OSError, RuntimeError (bad hash)...
+            raise ModelLoadError(
+                f"could not download ImageNet weights for {cfg.cnn} from {weights.url} ({type(e).__name__}: {e}); "
+                f"{how}"
+            ) from None
+    return load_weights_file(cached, f"encoder.weights = 'imagenet' ({cfg.cnn}, cached file {str(cached)!r})")
 
 
 def build_cnn(cfg: CNNConfig) -> tuple[nn.Module, int]:
@@ -80,15 +97,7 @@ def build_cnn(cfg: CNNConfig) -> tuple[nn.Module, int]:
     if cfg.weights == "imagenet":
         state = _imagenet_state_dict(cfg)
     elif cfg.weights != "none":
-        path = Path(cfg.weights)
-        if path.suffix != ".safetensors" or not path.is_file():
-            raise ModelLoadError(
-                f"encoder.weights = {cfg.weights!r}: expected 'imagenet', 'none' or an existing .safetensors "
-                "state dict (vicap does not unpickle .pth files; convert with safetensors.torch.save_file)"
-            )
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
+        state = load_weights_file(Path(cfg.weights), f"encoder.weights = {cfg.weights!r}")
     else:
         state = None
     if state is not None:
