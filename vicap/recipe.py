@@ -70,7 +70,8 @@ class EncoderConfig:
         "ViT-B-32",
     )
     pretrained: str = _help(
-        "open_clip pretrained tag ('openai', 'laion2b_s34b_b79k', ...) or a local .safetensors file; "
+        "open_clip pretrained tag ('openai', 'laion2b_s34b_b79k', ...) or a local weights file (.safetensors, "
+        "or .pt/.pth/.bin read with torch.load(weights_only=True)); "
         "ignored for local-dir:/hf-hub: models",
         "openai",
     )

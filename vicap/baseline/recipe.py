@@ -50,7 +50,8 @@ class CNNConfig:
     )
     weights: str = _help(
         "'imagenet' (torchvision's ImageNet weights: from the torch hub cache, downloaded when "
-        "reachable), 'none' (random init), or a local .safetensors state dict",
+        "reachable), 'none' (random init), or a local state dict (.safetensors, or .pth/.pt/.bin read "
+        "with torch.load(weights_only=True))",
         "imagenet",
     )
     image_size: int = _help("images are resized (shorter side) and center-cropped to this many pixels", 224)
