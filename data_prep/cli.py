@@ -14,6 +14,7 @@ import typer
 
 from data_prep.datasets import ADAPTERS, DataError, prepare
 from data_prep.datasets.base import MAX_CAPTION_CHARS
+from data_prep.errors import DataPrepError
 from data_prep.languages import get_language
 from data_prep.manifest import read_manifest
 from data_prep.report import PrepareReport
@@ -99,8 +100,8 @@ def prepare_command(
         _finish(err.report, out, start, max_problems)
         typer.echo(f"--strict: {len(err.report.problems)} problem(s) found; no manifest written", err=True)
         raise typer.Exit(1) from None
-    except (KeyError, TypeError, ValueError, OSError) as err:  # SourceError is a ValueError
-        typer.echo(f"error: {safe_text(str(err.args[0] if isinstance(err, KeyError) else err))}", err=True)
+    except (DataPrepError, OSError) as err:  # OSError: a file the system would not let us read
+        typer.echo(f"error: {safe_text(str(err))}", err=True)
         raise typer.Exit(2) from None
 
     records = read_manifest(out).records

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 from data_prep import text as T
 from data_prep import vietnamese
+from data_prep.errors import SettingError
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ class Language:
             return _no_segmentation
         if mode == "char":
             return _char_segmentation
-        raise ValueError(
+        raise SettingError(
             f"language {self.code!r} has no segmentation mode {mode!r}; known: {', '.join(self.modes)}"
         )
 
@@ -118,7 +119,7 @@ class Language:
     def metric_tokens_many(self, texts: Iterable[str], level: str = "syllable") -> list[list[str]]:
         """Metric tokens for a batch: lowercased, punctuation removed, split at `level`."""
         if level not in self.metric_levels:
-            raise ValueError(
+            raise SettingError(
                 f"language {self.code!r} has no metric level {level!r}; known: {', '.join(self.metric_levels)}"
             )
         mode = self.metric_levels[level]

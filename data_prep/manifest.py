@@ -23,14 +23,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data_prep.errors import (
+    ManifestError,  # noqa: F401  (raised here; importable from here too)
+    SourceNotFoundError,
+)
 from data_prep.textio import json_text, text_lines
 
 FORMAT_VERSION = 1
 _RECORD_KEYS = ("image_id", "image", "split", "captions", "caption_ids")
-
-
-class ManifestError(ValueError):
-    """A manifest file that cannot be read; the message names the file and line."""
 
 
 @dataclass(frozen=True)
@@ -154,7 +154,7 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
     """Read and validate a manifest; errors name the file and the line."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"manifest not found: {path} (write one with `vicap prepare`)")
+        raise SourceNotFoundError(f"manifest not found: {path} (write one with `vicap prepare`)")
     meta: dict | None = None
     records: list[Record] = []
     for lineno, line in enumerate(text_lines(path, ManifestError), start=1):

@@ -7,6 +7,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from data_prep.errors import DataPrepError
 from data_prep.textio import json_text, safe_text
 
 
@@ -125,7 +126,7 @@ def _format_stats(stats: dict) -> list[str]:
     return lines
 
 
-class DataError(Exception):
+class DataError(DataPrepError):
     """Raised under `strict=True` when problems were found; carries the report."""
 
     def __init__(self, report: PrepareReport):

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from data_prep.errors import SourceNotFoundError
 from data_prep.languages import Language
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ def load_tokenizer(name_or_path: str):
     try:
         return AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
     except (OSError, ValueError) as err:
-        raise FileNotFoundError(
+        raise SourceNotFoundError(
             f"tokenizer {name_or_path!r} not found locally (looked in the Hugging Face cache and as a folder). "
             f"Download it once with `huggingface-cli download {name_or_path}` or pass a local folder. ({err})"
         ) from None

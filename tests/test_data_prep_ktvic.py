@@ -9,6 +9,7 @@ from PIL import Image
 
 from data_prep.datasets import ADAPTERS, DataError, get_adapter, prepare
 from data_prep.datasets.jsonio import SourceError
+from data_prep.errors import SettingError
 from data_prep.manifest import read_manifest
 
 
@@ -193,7 +194,7 @@ def test_source_errors(tmp_path):
     (bad / "train_data.json").write_text('{"images": [\n  {"id": 1,}\n]}', encoding="utf-8")
     with pytest.raises(SourceError, match=r"train_data.json:2:\d+: invalid JSON"):
         prepare("ktvic", bad, tmp_path / "m.jsonl")
-    with pytest.raises(TypeError, match="unknown option"):
+    with pytest.raises(SettingError, match="unknown option"):
         prepare("ktvic", bad, tmp_path / "m.jsonl", colour="red")
 
 

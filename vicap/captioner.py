@@ -24,6 +24,7 @@ from data_prep.images import walk_images
 from data_prep.manifest import read_manifest
 from data_prep.textio import json_text, safe_text
 from vicap.encoders import load_encoder
+from vicap.errors import UsageError
 from vicap.features import _collate, _Images
 from vicap.generate import Caption, generate
 from vicap.images import ImageError
@@ -194,7 +195,7 @@ def caption_to_file(
     """
     out = Path(out) if out is not None else None
     if out is not None and out.suffix.lower() not in OUTPUT_SUFFIXES:
-        raise ValueError(f"{out}: the output file must end in {' or '.join(OUTPUT_SUFFIXES)}")
+        raise UsageError(f"{out}: the output file must end in {' or '.join(OUTPUT_SUFFIXES)}")
     summary = CaptionSummary()
     f = open(out, "w", encoding="utf-8", newline="") if out is not None else sys.stdout  # noqa: SIM115
     try:

@@ -31,16 +31,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from vicap import __version__
+from vicap.errors import CheckpointError  # noqa: F401  (raised here; importable from here too)
 from vicap.recipe import recipe_from_json
 
 log = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"step_(\d{8})")
 MODEL_FILE, TRAINER_FILE, TRAINER_JSON = "model.safetensors", "trainer.safetensors", "trainer.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, corrupt, or does not match its recipe."""
 
 
 @dataclass(frozen=True)

@@ -34,32 +34,13 @@ def _setup(verbose: bool) -> None:
 
 
 def _user_errors():
-    from data_prep.manifest import ManifestError
-    from vicap.checkpoint import CheckpointError
-    from vicap.device import DeviceError
-    from vicap.encoders import ModelLoadError
-    from vicap.images import ImageError
-    from vicap.recipe import RecipeError
-    from vicap.train import TrainingError
+    from vicap.errors import USER_ERRORS
 
-    return (
-        RecipeError,
-        TrainingError,
-        DeviceError,
-        CheckpointError,
-        ModelLoadError,
-        ImageError,
-        ManifestError,
-        FileNotFoundError,
-        FileExistsError,
-        KeyError,
-        UserError,
-    )
+    return (*USER_ERRORS, UserError)
 
 
 def _fail(e: Exception) -> None:
-    msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+    typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
 
 

@@ -21,6 +21,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from vicap.errors import MissingFileError, UnknownNameError
 from vicap.evaluate import FLOOR, HUMAN, table_columns
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ def load_reports(run_dirs: list[str | Path]) -> list[RunReport]:
     for path, name in zip(paths, _names(paths), strict=True):
         report_file = path / "report.json"
         if not report_file.is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{report_file} not found: evaluate the run first (`vicap evaluate {path}` or "
                 f"`vicap baseline evaluate {path}`)"
             )
@@ -155,7 +156,7 @@ def comparison_rows(
         )
     for name in references:
         if name not in PUBLISHED:
-            raise KeyError(f"unknown reference {name!r}; known: {', '.join(PUBLISHED)}")
+            raise UnknownNameError(f"unknown reference {name!r}; known: {', '.join(PUBLISHED)}")
         table = PUBLISHED[name]
         for system, scores in table["rows"].items():
             rows.append(

@@ -22,6 +22,7 @@ from torch.utils.data import Dataset, Sampler
 from data_prep.languages import get_language
 from data_prep.manifest import Manifest, Record
 from vicap.decoders import Decoder
+from vicap.errors import RecipeError
 from vicap.features import FeatureStore
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ class GlobalBatches(Sampler[list[int]]):
         self, n: int, batch_size: int, *, shuffle: bool, seed: int = 0, rank: int = 0, world: int = 1
     ) -> None:
         if batch_size < world:
-            raise ValueError(
+            raise RecipeError(
                 f"train.batch_size = {batch_size} is the global batch and must be at least the number of "
                 f"processes ({world})"
             )

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from vicap.encoders import ModelLoadError, refused_hf_weights
+from vicap.errors import RecipeError
 from vicap.recipe import DecoderConfig
 
 log = logging.getLogger(__name__)
@@ -129,7 +130,7 @@ def add_lora(lm: nn.Module, cfg: DecoderConfig) -> nn.Module:
     model_type = getattr(getattr(lm, "config", None), "model_type", "")
     targets = list(cfg.lora_target_modules) or list(DEFAULT_TARGETS.get(model_type, []))
     if not targets:
-        raise ValueError(
+        raise RecipeError(
             f"decoder.lora_target_modules is empty and peft has no default for model type {model_type!r}; "
             'name the attention projections, e.g. ["q_proj", "v_proj"]'
         )
@@ -141,7 +142,7 @@ def add_lora(lm: nn.Module, cfg: DecoderConfig) -> nn.Module:
         linear = sorted(
             {n.rsplit(".", 1)[-1] for n, m in lm.named_modules() if type(m).__name__ in ("Linear", "Conv1D")}
         )
-        raise ValueError(
+        raise RecipeError(
             f"decoder.lora_target_modules: no module named {', '.join(missing)} in {type(lm).__name__}; "
             f"its linear layers are named {', '.join(linear)}"
         )

@@ -14,11 +14,9 @@ import contextlib
 
 import torch
 
+from vicap.errors import DeviceError  # noqa: F401  (raised here; importable from here too)
+
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class DeviceError(ValueError):
-    """A device setting this machine cannot honour; the message names the setting."""
 
 
 def _best_accelerator() -> torch.device | None:

@@ -23,14 +23,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from vicap.errors import ModelLoadError  # noqa: F401  (raised here; importable from here too)
 from vicap.recipe import EncoderConfig
 from vicap.registry import Registry
 
 log = logging.getLogger(__name__)
-
-
-class ModelLoadError(RuntimeError):
-    """A model could not be loaded; the message says what was looked for and how to provide it."""
 
 
 @dataclass

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from data_prep.languages import get_language
 from data_prep.manifest import Manifest, Record
+from vicap.errors import UsageError
 from vicap.metrics import (
     COLUMNS,
     EMPTY,
@@ -202,7 +203,7 @@ def most_frequent_caption(manifest: Manifest, split: str = "train") -> str:
     """The single most frequent caption of a split: the floor any captioner must clear."""
     counts = Counter(c for r in manifest.split(split) for c in r.captions)
     if not counts:
-        raise ValueError(f"{manifest.path}: split {split!r} has no captions")
+        raise UsageError(f"{manifest.path}: split {split!r} has no captions")
     return counts.most_common(1)[0][0]
 
 
@@ -342,7 +343,7 @@ def held_out_records(manifest, split: str, max_images: int = 0) -> list:
     an error naming the manifest and the splits it has."""
     records = manifest.split(split)
     if not records:
-        raise ValueError(f"{manifest.path}: split {split!r} is empty; splits: {sorted(manifest.splits)}")
+        raise UsageError(f"{manifest.path}: split {split!r} is empty; splits: {sorted(manifest.splits)}")
     return records[:max_images] if max_images else records
 
 

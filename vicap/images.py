@@ -11,10 +11,7 @@ from PIL import Image, ImageOps
 # One set of file and size checks (missing, link loop, not a regular file, the 100 MP limit) for
 # `vicap prepare` and every stage that loads images.
 from data_prep.images import file_problem, pixel_problem
-
-
-class ImageError(ValueError):
-    """An image that cannot be used; the message names the file."""
+from vicap.errors import ImageError  # noqa: F401  (raised here; importable from here too)
 
 
 def _high_bit_depth_to_l(im: Image.Image) -> Image.Image:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from vicap.errors import RecipeError
 from vicap.recipe import MapperConfig
 from vicap.registry import Registry
 
@@ -79,7 +80,7 @@ class MultiHeadAttention(nn.Module):
     def __init__(self, dim_self: int, dim_ref: int, num_heads: int, bias: bool = False) -> None:
         super().__init__()
         if dim_self % num_heads:
-            raise ValueError(f"mapper.num_heads = {num_heads} must divide the LM width {dim_self}")
+            raise RecipeError(f"mapper.num_heads = {num_heads} must divide the LM width {dim_self}")
         self.num_heads = num_heads
         self.to_queries = nn.Linear(dim_self, dim_self, bias=bias)
         self.to_keys_values = nn.Linear(dim_ref, dim_self * 2, bias=bias)
@@ -207,7 +208,7 @@ class AttentionMapper(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """(B, 1 + T, in_dim) -> (B, prefix_length, lm_dim)."""
         if features.dim() != 3:
-            raise ValueError(
+            raise RecipeError(
                 "the attention mapper needs patch tokens, got pooled features of shape "
                 f"{tuple(features.shape)}: set encoder.patch_tokens = true"
             )

@@ -26,9 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
-class RecipeError(ValueError):
-    """A recipe that cannot be used; the message names the file and the key."""
+from vicap.errors import RecipeError  # noqa: F401  (raised here; importable from here too)
 
 
 def _help(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:

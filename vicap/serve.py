@@ -36,6 +36,7 @@ import torch
 
 from vicap.device import autocast, resolve_device
 from vicap.encoders import Encoder, load_encoder
+from vicap.errors import UsageError
 from vicap.generate import generate
 from vicap.images import ImageError, load_image
 from vicap.metrics.cider import CiderD
@@ -114,7 +115,7 @@ def load_runs(run_dirs: list[str | Path], *, device: str | None = None) -> list[
     section share it), on `device` (default: each recipe's train.device). Names are the run folders'
     names, made unique."""
     if not run_dirs:
-        raise ValueError("name at least one run directory")
+        raise UsageError("name at least one run directory")
     loaded: list[LoadedRun] = []
     seen: dict[str, int] = {}
     encoders: dict[tuple[str, str], Encoder] = {}

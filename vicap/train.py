@@ -56,13 +56,10 @@ from vicap.checkpoint import (
     save_checkpoint,
 )
 from vicap.data import GlobalBatches, optimizer_steps
+from vicap.errors import RunExistsError, TrainingError  # noqa: F401  (raised here; importable from here too)
 from vicap.recipe import RecipeError
 
 log = logging.getLogger(__name__)
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (a non-finite loss, say); the message names the step and what to change."""
 
 
 # --------------------------------------------------------------------------- what differs per captioner
@@ -217,7 +214,7 @@ def start_run(kind: RunKind, recipe, accelerator, *, resume: bool) -> Checkpoint
     run_dir = Path(cfg.output_dir)
     existing = list_checkpoints(run_dir)
     if existing and not resume:
-        raise FileExistsError(
+        raise RunExistsError(
             f"{run_dir} already holds checkpoints; pass --resume to continue, or choose "
             "another train.output_dir"
         )

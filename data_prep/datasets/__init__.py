@@ -24,6 +24,7 @@ from data_prep.datasets.base import (
     RawImage,
     build_records,
 )
+from data_prep.errors import AdapterNotFoundError, SettingError, SourceNotFoundError
 from data_prep.languages import get_language
 from data_prep.manifest import write_manifest
 from data_prep.report import DataError, PrepareReport, Problem
@@ -65,7 +66,9 @@ def get_adapter(name: str) -> Adapter:
     try:
         return ADAPTERS[name]
     except KeyError:
-        raise KeyError(f"unknown dataset adapter {name!r}; known: {', '.join(sorted(ADAPTERS))}") from None
+        raise AdapterNotFoundError(
+            f"unknown dataset adapter {name!r}; known: {', '.join(sorted(ADAPTERS))}"
+        ) from None
 
 
 def _check_options(adapter: Adapter, options: dict) -> None:
@@ -75,7 +78,7 @@ def _check_options(adapter: Adapter, options: dict) -> None:
     allowed = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise TypeError(
+        raise SettingError(
             f"adapter {adapter.name!r} got unknown option(s) {', '.join(unknown)}; it accepts: {', '.join(allowed)}"
         )
 
@@ -107,7 +110,7 @@ def prepare(
     try:
         os.stat(source)
     except OSError as err:  # not found, a symbolic link loop, no permission
-        raise FileNotFoundError(f"dataset source not found: {source} ({err.strerror})") from None
+        raise SourceNotFoundError(f"dataset source not found: {source} ({err.strerror})") from None
     lang = get_language(language or ad.language)
 
     raw = ad.fn(source, **options)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_prep import text as T
+from data_prep.errors import SettingError
 from data_prep.images import check_images
 from data_prep.languages import Language
 from data_prep.manifest import Record, relative_image_path
@@ -87,7 +88,7 @@ def val_images(image_ids: list[str], fraction: float, seed: int) -> set[str]:
     Hash order (not a shuffled list) keeps an image's assignment stable when others are added.
     """
     if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {fraction}")
+        raise SettingError(f"val_fraction must be in [0, 1), got {fraction}")
     k = round(len(image_ids) * fraction)
     order = sorted(image_ids, key=lambda i: hashlib.sha256(f"{seed}:{i}".encode()).hexdigest())
     return set(order[:k])
@@ -110,7 +111,9 @@ def build_records(
     training would cut it at the LM's length limit anyway.
     """
     if max_caption_chars is not None and max_caption_chars < 1:
-        raise ValueError(f"max_caption_chars must be at least 1 (or None: no limit), got {max_caption_chars}")
+        raise SettingError(
+            f"max_caption_chars must be at least 1 (or None: no limit), got {max_caption_chars}"
+        )
     problems = list(raw.problems)
     counts = {
         "images_read": len(raw.images),

@@ -17,6 +17,7 @@ from pathlib import Path
 from data_prep.datasets import register_adapter
 from data_prep.datasets.base import AdapterOutput
 from data_prep.datasets.jsonio import read_images_annotations
+from data_prep.errors import SourceNotFoundError
 
 _UITVIIC = {
     "train": "uitviic_captions_train2017.json",
@@ -52,7 +53,7 @@ def read_coco_files(files: dict[str, Path], images: Path, out: AdapterOutput) ->
 def _split_files(source: Path, names: dict[str, str], out: AdapterOutput) -> dict[str, Path]:
     found = {split: source / n for split, n in names.items() if (source / n).is_file()}
     if not found:
-        raise FileNotFoundError(f"none of {', '.join(names.values())} in {source}")
+        raise SourceNotFoundError(f"none of {', '.join(names.values())} in {source}")
     for split, n in names.items():
         if split not in found:
             out.problem("missing_file", n, "-", f"no {n} in {source}; split {split!r} is empty")
@@ -85,7 +86,7 @@ def read_coco(source: Path, *, images: Path | None = None) -> AdapterOutput:
             if m:
                 files[m.group(1) if m.group(1) not in files else f"{m.group(1)}{m.group(2)}"] = path
         if not files:
-            raise FileNotFoundError(f"no captions_<split><year>.json in {source}")
+            raise SourceNotFoundError(f"no captions_<split><year>.json in {source}")
         root = source
     out.meta["source_files"] = [p.name for p in files.values()]
     return read_coco_files(files, Path(images) if images else root, out)

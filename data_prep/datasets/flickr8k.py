@@ -17,6 +17,7 @@ from pathlib import Path
 from data_prep.datasets import register_adapter
 from data_prep.datasets.base import AdapterOutput, RawCaption, RawImage
 from data_prep.datasets.jsonio import SourceError
+from data_prep.errors import SourceNotFoundError
 from data_prep.textio import text_lines
 
 TOKEN_FILE = "Flickr8k.token.txt"
@@ -46,7 +47,7 @@ def read_flickr8k(source: Path, *, images: Path | None = None) -> AdapterOutput:
     root = source.parent if source.is_file() else source
     token_path = source if source.is_file() else root / TOKEN_FILE
     if not token_path.is_file():
-        raise FileNotFoundError(f"no {TOKEN_FILE} in {root}")
+        raise SourceNotFoundError(f"no {TOKEN_FILE} in {root}")
     image_root = Path(images) if images else _default_images(root)
     out = AdapterOutput(meta={"source_files": [token_path.name]})
 

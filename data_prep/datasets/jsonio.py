@@ -7,11 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from data_prep.datasets.base import AdapterOutput, RawCaption, RawImage
+from data_prep.errors import SourceError  # noqa: F401  (raised here; importable from here too)
 from data_prep.textio import text_lines
-
-
-class SourceError(ValueError):
-    """A dataset file that cannot be parsed at all; the message names file and line."""
 
 
 def load_json(path: Path) -> object:

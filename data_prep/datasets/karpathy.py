@@ -16,6 +16,7 @@ from pathlib import Path
 from data_prep.datasets import register_adapter
 from data_prep.datasets.base import AdapterOutput, RawCaption, RawImage
 from data_prep.datasets.jsonio import load_json
+from data_prep.errors import SourceError, SourceNotFoundError
 
 SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
 
@@ -27,7 +28,7 @@ def read_karpathy(source: Path, *, images: Path | None = None) -> AdapterOutput:
     if source.is_dir():
         found = sorted(source.glob("dataset_*.json"))
         if len(found) != 1:
-            raise FileNotFoundError(
+            raise SourceNotFoundError(
                 f"expected one dataset_*.json in {source}, found {len(found)}; pass the file"
             )
         source = found[0]
@@ -35,7 +36,7 @@ def read_karpathy(source: Path, *, images: Path | None = None) -> AdapterOutput:
     name = source.name
     data = load_json(source)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise ValueError(f"{source}: expected an object with an 'images' list (Karpathy split format)")
+        raise SourceError(f"{source}: expected an object with an 'images' list (Karpathy split format)")
     out = AdapterOutput(meta={"source_files": [name], "karpathy_dataset": data.get("dataset", "")})
     for i, img in enumerate(data["images"]):
         if not isinstance(img, dict) or not isinstance(img.get("filename"), str):

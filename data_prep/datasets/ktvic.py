@@ -17,6 +17,7 @@ from pathlib import Path
 from data_prep.datasets import register_adapter
 from data_prep.datasets.base import AdapterOutput, RawCaption, RawImage
 from data_prep.datasets.jsonio import read_images_annotations
+from data_prep.errors import SourceNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ def read_ktvic(source: Path, *, images: Path | None = None) -> AdapterOutput:
     image_root = Path(images) if images else root
     found = [split for split, (name, _) in LAYOUT.items() if (root / name).is_file()]
     if not found:
-        raise FileNotFoundError(f"KTVIC: neither train_data.json nor test_data.json in {root}")
+        raise SourceNotFoundError(f"KTVIC: neither train_data.json nor test_data.json in {root}")
     out = AdapterOutput(meta={"source_files": [LAYOUT[s][0] for s in found]})
     for split, (name, _) in LAYOUT.items():
         if split not in found:

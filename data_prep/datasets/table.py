@@ -18,6 +18,7 @@ from pathlib import Path
 from data_prep.datasets import register_adapter
 from data_prep.datasets.base import AdapterOutput, RawCaption, RawImage, canonical_split, source_name
 from data_prep.datasets.jsonio import SourceError
+from data_prep.errors import SourceNotFoundError
 from data_prep.images import walk_images
 from data_prep.textio import text_lines
 
@@ -174,7 +175,7 @@ def read_table(
     """A CSV/TSV/JSONL file of image,caption rows (optional split and id columns); images under --images."""
     source = Path(source)
     if not source.is_file():
-        raise FileNotFoundError(f"caption table not found: {source}")
+        raise SourceNotFoundError(f"caption table not found: {source}")
     out = AdapterOutput(meta={"source_files": [source.name]})
     read_table_into(
         source,
@@ -206,7 +207,7 @@ def read_folder(
     else:
         table = next((folder / n for n in CAPTION_FILES if (folder / n).is_file()), folder / CAPTION_FILES[0])
     if not table.is_file():
-        raise FileNotFoundError(
+        raise SourceNotFoundError(
             f"no captions file in {folder} (looked for {', '.join(CAPTION_FILES)}; or pass captions_file)"
         )
     # Images beside the captions file, or in its images/ sub-folder.

@@ -19,6 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 from data_prep.languages import get_language
+from vicap.errors import MissingFileError
 
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
 PAD, BOS, EOS, UNK = range(4)
@@ -125,7 +126,7 @@ def build_vocab(token_lists: list[list[str]], cfg, run_dir: Path) -> Vocab:
 def load_vocab(run_dir: Path) -> Vocab:
     path = Path(run_dir) / "vocab.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: the run's vocabulary is missing")
+        raise MissingFileError(f"{path}: the run's vocabulary is missing")
     data = json.loads(path.read_text(encoding="utf-8"))
     if data["type"] == "word":
         return Vocab(data["tokens"])

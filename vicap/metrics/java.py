@@ -28,13 +28,11 @@ import tempfile
 import threading
 from pathlib import Path
 
+from vicap.errors import MetricError  # noqa: F401  (raised here; importable from here too)
+
 log = logging.getLogger(__name__)
 
 CORENLP = "stanford-corenlp-3.6.0"
-
-
-class MetricError(RuntimeError):
-    """A scorer that was available failed while running; the message carries its error output."""
 
 
 def _pycocoevalcap_dir() -> Path | None:
