@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import math
 import re
@@ -24,183 +25,230 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 from vicap.errors import RecipeError  # noqa: F401  (raised here; importable from here too)
+from vicap.metrics import FAMILIES
+
+METRIC_FAMILIES = tuple(FAMILIES)  # BLEU, METEOR, ROUGE-L, CIDEr-D, SPICE, chrF: vicap.metrics's list
+MetricFamily = Literal[METRIC_FAMILIES]
 
 
-def _help(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
+def option(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
     if isinstance(default, (list, dict, set)):
         raise TypeError("use tuples for defaults")
     return field(default=default, metadata={"help": text}, **kw)
 
 
-def _check(cond: bool, key: str, value: Any, why: str) -> None:
+def check(cond: bool, key: str, value: Any, why: str) -> None:
     if not cond:
         raise ValueError(f"{key} = {value!r}: {why}")
 
 
-def _one_of(key: str, value: str, choices: tuple[str, ...] | list[str]) -> None:
+def one_of(key: str, value: str, choices: tuple[str, ...] | list[str]) -> None:
     if value not in choices:
         close = difflib.get_close_matches(value, choices, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        _check(False, key, value, f"must be one of {', '.join(choices)}{hint}")
+        check(False, key, value, f"must be one of {', '.join(choices)}{hint}")
 
 
 # numpy's seed range; Accelerate's set_seed seeds numpy, Python and torch with the same number.
 SEED_MAX = 2**32 - 1
 
 
-def _check_seed(key: str, value: int) -> None:
-    _check(0 <= value <= SEED_MAX, key, value, f"must be in [0, 2**32 - 1 = {SEED_MAX}]")
+def check_seed(key: str, value: int) -> None:
+    check(0 <= value <= SEED_MAX, key, value, f"must be in [0, 2**32 - 1 = {SEED_MAX}]")
+
+
+def _is_literal(tp: Any) -> bool:
+    return typing.get_origin(tp) is Literal
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in typing.get_type_hints(cls).items() if k in names}
+
+
+def _check_choices(key: str, value: Any, tp: Any) -> None:
+    """A Literal field (or a tuple of Literal items) must hold one of the type's values."""
+    if _is_literal(tp):
+        one_of(key, value, typing.get_args(tp))
+    elif typing.get_origin(tp) is tuple and _is_literal(typing.get_args(tp)[0]):
+        for item in value:
+            one_of(key, item, typing.get_args(typing.get_args(tp)[0]))
+
+
+class Section:
+    """Base of every recipe section: a frozen dataclass whose fields carry their help text (`option`).
+
+    A field typed `Literal[...]` is a choice, checked here for every section, so each list of allowed
+    values is written once, in the type; `validate` checks the rest (ranges, registry names, fields
+    that depend on each other) with `check`, whose ValueError names the dotted key."""
+
+    KEY: ClassVar[str] = ""  # the section's name in a recipe ("train"), for messages
+
+    def __post_init__(self) -> None:
+        for name, tp in _field_types(type(self)).items():
+            _check_choices(f"{self.KEY}.{name}", getattr(self, name), tp)
+        self.validate()
+
+    def validate(self) -> None:
+        """Checks beyond the field types; raise through `check`."""
 
 
 @dataclass(frozen=True)
-class EncoderConfig:
-    name: str = _help(
+class EncoderConfig(Section):
+    KEY = "encoder"
+
+    name: str = option(
         "encoder registry entry (see `vicap list`): 'open_clip' or 'hf_clip' (transformers CLIP vision model)",
         "open_clip",
     )
-    model: str = _help(
+    model: str = option(
         "open_clip: model name (ViT-B-32, RN50, convnext_base, ...), 'local-dir:PATH' for a folder holding "
         "open_clip_config.json and weights, or 'hf-hub:org/repo'; hf_clip: hub id "
         "(openai/clip-vit-base-patch32) or a local folder saved by save_pretrained",
         "ViT-B-32",
     )
-    pretrained: str = _help(
+    pretrained: str = option(
         "open_clip pretrained tag ('openai', 'laion2b_s34b_b79k', ...) or a local weights file (.safetensors, "
         "or .pt/.pth/.bin read with torch.load(weights_only=True)); "
         "ignored for local-dir:/hf-hub: models",
         "openai",
     )
-    batch_size: int = _help("images per batch during feature extraction", 64)
-    normalize: bool = _help("L2-normalize image features before the mapper", False)
-    patch_tokens: bool = _help(
+    batch_size: int = option("images per batch during feature extraction", 64)
+    normalize: bool = option("L2-normalize image features before the mapper", False)
+    patch_tokens: bool = option(
         "also store the patch tokens (projected to the embedding width) beside the pooled vector, "
         "for mappers that attend to them (mapper.type = 'attention'); ViT towers only",
         False,
     )
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         from vicap.encoders import ENCODERS  # imported here: vicap.encoders imports this module
 
-        _one_of("encoder.name", self.name, ENCODERS.names())
-        _check(bool(self.model), "encoder.model", self.model, "must name a model")
-        _check(self.batch_size > 0, "encoder.batch_size", self.batch_size, "must be > 0")
+        one_of("encoder.name", self.name, ENCODERS.names())
+        check(bool(self.model), "encoder.model", self.model, "must name a model")
+        check(self.batch_size > 0, "encoder.batch_size", self.batch_size, "must be > 0")
 
 
 @dataclass(frozen=True)
-class DecoderConfig:
-    model: str = _help(
+class DecoderConfig(Section):
+    KEY = "decoder"
+
+    model: str = option(
         "Hugging Face causal LM: hub id (gpt2, NlpHUST/gpt2-vietnamese) or local directory", "gpt2"
     )
-    tuning: str = _help(
+    tuning: Literal["frozen", "full", "lora"] = option(
         "'frozen' trains only the mapper; 'full' also fine-tunes the LM (ClipCap's MLP setting); "
         "'lora' trains LoRA adapters on the LM (peft) with the mapper",
         "frozen",
     )
-    dtype: str = _help(
+    dtype: Literal["float32", "bfloat16", "float16"] = option(
         "LM weight dtype: 'float32' (train with it; bf16 compute comes from train.mixed_precision), "
         "or 'bfloat16' / 'float16' to halve the memory of a frozen LM",
         "float32",
     )
-    lora_rank: int = _help("LoRA rank r (tuning = 'lora')", 8)
-    lora_alpha: float = _help("LoRA scaling alpha; updates are scaled by alpha / rank", 16.0)
-    lora_dropout: float = _help("dropout on the LoRA branch's input", 0.05)
-    lora_target_modules: tuple[str, ...] = _help(
+    lora_rank: int = option("LoRA rank r (tuning = 'lora')", 8)
+    lora_alpha: float = option("LoRA scaling alpha; updates are scaled by alpha / rank", 16.0)
+    lora_dropout: float = option("dropout on the LoRA branch's input", 0.05)
+    lora_target_modules: tuple[str, ...] = option(
         "module names that get adapters; empty means peft's default for the architecture "
         "(GPT-2: c_attn; Llama: q_proj, v_proj)",
         (),
     )
 
-    def __post_init__(self) -> None:
-        _check(bool(self.model), "decoder.model", self.model, "must name a model")
-        _one_of("decoder.tuning", self.tuning, ("frozen", "full", "lora"))
-        _one_of("decoder.dtype", self.dtype, ("float32", "bfloat16", "float16"))
-        _check(
+    def validate(self) -> None:
+        check(bool(self.model), "decoder.model", self.model, "must name a model")
+        check(
             self.dtype == "float32" or self.tuning != "full",
             "decoder.dtype",
             self.dtype,
             "a fully tuned LM trains in float32 (use train.mixed_precision for bf16 compute)",
         )
-        _check(self.lora_rank > 0, "decoder.lora_rank", self.lora_rank, "must be > 0")
-        _check(self.lora_alpha > 0, "decoder.lora_alpha", self.lora_alpha, "must be > 0")
-        _check(0.0 <= self.lora_dropout < 1.0, "decoder.lora_dropout", self.lora_dropout, "must be in [0, 1)")
+        check(self.lora_rank > 0, "decoder.lora_rank", self.lora_rank, "must be > 0")
+        check(self.lora_alpha > 0, "decoder.lora_alpha", self.lora_alpha, "must be > 0")
+        check(0.0 <= self.lora_dropout < 1.0, "decoder.lora_dropout", self.lora_dropout, "must be in [0, 1)")
         for name in self.lora_target_modules:
-            _check(bool(name), "decoder.lora_target_modules", name, "module names must not be empty")
+            check(bool(name), "decoder.lora_target_modules", name, "module names must not be empty")
 
 
 @dataclass(frozen=True)
-class MapperConfig:
-    type: str = _help("mapper registry entry (see `vicap list`): mlp, transformer or attention", "mlp")
-    prefix_length: int = _help("number of prefix embeddings the mapper produces", 10)
-    hidden_dim: int = _help("mlp: hidden width; 0 means ClipCap's (LM width * prefix_length) // 2", 0)
-    dropout: float = _help(
+class MapperConfig(Section):
+    KEY = "mapper"
+
+    type: str = option("mapper registry entry (see `vicap list`): mlp, transformer or attention", "mlp")
+    prefix_length: int = option("number of prefix embeddings the mapper produces", 10)
+    hidden_dim: int = option("mlp: hidden width; 0 means ClipCap's (LM width * prefix_length) // 2", 0)
+    dropout: float = option(
         "dropout inside the mapper (mlp: after the Tanh; transformer/attention: in the MLPs)", 0.0
     )
-    clip_length: int = _help(
+    clip_length: int = option(
         "transformer: tokens the image vector is projected to before the layers (ClipCap's clip_length)", 10
     )
-    num_layers: int = _help("transformer/attention: layers; 0 means the mapper's default (8 / 2)", 0)
-    num_heads: int = _help("transformer/attention: attention heads; must divide the LM width", 8)
-    mlp_ratio: float = _help("transformer/attention: MLP width as a multiple of the LM width", 2.0)
+    num_layers: int = option("transformer/attention: layers; 0 means the mapper's default (8 / 2)", 0)
+    num_heads: int = option("transformer/attention: attention heads; must divide the LM width", 8)
+    mlp_ratio: float = option("transformer/attention: MLP width as a multiple of the LM width", 2.0)
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         from vicap.mappers import MAPPERS  # imported here: vicap.mappers imports this module
 
-        _one_of("mapper.type", self.type, MAPPERS.names())
-        _check(self.prefix_length > 0, "mapper.prefix_length", self.prefix_length, "must be > 0")
-        _check(self.hidden_dim >= 0, "mapper.hidden_dim", self.hidden_dim, "must be >= 0")
-        _check(0.0 <= self.dropout < 1.0, "mapper.dropout", self.dropout, "must be in [0, 1)")
-        _check(self.clip_length > 0, "mapper.clip_length", self.clip_length, "must be > 0")
-        _check(self.num_layers >= 0, "mapper.num_layers", self.num_layers, "must be >= 0")
-        _check(self.num_heads > 0, "mapper.num_heads", self.num_heads, "must be > 0")
-        _check(self.mlp_ratio > 0, "mapper.mlp_ratio", self.mlp_ratio, "must be > 0")
+        one_of("mapper.type", self.type, MAPPERS.names())
+        check(self.prefix_length > 0, "mapper.prefix_length", self.prefix_length, "must be > 0")
+        check(self.hidden_dim >= 0, "mapper.hidden_dim", self.hidden_dim, "must be >= 0")
+        check(0.0 <= self.dropout < 1.0, "mapper.dropout", self.dropout, "must be in [0, 1)")
+        check(self.clip_length > 0, "mapper.clip_length", self.clip_length, "must be > 0")
+        check(self.num_layers >= 0, "mapper.num_layers", self.num_layers, "must be >= 0")
+        check(self.num_heads > 0, "mapper.num_heads", self.num_heads, "must be > 0")
+        check(self.mlp_ratio > 0, "mapper.mlp_ratio", self.mlp_ratio, "must be > 0")
 
 
 _LANGUAGE_CODE = re.compile(r"[a-z]{2,3}([-_][A-Za-z0-9]{2,8})*")  # BCP 47-like: 'th', 'pt-BR'
 
 
 @dataclass(frozen=True)
-class DataConfig:
-    adapter: str = _help(
+class DataConfig(Section):
+    KEY = "data"
+
+    adapter: str = option(
         "dataset adapter that reads the source (see `vicap list`), or 'manifest' when data.source is a "
         "manifest written by `vicap prepare`",
         "ktvic",
     )
-    source: str = _help("the dataset as published: a folder or file the adapter reads", "")
-    images: str = _help("image folder, for adapters whose annotations live apart from the images", "")
-    language: str = _help("language code of the captions (vi, en, ...)", "vi")
-    segment: str = _help(
+    source: str = option("the dataset as published: a folder or file the adapter reads", "")
+    images: str = option("image folder, for adapters whose annotations live apart from the images", "")
+    language: str = option("language code of the captions (vi, en, ...)", "vi")
+    segment: Literal["none", "word"] = option(
         "what the LM sees: 'none' (syllables / raw words) or 'word' (word-segmented)", "none"
     )
-    val_fraction: float = _help("fraction of training images held out for validation (by image)", 0.0)
-    max_tokens: int = _help("captions longer than this many LM tokens are truncated (EOS kept)", 40)
-    features_dir: str = _help("root of the on-disk feature store, shared across runs", "features")
+    val_fraction: float = option("fraction of training images held out for validation (by image)", 0.0)
+    max_tokens: int = option("captions longer than this many LM tokens are truncated (EOS kept)", 40)
+    features_dir: str = option("root of the on-disk feature store, shared across runs", "features")
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         from data_prep.datasets import ADAPTERS
         from data_prep.languages import LANGUAGES, get_language
 
-        _one_of("data.adapter", self.adapter, ("manifest", *sorted(ADAPTERS)))
+        one_of("data.adapter", self.adapter, ("manifest", *sorted(ADAPTERS)))
         if self.adapter == "manifest":  # its splits and images were fixed by `vicap prepare`
-            _check(
+            check(
                 self.val_fraction == 0,
                 "data.val_fraction",
                 self.val_fraction,
                 "a manifest's splits are fixed when it is written (vicap prepare --val-fraction)",
             )
-            _check(
+            check(
                 not self.images,
                 "data.images",
                 self.images,
                 "a manifest names its images itself (paths relative to the manifest)",
             )
-        _check(bool(self.source), "data.source", self.source, "must name the dataset folder or file")
+        check(bool(self.source), "data.source", self.source, "must name the dataset folder or file")
         # A code without a registry entry gets data_prep's generic fallback (NFC, whitespace tokens), so
         # any well-formed code is accepted; a malformed one ('Vietnamese', 'VI') would silently get it.
         if self.language not in LANGUAGES:
-            _check(
+            check(
                 _LANGUAGE_CODE.fullmatch(self.language) is not None,
                 "data.language",
                 self.language,
@@ -208,133 +256,145 @@ class DataConfig:
                 "code ('th', 'sw', 'pt-BR') gets the generic fallback",
             )
             primary = re.split(r"[-_]", self.language)[0]
-            _check(
+            check(
                 primary not in LANGUAGES,
                 "data.language",
                 self.language,
                 f"would get the generic fallback, not the rules registered for {primary!r}; write {primary!r}",
             )
-        _one_of("data.segment", self.segment, ("none", "word"))
         modes = get_language(self.language).modes
-        _check(
+        check(
             self.segment in modes,
             "data.segment",
             self.segment,
             f"language {self.language!r} has no {self.segment!r} segmenter (modes: {', '.join(modes)}); "
             "register one in data_prep.languages or use 'none'",
         )
-        _check(0.0 <= self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "must be in [0, 1)")
-        _check(self.max_tokens >= 2, "data.max_tokens", self.max_tokens, "must be >= 2")
+        check(0.0 <= self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "must be in [0, 1)")
+        check(self.max_tokens >= 2, "data.max_tokens", self.max_tokens, "must be >= 2")
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    output_dir: str = _help(
+class TrainSettings(Section):
+    """The [train] keys of every captioner: what `vicap.train.fit`, the one training loop, reads."""
+
+    KEY = "train"
+
+    output_dir: str = option(
         "run directory (checkpoints, logs, resolved recipe); a recipe file's default is runs/<file stem>",
         "runs/default",
     )
-    seed: int = _help("seed for weights init, data order and dropout", 42)
-    epochs: int = _help("passes over the training captions", 10)
-    batch_size: int = _help(
+    seed: int = option("seed for weights init, data order and dropout", 42)
+    epochs: int = option("passes over the training captions", 10)
+    batch_size: int = option(
         "captions per micro-batch summed over all processes (the global batch; each of N processes gets "
         "1/N of it), so a recipe trains the same on 1 or N devices; optimizer batch = batch_size * grad_accum",
         40,
     )
-    grad_accum: int = _help("gradient accumulation steps (micro-batches per optimizer step)", 1)
-    lr: float = _help("peak learning rate (AdamW)", 2e-5)
-    weight_decay: float = _help("AdamW weight decay", 0.0)
-    warmup_steps: int = _help("linear warmup steps, then linear decay to 0", 5000)
-    grad_clip: float = _help("max gradient norm; 0 disables clipping", 1.0)
-    feature_noise: float = _help(
+    grad_accum: int = option("gradient accumulation steps (micro-batches per optimizer step)", 1)
+    lr: float = option("peak learning rate (AdamW)", 2e-5)
+    weight_decay: float = option("AdamW weight decay", 0.0)
+    warmup_steps: int = option("linear warmup steps, then linear decay to 0", 5000)
+    grad_clip: float = option("max gradient norm; 0 disables clipping", 1.0)
+    mixed_precision: Literal["no", "bf16", "fp16"] = option(
+        "'no', 'bf16' or 'fp16' (through Accelerate)", "no"
+    )
+    device: Literal["auto", "cpu"] = option("'auto' lets Accelerate choose; 'cpu' forces the CPU", "auto")
+    log_every: int = option("optimizer steps between loss log lines", 50)
+    save_every: int = option("optimizer steps between checkpoints; 0 saves once per epoch", 0)
+    keep_checkpoints: int = option("how many recent checkpoints to keep", 2)
+
+    def validate(self) -> None:
+        for key in ("epochs", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):
+            check(getattr(self, key) > 0, f"train.{key}", getattr(self, key), "must be > 0")
+        check(self.lr > 0, "train.lr", self.lr, "must be > 0")
+        check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
+        check(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "must be >= 0")
+        check(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "must be >= 0")
+        check(self.save_every >= 0, "train.save_every", self.save_every, "must be >= 0")
+        check_seed("train.seed", self.seed)
+
+
+@dataclass(frozen=True)
+class TrainConfig(TrainSettings):
+    feature_noise: float = option(
         "std of Gaussian noise added to image features during training (CapDec; its variance 0.016 "
         "is std 0.126 on L2-normalized features); 0 disables",
         0.0,
     )
-    mixed_precision: str = _help("'no', 'bf16' or 'fp16' (through Accelerate)", "no")
-    device: str = _help("'auto' lets Accelerate choose; 'cpu' forces the CPU", "auto")
-    log_every: int = _help("optimizer steps between loss log lines", 50)
-    save_every: int = _help("optimizer steps between checkpoints; 0 saves once per epoch", 0)
-    keep_checkpoints: int = _help("how many recent checkpoints to keep", 2)
 
-    def __post_init__(self) -> None:
-        for key in ("epochs", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):
-            _check(getattr(self, key) > 0, f"train.{key}", getattr(self, key), "must be > 0")
-        _check(self.lr > 0, "train.lr", self.lr, "must be > 0")
-        _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
-        _check(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "must be >= 0")
-        _check(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "must be >= 0")
-        _check(self.feature_noise >= 0, "train.feature_noise", self.feature_noise, "must be >= 0")
-        _check(self.save_every >= 0, "train.save_every", self.save_every, "must be >= 0")
-        _one_of("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
-        _one_of("train.device", self.device, ("auto", "cpu"))
-        _check_seed("train.seed", self.seed)
+    def validate(self) -> None:
+        super().validate()
+        check(self.feature_noise >= 0, "train.feature_noise", self.feature_noise, "must be >= 0")
 
 
 @dataclass(frozen=True)
-class GenerateConfig:
-    strategy: str = _help("'greedy', 'beam' or 'sample' (temperature / top_k / top_p, seeded)", "beam")
-    beam_size: int = _help("beams for beam search", 5)
-    max_new_tokens: int = _help("longest caption, in LM tokens", 30)
-    min_new_tokens: int = _help("shortest caption, in LM tokens (EOS is blocked before it)", 0)
-    length_penalty: float = _help(
+class GenerateConfig(Section):
+    KEY = "generate"
+
+    strategy: Literal["greedy", "beam", "sample"] = option(
+        "'greedy', 'beam' or 'sample' (temperature / top_k / top_p, seeded)", "beam"
+    )
+    beam_size: int = option("beams for beam search", 5)
+    max_new_tokens: int = option("longest caption, in LM tokens", 30)
+    min_new_tokens: int = option("shortest caption, in LM tokens (EOS is blocked before it)", 0)
+    length_penalty: float = option(
         "beam score = log-prob / length ** length_penalty (length counts the EOS)", 1.0
     )
-    batch_size: int = _help("images per generation batch", 32)
-    n_best: int = _help(
+    batch_size: int = option("images per generation batch", 32)
+    n_best: int = option(
         "captions returned per image, best first: beam keeps the n best beams (n_best <= beam_size), "
         "sample draws n samples; greedy has one",
         1,
     )
-    temperature: float = _help("sample: divide logits by this before sampling", 1.0)
-    top_k: int = _help("sample: keep only the k most likely tokens; 0 keeps all", 0)
-    top_p: float = _help("sample: keep the smallest set of tokens whose probability reaches top_p", 1.0)
-    seed: int = _help("sample: seed; the same seed, inputs and batch_size give the same captions", 0)
-    repetition_penalty: float = _help(
+    temperature: float = option("sample: divide logits by this before sampling", 1.0)
+    top_k: int = option("sample: keep only the k most likely tokens; 0 keeps all", 0)
+    top_p: float = option("sample: keep the smallest set of tokens whose probability reaches top_p", 1.0)
+    seed: int = option("sample: seed; the same seed, inputs and batch_size give the same captions", 0)
+    repetition_penalty: float = option(
         "penalize tokens the caption already has (CTRL-style; 1.0 = off, 1.2 is typical)", 1.0
     )
-    no_repeat_ngram_size: int = _help("no n-gram of this many tokens appears twice in a caption; 0 = off", 0)
-    stop: str = _help("stop a caption once its text contains this string (kept); '' = EOS only", "")
-    precision: str = _help(
+    no_repeat_ngram_size: int = option("no n-gram of this many tokens appears twice in a caption; 0 = off", 0)
+    stop: str = option("stop a caption once its text contains this string (kept); '' = EOS only", "")
+    precision: Literal["fp32", "bf16", "fp16"] = option(
         "'fp32', or 'bf16' / 'fp16' autocast while encoding images and decoding captions (caption, "
         "evaluate, serve); fast on GPUs and on CPUs with bf16 support, captions may differ slightly",
         "fp32",
     )
 
-    def __post_init__(self) -> None:
-        _one_of("generate.strategy", self.strategy, ("greedy", "beam", "sample"))
-        _one_of("generate.precision", self.precision, ("fp32", "bf16", "fp16"))
-        _check(self.beam_size >= 1, "generate.beam_size", self.beam_size, "must be >= 1")
-        _check(self.max_new_tokens >= 1, "generate.max_new_tokens", self.max_new_tokens, "must be >= 1")
-        _check(
+    def validate(self) -> None:
+        check(self.beam_size >= 1, "generate.beam_size", self.beam_size, "must be >= 1")
+        check(self.max_new_tokens >= 1, "generate.max_new_tokens", self.max_new_tokens, "must be >= 1")
+        check(
             0 <= self.min_new_tokens <= self.max_new_tokens,
             "generate.min_new_tokens",
             self.min_new_tokens,
             f"must be in [0, max_new_tokens = {self.max_new_tokens}]",
         )
-        _check(self.batch_size >= 1, "generate.batch_size", self.batch_size, "must be >= 1")
-        _check(self.n_best >= 1, "generate.n_best", self.n_best, "must be >= 1")
+        check(self.batch_size >= 1, "generate.batch_size", self.batch_size, "must be >= 1")
+        check(self.n_best >= 1, "generate.n_best", self.n_best, "must be >= 1")
         if self.strategy == "beam":
-            _check(
+            check(
                 self.n_best <= self.beam_size,
                 "generate.n_best",
                 self.n_best,
                 f"beam search returns at most beam_size = {self.beam_size} captions",
             )
         if self.strategy == "greedy":
-            _check(
+            check(
                 self.n_best == 1,
                 "generate.n_best",
                 self.n_best,
                 "greedy decoding has one caption; use beam or sample",
             )
-        _check(self.temperature > 0, "generate.temperature", self.temperature, "must be > 0")
-        _check(self.top_k >= 0, "generate.top_k", self.top_k, "must be >= 0")
-        _check_seed("generate.seed", self.seed)
-        _check(0.0 < self.top_p <= 1.0, "generate.top_p", self.top_p, "must be in (0, 1]")
-        _check(
+        check(self.temperature > 0, "generate.temperature", self.temperature, "must be > 0")
+        check(self.top_k >= 0, "generate.top_k", self.top_k, "must be >= 0")
+        check_seed("generate.seed", self.seed)
+        check(0.0 < self.top_p <= 1.0, "generate.top_p", self.top_p, "must be in (0, 1]")
+        check(
             self.repetition_penalty > 0, "generate.repetition_penalty", self.repetition_penalty, "must be > 0"
         )
-        _check(
+        check(
             self.no_repeat_ngram_size >= 0,
             "generate.no_repeat_ngram_size",
             self.no_repeat_ngram_size,
@@ -343,58 +403,132 @@ class GenerateConfig:
 
 
 @dataclass(frozen=True)
-class EvalConfig:
-    split: str = _help("manifest split that is scored", "test")
-    levels: tuple[str, ...] = _help(
+class EvalConfig(Section):
+    KEY = "eval"
+
+    split: str = option("manifest split that is scored", "test")
+    levels: tuple[Literal["syllable", "word"], ...] = option(
         "metric tokenizations: 'syllable' (whitespace units) and/or 'word' (the language's word segmenter); "
         "English uses a PTB-compatible tokenizer at both",
         ("syllable",),
     )
-    max_images: int = _help("score at most this many images (0 = all)", 0)
-    metrics: tuple[str, ...] = _help(
+    max_images: int = option("score at most this many images (0 = all)", 0)
+    metrics: tuple[MetricFamily, ...] = option(
         "metric families: BLEU (1-4), METEOR, ROUGE-L, CIDEr-D, SPICE, chrF; one that cannot run here "
         "(no Java, no CoreNLP, not defined for the language) is reported as unavailable with the reason",
-        ("BLEU", "METEOR", "ROUGE-L", "CIDEr-D", "SPICE", "chrF"),
+        METRIC_FAMILIES,
     )
-    human: bool = _help(
+    human: bool = option(
         "also score each human caption against the image's other captions (leave-one-out), as a "
         "'human (leave-one-out)' row",
         True,
     )
 
-    def __post_init__(self) -> None:
-        _check(len(self.levels) > 0, "eval.levels", self.levels, "must name at least one level")
-        for level in self.levels:
-            _one_of("eval.levels", level, ("syllable", "word"))
-        _check(self.max_images >= 0, "eval.max_images", self.max_images, "must be >= 0")
-        _check(len(self.metrics) > 0, "eval.metrics", self.metrics, "must name at least one metric")
-        for metric in self.metrics:
-            _one_of("eval.metrics", metric, ("BLEU", "METEOR", "ROUGE-L", "CIDEr-D", "SPICE", "chrF"))
+    def validate(self) -> None:
+        check(len(self.levels) > 0, "eval.levels", self.levels, "must name at least one level")
+        check(self.max_images >= 0, "eval.max_images", self.max_images, "must be >= 0")
+        check(len(self.metrics) > 0, "eval.metrics", self.metrics, "must name at least one metric")
 
 
-SECTIONS: dict[str, type] = {
-    "encoder": EncoderConfig,
-    "decoder": DecoderConfig,
-    "mapper": MapperConfig,
-    "data": DataConfig,
-    "train": TrainConfig,
-    "generate": GenerateConfig,
-    "eval": EvalConfig,
-}
-TOP_LEVEL = ("name", "description")
+# --------------------------------------------------------------------------- the schema engine
 
 
-def sections_dict(recipe: Any, sections: Any) -> dict[str, Any]:
-    """Each section dataclass of a recipe as plain TOML/JSON-ready values (tuples become lists)."""
-    out: dict[str, Any] = {}
-    for section in sections:
-        values = dataclasses.asdict(getattr(recipe, section))
-        out[section] = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
-    return out
+class RecipeSchema:
+    """What every kind of recipe is: sections (the dataclass fields whose type is a `Section`), an
+    optional top-level `name` and `description`, and, for kinds other than vicap's own, a first line
+    `kind = "..."`. A kind of recipe is a short declaration (`Recipe` below, `BaselineRecipe` in
+    vicap.baseline.recipe); reading, overriding, validating, writing and describing are done here."""
+
+    KIND: ClassVar[str | None] = None  # the `kind = "..."` a file of this schema declares (None: none)
+    OPTIONAL: ClassVar[tuple[str, ...]] = ()  # sections a file may leave out: their defaults apply
+
+    @classmethod
+    def sections(cls) -> dict[str, type]:
+        return {k: t for k, t in _field_types(cls).items() if isinstance(t, type) and issubclass(t, Section)}
+
+    @classmethod
+    def top_level(cls) -> tuple[str, ...]:
+        return (("kind",) if cls.KIND else ()) + ("name", "description")
+
+    def check(self) -> None:
+        """Rules across sections; raise through `check` (the module function)."""
+
+    # ---------------------------------------------------------------- writing
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain TOML/JSON-ready values (tuples become lists): the resolved recipe."""
+        out: dict[str, Any] = {"kind": self.KIND} if self.KIND else {}
+        out.update(name=self.name, description=self.description)
+        for section in self.sections():
+            values = dataclasses.asdict(getattr(self, section))
+            out[section] = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), ensure_ascii=False, sort_keys=True)
+
+    def to_toml(self) -> str:
+        return dump_toml(self.to_dict())
+
+    def replace(self, **overrides: Any):
+        """A copy with dotted overrides applied and validated again: `recipe.replace(**{"train.lr": 1e-3})`."""
+        return self.from_dict(
+            apply_overrides(self.to_dict(), [f"{k}={_toml_value(v)}" for k, v in overrides.items()])
+        )
+
+    # ---------------------------------------------------------------- reading
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        """Validate plain data (a parsed TOML file, or `to_dict()` output) into the recipe."""
+        sections, top = cls.sections(), cls.top_level()
+        for key in data:
+            if key not in sections and key not in top:
+                raise RecipeError(_unknown(key, [*top, *sections]))
+        if cls.KIND and data.get("kind") != cls.KIND:
+            raise RecipeError(
+                f'kind = {data.get("kind")!r}: a {cls.KIND} recipe starts with kind = "{cls.KIND}"'
+            )
+        missing = [s for s in sections if s not in data and s not in cls.OPTIONAL]
+        if missing:
+            raise RecipeError(f"missing section(s): {', '.join('[' + s + ']' for s in missing)}")
+        built = {name: _build_section(name, sc, data.get(name, {})) for name, sc in sections.items()}
+        names = {k: _coerce(k, data[k], str) for k in ("name", "description") if k in data}
+        recipe = cls(**built, **names)
+        try:
+            recipe.check()
+        except ValueError as e:
+            raise RecipeError(str(e)) from None
+        return recipe
+
+    @classmethod
+    def from_json(cls, text: str):
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def load(cls, spec: str | Path, overrides: list[str] | tuple[str, ...] = ()):
+        """Read, override and validate a recipe file or shipped recipe name. Errors name the file and key."""
+        path, data = read_recipe_file(spec, optional=cls.OPTIONAL)
+        try:
+            return cls.from_dict(apply_overrides(data, list(overrides)))
+        except RecipeError as e:
+            raise RecipeError(f"{path}: {e}") from None
+
+    @classmethod
+    def describe_fields(cls) -> list[tuple[str, str, Any]]:
+        """(dotted key, help, default) for every field, for docs and `vicap list`."""
+        rows = []
+        for section, sc in cls.sections().items():
+            for f in dataclasses.fields(sc):
+                default = f.default if f.default is not dataclasses.MISSING else None
+                rows.append((f"{section}.{f.name}", f.metadata.get("help", ""), default))
+        return rows
 
 
 @dataclass(frozen=True)
-class Recipe:
+class Recipe(RecipeSchema):
+    """A ClipCap recipe: every section is required."""
+
     encoder: EncoderConfig
     decoder: DecoderConfig
     mapper: MapperConfig
@@ -405,20 +539,12 @@ class Recipe:
     name: str = ""
     description: str = ""
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "description": self.description, **sections_dict(self, SECTIONS)}
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), ensure_ascii=False, sort_keys=True)
-
-    def to_toml(self) -> str:
-        return dump_toml(self.to_dict())
-
-    def replace(self, **overrides: Any) -> Recipe:
-        """A copy with dotted overrides applied and validated again: `recipe.replace(**{"train.lr": 1e-3})`."""
-        return recipe_from_dict(
-            apply_overrides(self.to_dict(), [f"{k}={_toml_value(v)}" for k, v in overrides.items()])
-        )
+SECTIONS: dict[str, type] = Recipe.sections()
+recipe_from_dict = Recipe.from_dict
+recipe_from_json = Recipe.from_json
+load_recipe = Recipe.load
+describe_fields = Recipe.describe_fields
 
 
 # --------------------------------------------------------------------------- parsing
@@ -438,6 +564,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         return tuple(_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value))
     if origin in (typing.Union, types.UnionType):
         raise TypeError("recipe fields are not unions")
+    if origin is Literal:  # a choice: its type here, its values in Section.__post_init__
+        return _coerce(key, value, type(typing.get_args(tp)[0]))
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RecipeError(f"{key}: expected a number, got {value!r}")
@@ -481,18 +609,6 @@ def _build_section(name: str, cls: type, values: Any) -> Any:
         raise RecipeError(str(e)) from None
     except TypeError as e:  # a required field is missing
         raise RecipeError(f"[{name}]: {e}") from None
-
-
-def recipe_from_dict(data: dict[str, Any]) -> Recipe:
-    for key in data:
-        if key not in SECTIONS and key not in TOP_LEVEL:
-            raise RecipeError(_unknown(key, [*TOP_LEVEL, *SECTIONS]))
-    missing = [s for s in SECTIONS if s not in data]
-    if missing:
-        raise RecipeError(f"missing section(s): {', '.join('[' + s + ']' for s in missing)}")
-    sections = {name: _build_section(name, cls, data[name]) for name, cls in SECTIONS.items()}
-    top = {k: _coerce(k, data[k], str) for k in TOP_LEVEL if k in data}
-    return Recipe(**sections, **top)
 
 
 def _toml_value(value: Any) -> str:
@@ -616,26 +732,3 @@ def read_recipe_file(spec: str | Path, optional: tuple[str, ...] = ()) -> tuple[
     if isinstance(data.get("train"), dict):  # a missing or malformed [train] is reported by validation
         data["train"].setdefault("output_dir", f"runs/{path.stem}")
     return path, data
-
-
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read, override and validate a recipe file or shipped recipe name. Errors name the file and key."""
-    path, data = read_recipe_file(path)
-    try:
-        return recipe_from_dict(apply_overrides(data, list(overrides)))
-    except RecipeError as e:
-        raise RecipeError(f"{path}: {e}") from None
-
-
-def recipe_from_json(text: str) -> Recipe:
-    return recipe_from_dict(json.loads(text))
-
-
-def describe_fields() -> list[tuple[str, str, Any]]:
-    """(dotted key, help, default) for every recipe field, for docs and `vicap list`."""
-    rows = []
-    for section, cls in SECTIONS.items():
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else None
-            rows.append((f"{section}.{f.name}", f.metadata.get("help", ""), default))
-    return rows
