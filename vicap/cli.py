@@ -19,6 +19,25 @@ app = typer.Typer(
 Overrides = typer.Argument(None, help="dotted recipe overrides, e.g. train.lr=1e-4 generate.beam_size=3")
 
 
+@app.callback()
+def _main(
+    threads: int = typer.Option(
+        None,
+        "--threads",
+        min=1,
+        help="CPU threads for torch (default: $VICAP_THREADS, else $OMP_NUM_THREADS, else the CPUs this "
+        "process may use); given before the command: vicap --threads 1 train ...",
+    ),
+) -> None:
+    # Before any command imports torch: OpenMP reads its environment once, when torch loads it.
+    from vicap.runtime import apply_thread_policy
+
+    try:
+        apply_thread_policy(threads)
+    except ValueError as e:
+        _fail(e)
+
+
 class UserError(Exception):
     """Errors whose message is the whole story: printed without a traceback, exit code 2."""
 
@@ -30,6 +49,9 @@ def _setup(verbose: bool) -> None:
         stream=sys.stderr,
         force=True,
     )
+    from vicap.runtime import log_thread_policy
+
+    log_thread_policy()  # chosen before logging was set up
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for noisy in ("transformers", "accelerate", "open_clip", "root", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING if verbose else logging.ERROR)
