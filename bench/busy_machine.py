@@ -54,11 +54,17 @@ def wait_with_usage(proc: subprocess.Popen) -> tuple[int, float]:
 
 
 def run_vicap(args: list[str], env: dict[str, str], log_path: Path) -> tuple[float, float]:
-    """Run `python -m vicap.cli ARGS`; returns (wall seconds, CPU seconds). Exits on failure."""
+    """Run `python -m vicap.cli ARGS` in the vicap checkout first on env's PYTHONPATH (`python -m` puts
+    the working directory first on sys.path); returns (wall seconds, CPU seconds). Exits on failure."""
+    root = env["PYTHONPATH"].split(os.pathsep)[0]
     with log_path.open("w") as log:
         t0 = time.perf_counter()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "vicap.cli", *args], env=env, stdout=log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "vicap.cli", *args],
+            cwd=root,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         code, cpu = wait_with_usage(proc)
         wall = time.perf_counter() - t0
@@ -114,6 +120,15 @@ def main() -> None:
     overrides = [o for o in demo_overrides(work) if not o.startswith("train.output_dir=")]
     overrides += [f"train.epochs={args.epochs}"] if args.epochs else []
     env = child_env(args.vicap_root.resolve(), extra)
+    where = subprocess.run(
+        [sys.executable, "-c", "import vicap; print(vicap.__file__)"],
+        cwd=args.vicap_root,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    print(f"the training child imports {where.stdout.strip()}")
     run_vicap(
         ["features", recipe, *overrides, f"train.output_dir={work / 'runs' / 'features'}"],
         env,

@@ -115,6 +115,9 @@ def test_applied_after_torch_is_imported(clean_policy, monkeypatch) -> None:
     assert policy["wait_policy_effective"] is False
     assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
     assert runtime.thread_policy() == policy
+    assert (
+        policy["torch_threads"] == 1 and policy["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    )
     policy["threads"] = 99  # a copy: the recorded policy does not change
     assert runtime.thread_policy()["threads"] == 1
 
@@ -125,6 +128,7 @@ def test_users_wait_policy_is_kept(clean_policy, monkeypatch) -> None:
     assert "OMP_WAIT_POLICY" not in os.environ
     assert policy["wait_policy"] == {"GOMP_SPINCOUNT": "1000"}
     assert policy["wait_policy_source"] == "user environment"
+    assert policy["wait_policy_effective"] is True  # the user's, there when torch loaded OpenMP
     assert policy["threads_source"].startswith("torch.get_num_threads()")
 
 

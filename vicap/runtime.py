@@ -120,7 +120,8 @@ def apply_thread_policy(threads: int | None = None) -> dict:
         "cpus_available": cpus,
         "wait_policy": {k: os.environ[k] for k in WAIT_VARIABLES if os.environ.get(k)},
         "wait_policy_source": "user environment" if user_wait else "vicap",
-        "wait_policy_effective": not torch_loaded,
+        # in force in this process: set before torch loaded OpenMP (a user's own is taken to be)
+        "wait_policy_effective": bool(user_wait) or not torch_loaded,
     }
     log_thread_policy()
     return thread_policy()
@@ -149,5 +150,16 @@ def log_thread_policy() -> None:
 
 
 def thread_policy() -> dict | None:
-    """The policy `apply_thread_policy` applied in this process (a copy), or None if it was not called."""
-    return None if _ACTIVE is None else {**_ACTIVE, "wait_policy": dict(_ACTIVE["wait_policy"])}
+    """The policy `apply_thread_policy` applied in this process (a copy), or None if it was not called.
+
+    Once torch is imported it also holds what torch runs with: `torch_threads` and `cpu_capability`
+    (the SIMD level of ATen's kernels, e.g. AVX512 or AVX2; ATEN_CPU_CAPABILITY lowers it). Results
+    are bit-identical only between runs that agree on both (README, "The demo")."""
+    if _ACTIVE is None:
+        return None
+    policy = {**_ACTIVE, "wait_policy": dict(_ACTIVE["wait_policy"])}
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        policy["torch_threads"] = torch.get_num_threads()
+        policy["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    return policy
