@@ -107,6 +107,8 @@ def main() -> None:
     p.add_argument("--vicap-root", type=Path, default=REPO, help="vicap checkout to train with")
     p.add_argument("--env", action="append", default=[], metavar="K=V", help="environment for the training")
     args = p.parse_args()
+    if bad := [kv for kv in args.env if "=" not in kv]:
+        p.error(f"--env takes K=V, got {bad[0]!r}")
     extra = dict(kv.split("=", 1) for kv in args.env)
     work = args.dir or Path(tempfile.mkdtemp(prefix="vicap-busy-"))
     work.mkdir(parents=True, exist_ok=True)
