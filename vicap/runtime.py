@@ -3,8 +3,9 @@
 torch's CPU build runs its parallel kernels (and MKL's) on an OpenMP team: GNU libgomp in the Linux
 wheels (torch/lib/libgomp.so.1), LLVM/Intel libomp in some other builds. Two defaults hurt on a
 machine shared with other work:
-- the team has one thread per core of the machine, ignoring the CPU affinity mask (`taskset`, a
-  container's cpuset) and a cgroup CPU quota, so it can hold more threads than the process may run;
+- the team has one thread per CPU of the affinity mask (libgomp's default; other runtimes count every
+  core) and ignores a cgroup CPU quota (`docker run --cpus 2`, a Kubernetes CPU limit), so a container
+  limited to 2 CPUs on a 64-core host runs 64 threads that take turns;
 - a thread that finishes its share of a parallel region spins (libgomp: GOMP_SPINCOUNT = 300,000
   iterations) waiting for the next one or for a teammate. When the teammate has lost its core to
   another process, the spinning burns the very CPU the teammate needs.
