@@ -17,14 +17,20 @@ FRESH = """
 import sys
 assert "torchvision" not in sys.modules
 
+import importlib.util
+
 import vicap
 import vicap._compat as compat
 
+# `import vicap` loads no torch (the CLI sets OpenMP's environment first); the guard waits for the
+# first look-up of torchvision, and is idempotent before torchvision is imported (a second `define`
+# of nms would raise) ...
+assert "torch" not in sys.modules and not compat._GUARDED
+importlib.util.find_spec("torchvision")
 stubbed = compat._STUB_LIBRARY is not None
-# Idempotent before torchvision is imported (a second `define` of nms would raise) ...
+importlib.util.find_spec("torchvision")
 compat.guard_torchvision()
-compat.guard_torchvision()
-assert compat._STUB_LIBRARY is None or stubbed
+assert compat._GUARDED and (compat._STUB_LIBRARY is None or stubbed)
 
 import torchvision, open_clip, peft
 from transformers import BloomForCausalLM, GPT2LMHeadModel

@@ -3,9 +3,10 @@
 A frozen CLIP image encoder, a small trained mapper, and a pretrained causal LM of the target language.
 """
 
-from vicap._compat import guard_torchvision
+from vicap._compat import install_torchvision_guard
 
-# Once, before anything below (or a user) imports open_clip, peft or transformers' vision parts.
-guard_torchvision()
+# Before anything below (or a user) imports open_clip, peft or transformers' vision parts; without
+# importing torch yet, so that vicap.runtime can still set torch's OpenMP environment.
+install_torchvision_guard()
 
 __version__ = "0.1.0"

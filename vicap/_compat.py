@@ -7,10 +7,15 @@ CUDA. That wheel's compiled ops (`torchvision/_C.so`) fail to load on CPU torch,
 `transformers`. vicap uses only torchvision's pure-Python transforms (images are decoded with PIL),
 so when the compiled ops cannot load we declare the two op schemas that the import needs. Calling
 one of those ops afterwards still fails loudly (there is no kernel); nothing else changes.
+
+`import vicap` installs the guard as an import hook that runs when torchvision is first looked for,
+rather than running it (and importing torch) at once: the `vicap` command sets torch's thread and
+OpenMP environment first (vicap.runtime), which only works before torch is imported.
 """
 
 from __future__ import annotations
 
+import importlib.abc
 import importlib.util
 import logging
 import sys
@@ -54,3 +59,23 @@ def guard_torchvision() -> None:
     _STUB_LIBRARY = torch.library.Library("torchvision", "DEF")
     _STUB_LIBRARY.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
     _STUB_LIBRARY.define("qnms(Tensor qdets, Tensor qscores, float iou_threshold) -> Tensor")
+
+
+class _GuardOnFirstLookup(importlib.abc.MetaPathFinder):
+    """Runs `guard_torchvision` the first time anything imports or looks up torchvision; finds nothing
+    itself. It stays in sys.meta_path (removing a finder while the import system walks the list would
+    skip the next one) and is a string comparison per import afterwards."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname == "torchvision" and not _GUARDED:
+            guard_torchvision()
+        return None
+
+
+def install_torchvision_guard() -> None:
+    """Guard torchvision before its first import, without importing torch now. Idempotent."""
+    if _GUARDED or "torchvision" in sys.modules:
+        guard_torchvision()  # a no-op that records that there is nothing left to guard
+        return
+    if not any(isinstance(f, _GuardOnFirstLookup) for f in sys.meta_path):
+        sys.meta_path.insert(0, _GuardOnFirstLookup())

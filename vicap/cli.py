@@ -23,14 +23,35 @@ DeviceOption = typer.Option(
 )
 
 
+@app.callback()
+def _main(
+    threads: int = typer.Option(
+        None,
+        "--threads",
+        min=1,
+        help="CPU threads for torch (default: $VICAP_THREADS, else $OMP_NUM_THREADS, else the CPUs this "
+        "process may use); given before the command: vicap --threads 1 train ...",
+    ),
+) -> None:
+    # Before any command imports torch: OpenMP reads its environment once, when torch loads it.
+    from vicap.runtime import apply_thread_policy
+
+    try:
+        apply_thread_policy(threads)
+    except _user_errors() as e:
+        _fail(e)
+
+
 class UserError(Exception):
     """Errors whose message is the whole story: printed without a traceback, exit code 2."""
 
 
 def _setup(verbose: bool) -> None:
     from vicap.log import configure
+    from vicap.runtime import log_thread_policy
 
     configure(verbose)
+    log_thread_policy()  # chosen before logging was set up
 
 
 def _user_errors():

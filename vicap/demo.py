@@ -333,6 +333,64 @@ def demo_recipe_path() -> Path:
     return find_recipe(DEMO_RECIPE)
 
 
+def demo_overrides(out: Path) -> list[str]:
+    """Recipe overrides that point the demo recipe at the data, stand-ins, features and run under `out`."""
+    out = Path(out)
+    return [
+        f"encoder.model=local-dir:{out / 'models' / 'tiny-clip'}",
+        f"decoder.model={out / 'models' / 'tiny-gpt2-vi'}",
+        f"data.source={out / 'data' / 'ktvic-synthetic'}",
+        f"data.features_dir={out / 'features'}",
+        f"train.output_dir={out / 'runs' / 'demo'}",
+    ]
+
+
+def _stage(timings: dict, name: str, done: bool, fn) -> None:
+    """Run `fn` unless `done` (its output is already there), recording the stage's seconds in `timings`."""
+    t = time.time()
+    if done:
+        log.info("%s: reusing what is on disk", name)
+    else:
+        fn()
+    timings[name] = round(time.time() - t, 1)
+
+
+def build_demo_inputs(
+    out: Path,
+    *,
+    n_train: int = 1500,
+    n_test: int = 200,
+    clip_steps: int = 300,
+    progress: bool = True,
+    timings: dict | None = None,
+) -> None:
+    """The synthetic data and the two stand-in models under `out`, each built only if it is missing
+    (the layout `demo_overrides(out)` points at); stage seconds go into `timings` when given."""
+    out = Path(out)
+    timings = {} if timings is None else timings
+    data = out / "data" / "ktvic-synthetic"
+    lm_dir, clip_dir = out / "models" / "tiny-gpt2-vi", out / "models" / "tiny-clip"
+    _stage(
+        timings,
+        "synthetic data",
+        (data / "test_data.json").exists(),
+        lambda: write_synthetic_ktvic(data, n_train, n_test),
+    )
+    images, captions = read_train_pairs(data)
+    _stage(
+        timings,
+        "tiny GPT-2",
+        (lm_dir / "config.json").exists(),
+        lambda: build_tiny_lm(lm_dir, [c for cs in captions for c in cs]),
+    )
+    _stage(
+        timings,
+        "tiny CLIP",
+        (clip_dir / "open_clip_model.safetensors").exists(),
+        lambda: build_tiny_clip(clip_dir, images, captions, lm_dir, steps=clip_steps, progress=progress),
+    )
+
+
 def run_demo(
     out: Path,
     *,
@@ -352,51 +410,18 @@ def run_demo(
     from vicap.train import train
 
     t0 = time.time()
-    out = Path(out)
-    data = out / "data" / "ktvic-synthetic"
-    lm_dir, clip_dir = out / "models" / "tiny-gpt2-vi", out / "models" / "tiny-clip"
-    run_dir = out / "runs" / "demo"
-    recipe = load_recipe(
-        recipe_path or demo_recipe_path(),
-        [
-            f"encoder.model=local-dir:{clip_dir}",
-            f"decoder.model={lm_dir}",
-            f"data.source={data}",
-            f"data.features_dir={out / 'features'}",
-            f"train.output_dir={run_dir}",
-            *overrides,
-        ],
-    )
-    timings = {}
-
-    def stage(name: str, done: bool, fn) -> None:
-        t = time.time()
-        if done:
-            log.info("%s: reusing %s", name, out)
-        else:
-            fn()
-        timings[name] = round(time.time() - t, 1)
-
-    stage(
-        "synthetic data",
-        (data / "test_data.json").exists(),
-        lambda: write_synthetic_ktvic(data, n_train, n_test),
-    )
-    images, captions = read_train_pairs(data)
-    stage(
-        "tiny GPT-2",
-        (lm_dir / "config.json").exists(),
-        lambda: build_tiny_lm(lm_dir, [c for cs in captions for c in cs]),
-    )
-    stage(
-        "tiny CLIP",
-        (clip_dir / "open_clip_model.safetensors").exists(),
-        lambda: build_tiny_clip(clip_dir, images, captions, lm_dir, steps=clip_steps, progress=progress),
+    recipe = load_recipe(recipe_path or demo_recipe_path(), [*demo_overrides(out), *overrides])
+    run_dir = Path(recipe.train.output_dir)
+    timings: dict = {}
+    build_demo_inputs(
+        out, n_train=n_train, n_test=n_test, clip_steps=clip_steps, progress=progress, timings=timings
     )
     shutil.rmtree(run_dir, ignore_errors=True)
-    stage("train", False, lambda: train(recipe, progress=progress))
+    _stage(timings, "train", False, lambda: train(recipe, progress=progress))
     report: dict = {}
-    stage("caption + evaluate", False, lambda: report.update(evaluate_run(run_dir, progress=progress)))
+    _stage(
+        timings, "caption + evaluate", False, lambda: report.update(evaluate_run(run_dir, progress=progress))
+    )
     report["timings_s"] = timings
     report["wall_s"] = round(time.time() - t0, 1)
     return report

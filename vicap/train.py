@@ -376,6 +376,9 @@ def fit(job: TrainJob, accelerator, ckpt: Checkpoint | None = None, *, progress:
         global_batch=cfg.batch_size,
         grad_accum=grad_accum,
         mixed_precision=accelerator.mixed_precision,
+        # what bit-identical results depend on besides the recipe (README, "Which numbers repeat")
+        threads=torch.get_num_threads(),
+        cpu_capability=torch.backends.cpu.get_cpu_capability(),
     )
 
     def save(epoch: int) -> None:
