@@ -7,26 +7,17 @@ registers it (`app.command("prepare")(prepare_command)`).
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 import typer
 
-from data_prep.datasets import ADAPTERS, DataError, prepare
+from data_prep.datasets import ADAPTERS, DataError, prepare, report_path
 from data_prep.datasets.base import MAX_CAPTION_CHARS
 from data_prep.errors import DataPrepError
-from data_prep.languages import get_language
-from data_prep.manifest import read_manifest
 from data_prep.report import PrepareReport
-from data_prep.stats import caption_stats, load_tokenizer
 from data_prep.textio import safe_text
 
 log = logging.getLogger(__name__)
-
-
-def report_path(out: Path) -> Path:
-    """Where the report JSON goes: beside the manifest, `<name>.report.json`."""
-    return out.with_name(out.name.removesuffix(".jsonl") + ".report.json")
 
 
 def _parse_options(items: list[str]) -> dict[str, str]:
@@ -79,10 +70,7 @@ def prepare_command(
     ),
 ) -> None:
     """Read a dataset as published, write a clean normalized manifest, and report what was found."""
-    start = time.perf_counter()
     try:
-        # Load the tokenizer first: a wrong name should fail before minutes of image checks.
-        tok = load_tokenizer(tokenizer) if tokenizer else None
         report = prepare(
             adapter,
             source,
@@ -93,28 +81,20 @@ def prepare_command(
             seed=seed,
             check_images=check_images,
             max_caption_chars=max_caption_chars or None,
+            tokenizer=tokenizer,
             images=images,
             **_parse_options(option),
         )
     except DataError as err:
-        _finish(err.report, out, start, max_problems)
+        _print(err.report, out, max_problems)
         typer.echo(f"--strict: {len(err.report.problems)} problem(s) found; no manifest written", err=True)
         raise typer.Exit(1) from None
     except (DataPrepError, OSError) as err:  # OSError: a file the system would not let us read
         typer.echo(f"error: {safe_text(str(err))}", err=True)
         raise typer.Exit(2) from None
-
-    records = read_manifest(out).records
-    report.stats = caption_stats([c for r in records for c in r.captions], get_language(report.language), tok)
-    if tokenizer and report.stats:
-        report.stats["tokenizer"] = tokenizer
-    _finish(report, out, start, max_problems)
+    _print(report, out, max_problems)
 
 
-def _finish(report: PrepareReport, out: Path, start: float, max_problems: int) -> None:
-    report.elapsed_s = time.perf_counter() - start
-    path = report_path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    report.write(path)
+def _print(report: PrepareReport, out: Path, max_problems: int) -> None:
     typer.echo(report.format(max_problems=max_problems))
-    typer.echo(f"report: {safe_text(str(path))}")
+    typer.echo(f"report: {safe_text(str(report_path(out)))}")

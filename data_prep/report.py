@@ -65,7 +65,12 @@ class PrepareReport:
         )
 
     def write(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(json_text(self.to_dict(), indent=1) + "\n", encoding="utf-8")
+        """Write the report as JSON, atomically (a temporary file renamed into place)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json_text(self.to_dict(), indent=1) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
 
     def format(self, max_problems: int = 20) -> str:
         """Human-readable summary; problems listed up to `max_problems` per kind, the rest counted."""

@@ -118,6 +118,11 @@ def save_tiny_llama(out: Path, texts: list[str], *, pad: bool = False, tied: boo
     return out
 
 
+def as_sets(overrides: list[str]) -> list[str]:
+    """Overrides as command-line arguments: --set KEY=VALUE each."""
+    return [arg for o in overrides for arg in ("--set", o)]
+
+
 def tiny_recipe_overrides(tmp: Path, ktvic: Path, lm: Path, clip: Path, **extra: str) -> list[str]:
     base = {
         "encoder.model": f"local-dir:{clip}",

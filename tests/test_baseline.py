@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
+from tests.conftest import as_sets
 from vicap.baseline.model import LSTMDecoder, beam_search
 from vicap.baseline.recipe import LSTMConfig, is_baseline_recipe, load_baseline_recipe
 from vicap.baseline.vocab import BOS, EOS, SPECIALS, SentencePieceVocab, Vocab, caption_tokens
@@ -155,7 +156,7 @@ def _tiny_overrides(tmp: Path, ktvic: Path, **extra: str) -> list[str]:
 
 def test_cli_baseline_train_evaluate_compare(tmp_path: Path, ktvic_dir: Path) -> None:
     runner = CliRunner()
-    args = ["baseline", "train", "baseline_demo_vi_synthetic", *_tiny_overrides(tmp_path, ktvic_dir)]
+    args = ["baseline", "train", "baseline_demo_vi_synthetic", *as_sets(_tiny_overrides(tmp_path, ktvic_dir))]
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     run = tmp_path / "baseline"
@@ -170,7 +171,7 @@ def test_cli_baseline_train_evaluate_compare(tmp_path: Path, ktvic_dir: Path) ->
     assert any(k.startswith("encoder.") for k in keys) and any(k.startswith("decoder.") for k in keys)
     assert meta["format"] == "vicap-baseline-1" and json.loads(meta["recipe"])["kind"] == "baseline"
 
-    res = runner.invoke(app, ["baseline", "evaluate", str(run), "generate.beam_size=2"])
+    res = runner.invoke(app, ["baseline", "evaluate", str(run), "--set", "generate.beam_size=2"])
     assert res.exit_code == 0, res.output
     report = json.loads((run / "report.json").read_text())
     assert report["kind"] == "baseline" and report["images"] == 6 and report["references"] == 30

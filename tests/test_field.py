@@ -192,13 +192,24 @@ def test_baseline_evaluate_uses_the_chosen_device(tmp_path: Path, ktvic_dir: Pat
 
 def test_cpu_and_bf16_through_the_cli(run_dir: Path) -> None:
     runner = CliRunner()
-    res = runner.invoke(app, ["evaluate", str(run_dir), "--device", "cpu", "generate.strategy=greedy"])
+    res = runner.invoke(
+        app, ["evaluate", str(run_dir), "--device", "cpu", "--set", "generate.strategy=greedy"]
+    )
     assert res.exit_code == 0, res.output
     report = json.loads((run_dir / "report.json").read_text())
     assert report["device"] == "cpu" and report["precision"] == "fp32"
     res = runner.invoke(
         app,
-        ["evaluate", str(run_dir), "generate.strategy=greedy", "generate.precision=bf16", "--device", "cpu"],
+        [
+            "evaluate",
+            str(run_dir),
+            "--set",
+            "generate.strategy=greedy",
+            "--set",
+            "generate.precision=bf16",
+            "--device",
+            "cpu",
+        ],
     )
     assert res.exit_code == 0, res.output
     report = json.loads((run_dir / "report.json").read_text())

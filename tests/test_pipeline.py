@@ -128,7 +128,7 @@ def test_cli_train_caption_evaluate(tiny_recipe, tmp_path: Path, ktvic_dir: Path
     path = tmp_path / "tiny.toml"
     path.write_text(recipe.to_toml())
     runner = CliRunner()
-    res = runner.invoke(app, ["train", str(path), "train.log_every=2"])
+    res = runner.invoke(app, ["train", str(path), "--set", "train.log_every=2"])
     assert res.exit_code == 0, res.output
     run = recipe.train.output_dir
     image = next((ktvic_dir / "public-test-images").glob("*.jpg"))
@@ -144,6 +144,15 @@ def test_cli_train_caption_evaluate(tiny_recipe, tmp_path: Path, ktvic_dir: Path
     assert "CIDEr-D" in res.output and "most frequent train caption" in res.output
     res = runner.invoke(app, ["evaluate", str(tmp_path / "nowhere")])
     assert res.exit_code == 2 and "not a vicap run directory" in res.output
+
+
+def test_bare_overrides_still_work_with_a_deprecation_message(tiny_recipe, tmp_path: Path) -> None:
+    path = tmp_path / "tiny.toml"
+    path.write_text(tiny_recipe(**{"train.epochs": "1"}).to_toml())
+    res = CliRunner().invoke(app, ["train", str(path), "train.log_every=4"])
+    assert res.exit_code == 0, res.output
+    assert "overrides as bare arguments are deprecated: write --set train.log_every=4" in res.stderr
+    assert [r["step"] for r in read_log(tmp_path / "run") if "loss" in r] == [4, 8]
 
 
 def test_cli_list() -> None:

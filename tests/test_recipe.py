@@ -374,7 +374,7 @@ def bad_files(tmp_path: Path) -> Path:
         ("baseline train: name", ["baseline", "train", "baseline_ktvc"], 2, "did you mean 'baseline_ktvic'"),
         (
             "baseline train: sampling",
-            ["baseline", "train", "baseline_ktvic", "generate.strategy=sample"],
+            ["baseline", "train", "baseline_ktvic", "--set", "generate.strategy=sample"],
             2,
             "generate.strategy = 'sample': the baseline decodes with greedy or beam search only",
         ),

@@ -1,7 +1,14 @@
-"""The `vicap` command: a thin Typer layer; each command reads its options and calls one library function."""
+"""The `vicap` command: a thin Typer layer; each command reads its options and calls one library function.
+
+Every command goes through `@command`: it sets up logging (`-v` for debug lines) and turns vicap's
+user-facing errors (`vicap.errors.USER_ERRORS`) into `error: ...` with exit code 2; anything else is a
+bug and keeps its traceback. Recipe overrides are one syntax everywhere: `--set KEY=VALUE`, repeatable.
+Nothing here imports torch at module level, so `vicap --help` is quick.
+"""
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -13,14 +20,69 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="ClipCap-style image captioning for low-resource languages.",
 )
+baseline_app = typer.Typer(
+    no_args_is_help=True, help="The CNN+LSTM baseline: same manifest, same scoring as vicap runs."
+)
+app.add_typer(baseline_app, name="baseline")
 
-Overrides = typer.Argument(None, help="dotted recipe overrides, e.g. train.lr=1e-4 generate.beam_size=3")
 RECIPE_HELP = "recipe: a shipped recipe's name (see `vicap list`) or a TOML file"
+Sets = typer.Option([], "--set", help="recipe override KEY=VALUE, e.g. --set train.lr=1e-4 (repeatable)")
+# Overrides as bare arguments (`vicap train R train.lr=1e-4`): the syntax of vicap 0.1, still accepted
+# with a deprecation message; `--set` is the one syntax.
+OldOverrides = typer.Argument(None, hidden=True, help="deprecated: use --set KEY=VALUE")
+Verbose = typer.Option(False, "-v", "--verbose", help="also print debug lines")
 DeviceOption = typer.Option(
     None,
     "--device",
     help="auto (the GPU if there is one), cpu, cuda, cuda:1, mps, ... (default: the recipe's train.device)",
 )
+
+
+class UserError(Exception):
+    """A problem with the command line itself; printed without a traceback, exit code 2."""
+
+
+def _fail(e: Exception) -> None:
+    typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from vicap.errors import USER_ERRORS
+
+    return (*USER_ERRORS, UserError)
+
+
+def command(group: typer.Typer = app, name: str | None = None):
+    """Register a command: logging set up from its `verbose` option, user errors as `error: ...`."""
+
+    def register(fn):
+        @functools.wraps(fn)
+        def run(**kwargs):
+            from vicap.log import configure
+            from vicap.runtime import log_thread_policy
+
+            configure(kwargs.get("verbose", False))
+            log_thread_policy()  # chosen before logging was set up
+            try:
+                return fn(**kwargs)
+            except _user_errors() as e:
+                _fail(e)
+
+        return group.command(name)(run)
+
+    return register
+
+
+def overrides(sets: list[str], old: list[str] | None) -> list[str]:
+    """The command's recipe overrides: `--set` ones, plus deprecated bare ones (with a message)."""
+    if old:
+        typer.secho(
+            f"warning: overrides as bare arguments are deprecated: write --set {' --set '.join(old)}",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
+    return [*(old or []), *sets]
 
 
 @app.callback()
@@ -42,62 +104,31 @@ def _main(
         _fail(e)
 
 
-class UserError(Exception):
-    """Errors whose message is the whole story: printed without a traceback, exit code 2."""
-
-
-def _setup(verbose: bool) -> None:
-    from vicap.log import configure
-    from vicap.runtime import log_thread_policy
-
-    configure(verbose)
-    log_thread_policy()  # chosen before logging was set up
-
-
-def _user_errors():
-    from vicap.errors import USER_ERRORS
-
-    return (*USER_ERRORS, UserError)
-
-
-def _fail(e: Exception) -> None:
-    typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
-
-
 def _register_prepare() -> None:
     from data_prep.cli import prepare_command
 
-    app.command("prepare")(prepare_command)
+    command(name="prepare")(prepare_command)
 
 
 _register_prepare()
 
 
-@app.command()
+@command()
 def validate(
     recipes: list[str] = typer.Argument(
         ..., help="recipes to check: shipped names (see `vicap list`) or TOML files; no weights are loaded"
     ),
-    overrides: list[str] = typer.Option([], "--set", help="override to apply, e.g. --set train.lr=1e-4"),
+    sets: list[str] = Sets,
+    verbose: bool = Verbose,
 ) -> None:
     """Check recipes: unknown keys, wrong types, unknown registry names and bad values are reported with
     file and key (exit code 1)."""
-    from vicap.baseline.recipe import is_baseline_recipe, load_baseline_recipe
-    from vicap.recipe import RecipeError, load_recipe
+    from vicap.recipe import RecipeError, load_any_recipe
 
     bad = 0
     for spec in recipes:
         try:
-            if is_baseline_recipe(spec):
-                b = load_baseline_recipe(spec, overrides)
-                typer.echo(f"ok    {spec}  (baseline: {b.encoder.cnn} -> {b.decoder.type} LSTM)")
-                continue
-            recipe = load_recipe(spec, overrides)
-            typer.echo(
-                f"ok    {spec}  ({recipe.encoder.model} -> {recipe.mapper.type} -> {recipe.decoder.model}, "
-                f"tuning={recipe.decoder.tuning})"
-            )
+            typer.echo(f"ok    {spec}  ({load_any_recipe(spec, sets).summary()})")
         except RecipeError as e:
             bad += 1
             typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
@@ -105,82 +136,60 @@ def validate(
         raise typer.Exit(1)
 
 
-@app.command("list")
-def list_registered() -> None:
+@command(name="list")
+def list_registered(verbose: bool = Verbose) -> None:
     """Print the shipped recipes and the registered encoders, mappers, languages and dataset adapters."""
-    from data_prep.datasets import ADAPTERS
-    from data_prep.languages import LANGUAGES
-    from vicap.encoders import ENCODERS
-    from vicap.mappers import MAPPERS
-    from vicap.recipe import SHIPPED_DIR, shipped_descriptions
+    from vicap.recipe import SHIPPED_DIR
+    from vicap.registry import catalog
 
-    typer.echo(
-        f"recipes (run one by name, e.g. `vicap validate NAME`; to edit one, copy it from {SHIPPED_DIR}):"
-    )
-    shipped = shipped_descriptions()
-    width = max((len(name) for name, _ in shipped), default=0) + 1
-    for name, doc in shipped:
-        typer.echo(f"  {name:{width}s} {doc}")
-    typer.echo("encoders:")
-    for name, doc in ENCODERS.describe():
-        typer.echo(f"  {name:14s} {doc}")
-    typer.echo(
-        "decoders:\n  any Hugging Face causal LM (hub id or local folder): gpt2, NlpHUST/gpt2-vietnamese, ..."
-    )
-    typer.echo("mappers:")
-    for name, doc in MAPPERS.describe():
-        typer.echo(f"  {name:14s} {doc}")
-    typer.echo("languages (any other ISO 639 code gets the generic fallback):")
-    for code in sorted(LANGUAGES):
-        typer.echo(f"  {code:14s} {LANGUAGES[code].name}")
-    typer.echo("dataset adapters:")
-    for name in sorted(ADAPTERS):
-        typer.echo(f"  {name:14s} {ADAPTERS[name].doc}")
+    notes = {
+        "recipes": f"run one by name, e.g. `vicap validate NAME`; to edit one, copy it from {SHIPPED_DIR}",
+        "languages": "any other ISO 639 code gets the generic fallback",
+    }
+    for group, rows in catalog().items():
+        typer.echo(f"{group}" + (f" ({notes[group]})" if group in notes else "") + ":")
+        width = max([14, *(len(name) + 1 for name, _ in rows)])
+        for name, doc in rows:
+            typer.echo(f"  {name:{width}s} {doc}")
 
 
-@app.command()
+@command()
 def features(
     recipe: str = typer.Argument(..., help=RECIPE_HELP),
-    overrides: list[str] = Overrides,
+    deprecated: list[str] = OldOverrides,
+    sets: list[str] = Sets,
     device: str = DeviceOption,
-    verbose: bool = typer.Option(False, "-v", "--verbose"),
+    verbose: bool = Verbose,
 ) -> None:
     """Prepare the recipe's manifest and extract one feature per unique image into the feature store.
 
     Under `accelerate launch` (or `python -m vicap.launch`) every process encodes its share."""
-    _setup(verbose)
     from vicap.pipeline import build_features
     from vicap.recipe import load_recipe
 
-    try:
-        store = build_features(load_recipe(recipe, overrides or []), device=device)
-    except _user_errors() as e:
-        _fail(e)
+    store = build_features(load_recipe(recipe, overrides(sets, deprecated)), device=device)
     typer.echo(
         f"{store.root}: {store.features.shape[0]} images x {store.dim} dims; {len(store.failures)} unreadable"
     )
 
 
-@app.command("train")
+@command(name="train")
 def train_cmd(
     recipe: str = typer.Argument(..., help=RECIPE_HELP),
-    overrides: list[str] = Overrides,
+    deprecated: list[str] = OldOverrides,
+    sets: list[str] = Sets,
     resume: bool = typer.Option(False, "--resume", help="continue from the run's last checkpoint"),
-    verbose: bool = typer.Option(False, "-v", "--verbose"),
+    verbose: bool = Verbose,
 ) -> None:
     """Train a recipe's mapper (and LM when tuned). Runs under `accelerate launch` unchanged."""
-    _setup(verbose)
     from vicap.recipe import load_recipe
     from vicap.train import train
 
-    try:
-        run_dir = train(load_recipe(recipe, overrides or []), resume=resume)
-    except _user_errors() as e:
-        _fail(e)
+    run_dir = train(load_recipe(recipe, overrides(sets, deprecated)), resume=resume)
     typer.echo(f"run saved to {run_dir}")
 
 
-@app.command()
+@command()
 def caption(
     run_dir: Path = typer.Argument(..., help="a trained run directory"),
     paths: list[Path] = typer.Argument(
@@ -193,24 +202,21 @@ def caption(
     batch_size: int = typer.Option(None, "--batch-size", help="images per batch (generate.batch_size=N)"),
     strict: bool = typer.Option(False, "--strict", help="stop with exit code 1 at the first unusable file"),
     workers: int = typer.Option(1, "--workers", help="image-decoding processes (0: decode in this one)"),
-    overrides: list[str] = typer.Option(
-        [], "--set", help="recipe override, e.g. --set generate.beam_size=3 (repeatable)"
-    ),
+    sets: list[str] = Sets,
     device: str = DeviceOption,
-    verbose: bool = typer.Option(False, "-v", "--verbose"),
+    verbose: bool = Verbose,
 ) -> None:
     """Caption images with a trained run: one row per image (image, caption, score).
 
     Files that cannot be used (missing, not an image, truncated, too large) are reported by name and
     skipped, with a count at the end; the exit code stays 0 unless --strict.
     """
-    _setup(verbose)
     from tqdm import tqdm
 
-    from vicap.captioner import OUTPUT_SUFFIXES, caption_to_file
+    from vicap.captioner import caption_to_file
     from vicap.images import ImageError
 
-    sets = list(overrides)
+    sets = list(sets)
     sets += [f"generate.n_best={n_best}"] if n_best is not None else []
     sets += [f"generate.batch_size={batch_size}"] if batch_size is not None else []
 
@@ -218,8 +224,6 @@ def caption(
         tqdm.write(f"skipped {message}", file=sys.stderr)
 
     try:
-        if out is not None and out.suffix.lower() not in OUTPUT_SUFFIXES:
-            raise UserError(f"--out {out}: the file name must end in {' or '.join(OUTPUT_SUFFIXES)}")
         summary = caption_to_file(
             run_dir,
             paths,
@@ -234,8 +238,6 @@ def caption(
     except ImageError as e:  # only raised with --strict
         typer.secho(f"error: {e} (--strict)", fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from None
-    except _user_errors() as e:
-        _fail(e)
     n_skipped = len(summary.skipped)
     typer.echo(
         f"captioned {summary.captioned} image(s)"
@@ -253,34 +255,30 @@ def _print_report(report: dict, run_dir: Path) -> None:
     typer.echo(f"\nreport: {Path(run_dir) / 'report.md'}")
 
 
-@app.command()
+@command()
 def evaluate(
     run_dir: Path = typer.Argument(..., help="a trained run directory"),
-    overrides: list[str] = Overrides,
+    deprecated: list[str] = OldOverrides,
+    sets: list[str] = Sets,
     split: str = typer.Option(None, help="split to score (default: the recipe's eval.split)"),
     device: str = DeviceOption,
-    verbose: bool = typer.Option(False, "-v", "--verbose"),
+    verbose: bool = Verbose,
 ) -> None:
     """Caption the held-out split and score it; writes report.json and report.md into the run."""
-    _setup(verbose)
     from vicap.evaluate import evaluate_run
 
-    try:
-        report = evaluate_run(run_dir, overrides or [], split=split, device=device)
-    except _user_errors() as e:
-        _fail(e)
-    _print_report(report, run_dir)
+    _print_report(evaluate_run(run_dir, overrides(sets, deprecated), split=split, device=device), run_dir)
 
 
-@app.command()
+@command()
 def demo(
     out: Path = typer.Option(Path("demo_out"), help="where data, stand-in models and the run go"),
     recipe: str = typer.Option(None, help=f"{RECIPE_HELP} (default: demo_vi_synthetic)"),
-    overrides: list[str] = Overrides,
-    verbose: bool = typer.Option(False, "-v", "--verbose"),
+    deprecated: list[str] = OldOverrides,
+    sets: list[str] = Sets,
+    verbose: bool = Verbose,
 ) -> None:
     """Offline end-to-end demo: synthetic KTVIC-layout data, tiny stand-in models, train, caption, score."""
-    _setup(verbose)
     from vicap.demo import run_demo
     from vicap.evaluate import score_table
 
@@ -292,10 +290,7 @@ def demo(
         "  tuning : the tiny LM is trained with the mapper (ClipCap's MLP + fine-tuned LM setting),\n"
         "           because a randomly initialised LM has nothing useful to keep frozen\n"
     )
-    try:
-        report = run_demo(out, recipe_path=recipe, overrides=tuple(overrides or ()))
-    except _user_errors() as e:
-        _fail(e)
+    report = run_demo(out, recipe_path=recipe, overrides=tuple(overrides(sets, deprecated)))
     for ex in report["examples"][:3]:
         typer.echo(f"  {ex['image']}\n    vicap    : {ex['caption']}\n    reference: {ex['reference']}")
     for level, rows in report["scores"].items():
@@ -311,52 +306,41 @@ def demo(
     typer.echo(f"wall time: {report['wall_s']:.0f} s; report: {Path(report['run']) / 'report.md'}")
 
 
-baseline_app = typer.Typer(
-    no_args_is_help=True, help="The CNN+LSTM baseline: same manifest, same scoring as vicap runs."
-)
-app.add_typer(baseline_app, name="baseline")
-
-
-@baseline_app.command("train")
+@command(baseline_app, name="train")
 def baseline_train(
     recipe: str = typer.Argument(
         ..., help="baseline recipe: a shipped name (baseline_*, see `vicap list`) or a file"
     ),
-    overrides: list[str] = Overrides,
+    deprecated: list[str] = OldOverrides,
+    sets: list[str] = Sets,
     resume: bool = typer.Option(False, "--resume", help="continue from the run's last checkpoint"),
-    verbose: bool = typer.Option(False, "-v", "--verbose"),
+    verbose: bool = Verbose,
 ) -> None:
     """Train the CNN+LSTM baseline of a baseline recipe; writes the run named by `train.output_dir`."""
-    _setup(verbose)
     from vicap.baseline.train import train_baseline_file
 
-    try:
-        run_dir = train_baseline_file(recipe, overrides or [], resume=resume)
-    except _user_errors() as e:
-        _fail(e)
+    run_dir = train_baseline_file(recipe, overrides(sets, deprecated), resume=resume)
     typer.echo(f"baseline run saved to {run_dir}")
 
 
-@baseline_app.command("evaluate")
+@command(baseline_app, name="evaluate")
 def baseline_evaluate(
     run_dir: Path = typer.Argument(..., help="a trained baseline run directory"),
-    overrides: list[str] = Overrides,
+    deprecated: list[str] = OldOverrides,
+    sets: list[str] = Sets,
     split: str = typer.Option(None, help="split to score (default: the recipe's eval.split)"),
     device: str = DeviceOption,
-    verbose: bool = typer.Option(False, "-v", "--verbose"),
+    verbose: bool = Verbose,
 ) -> None:
     """Caption the held-out split with the baseline and score it exactly as `vicap evaluate` does."""
-    _setup(verbose)
     from vicap.baseline.train import evaluate_baseline
 
-    try:
-        report = evaluate_baseline(run_dir, overrides or [], split=split, device=device)
-    except _user_errors() as e:
-        _fail(e)
-    _print_report(report, run_dir)
+    _print_report(
+        evaluate_baseline(run_dir, overrides(sets, deprecated), split=split, device=device), run_dir
+    )
 
 
-@app.command()
+@command()
 def compare(
     run_dirs: list[Path] = typer.Argument(..., help="evaluated run directories (vicap or baseline)"),
     reference: list[str] = typer.Option(
@@ -364,22 +348,18 @@ def compare(
     ),
     out: Path = typer.Option(Path("compare"), "--out", help="folder for the table, charts and gallery"),
     level: list[str] = typer.Option([], "--level", help="only these token levels (default: all)"),
-    verbose: bool = typer.Option(False, "-v", "--verbose"),
+    verbose: bool = Verbose,
 ) -> None:
     """Side-by-side table (Markdown, CSV, JSON), metric chart, loss curves and caption gallery."""
-    _setup(verbose)
     from vicap.compare import compare_runs
 
-    try:
-        result = compare_runs(run_dirs, out, references=reference, levels=level or None)
-    except _user_errors() as e:
-        _fail(e)
+    result = compare_runs(run_dirs, out, references=reference, levels=level or None)
     typer.echo(result["markdown"])
     for what, path in result["files"].items():
         typer.echo(f"{what}: {path}")
 
 
-@app.command()
+@command()
 def serve(
     run_dirs: list[Path] = typer.Argument(..., help="trained run directories, shown side by side"),
     host: str = typer.Option("127.0.0.1", "--host", help="interface to listen on (0.0.0.0: all)"),
@@ -393,14 +373,13 @@ def serve(
     ),
     max_batch_files: int = typer.Option(64, "--max-batch-files", min=1, help="most images per batch request"),
     device: str = DeviceOption,
-    verbose: bool = typer.Option(False, "-v", "--verbose"),
+    verbose: bool = Verbose,
 ) -> None:
     """A web page for trying runs: upload an image, compare captions, score against a reference."""
-    _setup(verbose)
     try:
         import gradio  # noqa: F401
     except ImportError:
-        _fail(UserError('vicap serve needs the serve extra: pip install -e ".[serve]"'))
+        raise UserError('vicap serve needs the serve extra: pip install -e ".[serve]"') from None
     from vicap.serve import Limits
     from vicap.serve import serve as serve_app
 
@@ -410,10 +389,7 @@ def serve(
         reference_lines=max_reference_lines,
         batch_files=max_batch_files,
     )
-    try:
-        serve_app(run_dirs, host=host, port=port, limits=limits, device=device)
-    except _user_errors() as e:
-        _fail(e)
+    serve_app(run_dirs, host=host, port=port, limits=limits, device=device)
 
 
 def main() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -20,7 +19,7 @@ log = logging.getLogger(__name__)
 def prepare_manifest(recipe: Recipe, run_dir: Path) -> Manifest:
     """The run's manifest: `data.source` itself for the 'manifest' adapter, else the adapter's output,
     written once to <run>/manifest.jsonl (with its report beside it) and reused afterwards."""
-    from data_prep.datasets import prepare
+    from data_prep.datasets import prepare, report_path
 
     d = recipe.data
     if d.adapter == "manifest":
@@ -42,14 +41,17 @@ def prepare_manifest(recipe: Recipe, run_dir: Path) -> Manifest:
             language=d.language,
             val_fraction=d.val_fraction,
             seed=recipe.train.seed,
+            stats=False,  # lengths and vocabulary: `vicap prepare` reports them; training needs none
             **options,
         )
-        report_file = Path(run_dir) / "prepare_report.json"
-        report_file.with_name(report_file.name + ".tmp").write_text(
-            json.dumps(report.to_dict(), indent=1, ensure_ascii=False), encoding="utf-8"
+        log.info(
+            "prepared %s from %s with adapter %r (%d problems; report: %s)",
+            out,
+            d.source,
+            d.adapter,
+            len(report.problems),
+            report_path(out),
         )
-        os.replace(report_file.with_name(report_file.name + ".tmp"), report_file)
-        log.info("prepared %s from %s with adapter %r", out, d.source, d.adapter)
     return read_manifest(out)
 
 

@@ -453,6 +453,10 @@ class RecipeSchema:
     def check(self) -> None:
         """Rules across sections; raise through `check` (the module function)."""
 
+    def summary(self) -> str:
+        """One line saying what the recipe trains (for `vicap validate`)."""
+        return self.description
+
     # ---------------------------------------------------------------- writing
 
     def to_dict(self) -> dict[str, Any]:
@@ -538,6 +542,25 @@ class Recipe(RecipeSchema):
     eval: EvalConfig
     name: str = ""
     description: str = ""
+
+    def summary(self) -> str:
+        return f"{self.encoder.model} -> {self.mapper.type} -> {self.decoder.model}, tuning={self.decoder.tuning}"
+
+
+# Recipe kinds by the `kind` a file declares (None: vicap's own); vicap.baseline.recipe adds its own.
+RECIPE_KINDS: dict[str | None, type[RecipeSchema]] = {None: Recipe}
+
+
+def load_any_recipe(spec: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RecipeSchema:
+    """A recipe of whichever kind its file declares (`kind = "baseline"`, or none for vicap's)."""
+    import vicap.baseline.recipe  # noqa: F401  (registers the baseline kind)
+
+    path = find_recipe(spec)
+    kind = read_toml(path).get("kind")
+    if kind not in RECIPE_KINDS:
+        known = ", ".join(repr(k) for k in RECIPE_KINDS if k)
+        raise RecipeError(f"{path}: kind = {kind!r}: known kinds are {known} (or no kind line for vicap's)")
+    return RECIPE_KINDS[kind].load(path, overrides)
 
 
 SECTIONS: dict[str, type] = Recipe.sections()

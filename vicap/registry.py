@@ -47,3 +47,26 @@ class Registry(Generic[T]):
 
     def describe(self) -> list[tuple[str, str]]:
         return [(n, self._help[n]) for n in self.names()]
+
+
+def catalog() -> dict[str, list[tuple[str, str]]]:
+    """Everything `vicap list` shows: shipped recipes and each registry's entries, with one line each."""
+    from data_prep.datasets import ADAPTERS
+    from data_prep.languages import LANGUAGES
+    from vicap.encoders import ENCODERS
+    from vicap.mappers import MAPPERS
+    from vicap.recipe import shipped_descriptions
+
+    return {
+        "recipes": shipped_descriptions(),
+        "encoders": ENCODERS.describe(),
+        "decoders": [
+            (
+                "(any)",
+                "any Hugging Face causal LM (hub id or local folder): gpt2, NlpHUST/gpt2-vietnamese, ...",
+            )
+        ],
+        "mappers": MAPPERS.describe(),
+        "languages": [(code, LANGUAGES[code].name) for code in sorted(LANGUAGES)],
+        "dataset adapters": [(name, ADAPTERS[name].doc) for name in sorted(ADAPTERS)],
+    }

@@ -83,6 +83,12 @@ def _check_options(adapter: Adapter, options: dict) -> None:
         )
 
 
+def report_path(out: Path) -> Path:
+    """Where a manifest's report goes: beside it, `<name>.report.json`."""
+    out = Path(out)
+    return out.with_name(out.name.removesuffix(".jsonl") + ".report.json")
+
+
 def prepare(
     adapter: str,
     source: Path,
@@ -94,15 +100,25 @@ def prepare(
     seed: int = 0,
     check_images: bool = True,
     max_caption_chars: int | None = MAX_CAPTION_CHARS,
+    tokenizer: str | None = None,
+    stats: bool = True,
     **options,
 ) -> PrepareReport:
-    """Read `source` with `adapter`, write the manifest to `out`, return what was found.
+    """Read `source` with `adapter`, write the manifest to `out` and its report beside it
+    (`report_path(out)`), return the report.
 
     Bad items are skipped and listed in the report; with `strict=True` any problem raises
-    `DataError` (carrying the report) and no manifest is written. Captions longer than
-    `max_caption_chars` characters are skipped as `long_caption` (None: no limit).
+    `DataError` (carrying the report, which is written too) and no manifest is written. Captions
+    longer than `max_caption_chars` characters are skipped as `long_caption` (None: no limit). The
+    report's statistics (`stats`: lengths and vocabulary; Vietnamese words are segmented for them,
+    which takes a while on large sets) add LM-token lengths when `tokenizer` names one (a hub name in
+    the local cache, or a folder).
     """
+    from data_prep.stats import caption_stats, load_tokenizer
+
     start = time.perf_counter()
+    # The tokenizer first: a wrong name should fail before minutes of image checks.
+    tok = load_tokenizer(tokenizer) if tokenizer else None
     ad = get_adapter(adapter)
     options = {k: v for k, v in options.items() if v is not None}
     _check_options(ad, options)
@@ -139,6 +155,7 @@ def prepare(
     )
     if strict and problems:
         report.elapsed_s = time.perf_counter() - start
+        report.write(report_path(out))
         raise DataError(report)
     meta = {
         "dataset": adapter,
@@ -151,7 +168,12 @@ def prepare(
         **raw.meta,
     }
     write_manifest(out, records, meta)
+    if stats:
+        report.stats = caption_stats([c for r in records for c in r.captions], lang, tok)
+    if tokenizer and report.stats:
+        report.stats["tokenizer"] = tokenizer
     report.elapsed_s = time.perf_counter() - start
+    report.write(report_path(out))
     log.info(
         "wrote %s: %d images, %d captions, %d problems",
         out,

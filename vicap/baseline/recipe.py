@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from vicap.recipe import (
+    RECIPE_KINDS,
     DataConfig,
     EvalConfig,
     GenerateConfig,
@@ -184,6 +185,11 @@ class BaselineRecipe(RecipeSchema):
     def check(self) -> None:
         check_baseline_generate(self.generate)
 
+    def summary(self) -> str:
+        return f"baseline: {self.encoder.cnn} -> {self.decoder.type} LSTM"
+
+
+RECIPE_KINDS[BaselineRecipe.KIND] = BaselineRecipe
 
 SECTIONS: dict[str, type] = BaselineRecipe.sections()
 KIND = BaselineRecipe.KIND

@@ -8,7 +8,7 @@ vicap's own runs. Evaluation captions the held-out split with beam search and ha
 
 Run directory:
   baseline.toml                      the resolved recipe (kind = "baseline")
-  manifest.jsonl, prepare_report.json
+  manifest.jsonl, manifest.report.json
   vocab.json (+ spm.model)           the vocabulary
   checkpoints/step_XXXXXXXX/         vicap.checkpoint's layout: model.safetensors (decoder weights,
                                      + the CNN when it is trained or random; metadata: format, recipe
