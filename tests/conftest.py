@@ -13,6 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 import vicap  # noqa: E402,F401  (installs the torchvision guard first)
+from tests import builders  # noqa: E402
 from vicap import demo  # noqa: E402
 from vicap.recipe import load_recipe  # noqa: E402
 
@@ -49,15 +50,16 @@ def _one_thread():
 
 @pytest.fixture(scope="session")
 def ktvic_dir(tmp_path_factory) -> Path:
-    """A tiny synthetic dataset in KTVIC's own layout."""
-    return demo.write_synthetic_ktvic(tmp_path_factory.mktemp("ktvic"), n_train=24, n_test=6, seed=1)
+    """A tiny synthetic dataset in KTVIC's own layout (the tests' own builder, not the demo's)."""
+    return builders.write_ktvic(tmp_path_factory.mktemp("ktvic"), n_train=24, n_test=6, seed=1)
 
 
 @pytest.fixture(scope="session")
 def tiny_lm_dir(tmp_path_factory, ktvic_dir) -> Path:
     """A tiny GPT-2 + byte-level BPE tokenizer, saved as a Hugging Face model folder."""
-    _, captions = demo.read_train_pairs(ktvic_dir)
-    return demo.build_tiny_lm(tmp_path_factory.mktemp("lm") / "tiny-gpt2", [c for cs in captions for c in cs])
+    return builders.build_gpt2(
+        tmp_path_factory.mktemp("lm") / "tiny-gpt2", builders.ktvic_captions(ktvic_dir)
+    )
 
 
 @pytest.fixture(scope="session")

@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests import builders
 from tests.conftest import save_tiny_llama
-from vicap import demo
 from vicap.checkpoint import list_checkpoints
 from vicap.data import encode_captions
 from vicap.decoders import load_decoder
@@ -27,8 +27,7 @@ from vicap.train import read_log, train
 
 @pytest.fixture(scope="module")
 def llamas(tmp_path_factory, ktvic_dir: Path) -> dict[str, Path]:
-    _, captions = demo.read_train_pairs(ktvic_dir)
-    flat = [c for cs in captions for c in cs]
+    flat = builders.ktvic_captions(ktvic_dir)
     root = tmp_path_factory.mktemp("llamas")
     return {
         "untied-nopad": save_tiny_llama(root / "untied-nopad", flat, pad=False, tied=False),
@@ -44,8 +43,8 @@ def test_llama_conventions_are_read_from_the_model(llamas: dict[str, Path], ktvi
     assert (b.eos_token_id, b.pad_token_id, b.prompt_ids) == (2, 3, [1])
     assert b.lm.lm_head.weight is b.lm.model.embed_tokens.weight
     assert all(p.dtype == torch.float32 for p in b.lm.parameters())
-    _, captions = demo.read_train_pairs(ktvic_dir)
-    ids = encode_captions([captions[0][0]], b, 40)[0]
+    captions = builders.ktvic_captions(ktvic_dir)
+    ids = encode_captions([captions[0]], b, 40)[0]
     assert ids[-1] == 2 and 1 not in ids and 0 not in ids  # no BOS inside, EOS last, every word known
 
 

@@ -1,0 +1,103 @@
+"""The tests' own data and models, independent of `vicap demo`: a few coloured shapes in KTVIC's file
+layout with five Vietnamese captions each, and a tiny GPT-2 with a byte-level BPE trained on them.
+
+Deterministic from a seed, small enough to build in a second; what the tests assert about training and
+captioning is about this data, so changing the demo never changes a test's expected numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+COLOURS = {"đỏ": (220, 40, 40), "xanh": (40, 90, 220), "vàng": (235, 200, 30)}
+SHAPES = ("hình tròn", "hình vuông")
+PLACES = {
+    "bên trái": (0.05, 0.3, 0.45, 0.7),
+    "bên phải": (0.55, 0.3, 0.95, 0.7),
+    "ở giữa": (0.3, 0.3, 0.7, 0.7),
+}
+CAPTIONS = (  # five ways of saying one scene, each image gets all of them
+    "Một {shape} màu {colour} {place}.",
+    "Có một {shape} {colour} nằm {place} bức ảnh.",
+    "Bức ảnh có một {shape} màu {colour}.",
+    "{Shape} {colour} {place} trên nền trắng.",
+    "Trên nền trắng là một {shape} màu {colour} {place}.",
+)
+
+
+def _image(shape: str, colour: str, place: str, rng: random.Random, size: int = 48):
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (size, size), (245, 245, 245))
+    x0, y0, x1, y1 = (v * size for v in PLACES[place])
+    r = rng.uniform(0.12, 0.18) * size
+    cx, cy = rng.uniform(x0 + r, x1 - r), rng.uniform(y0 + r, y1 - r)
+    box = (cx - r, cy - r, cx + r, cy + r)
+    draw = ImageDraw.Draw(image)
+    (draw.ellipse if shape == "hình tròn" else draw.rectangle)(box, fill=COLOURS[colour])
+    return image
+
+
+def write_ktvic(root: Path, n_train: int = 24, n_test: int = 6, seed: int = 1) -> Path:
+    """KTVIC's layout: train_data.json / test_data.json ({images, annotations}) beside train-images/
+    and public-test-images/."""
+    rng = random.Random(seed)
+    annotation_id = 0
+    for file, folder, n, first in (
+        ("train_data.json", "train-images", n_train, 0),
+        ("test_data.json", "public-test-images", n_test, n_train),
+    ):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        images, annotations = [], []
+        for image_id in range(first, first + n):
+            shape, colour, place = rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(list(PLACES))
+            filename = f"{image_id:06d}.jpg"
+            _image(shape, colour, place, rng).save(root / folder / filename, quality=95)
+            images.append({"id": image_id, "filename": filename})
+            words = {"shape": shape, "Shape": shape.capitalize(), "colour": colour, "place": place}
+            for template in CAPTIONS:
+                annotations.append(
+                    {"id": annotation_id, "image_id": image_id, "caption": template.format(**words)}
+                )
+                annotation_id += 1
+        data = {"images": images, "annotations": annotations}
+        (root / file).write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
+    return root
+
+
+def ktvic_captions(root: Path) -> list[str]:
+    data = json.loads((root / "train_data.json").read_text(encoding="utf-8"))
+    return [a["caption"] for a in data["annotations"]]
+
+
+def build_gpt2(out: Path, texts: list[str], *, seed: int = 0) -> Path:
+    """A tiny GPT-2 (2 layers, width 128, 64 positions) and a byte-level BPE trained on `texts`, saved
+    as a Hugging Face model folder. EOS = BOS = pad = <|endoftext|>, id 0."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+
+    out.mkdir(parents=True, exist_ok=True)
+    eos = "<|endoftext|>"
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=300, min_frequency=2, special_tokens=[eos], show_progress=False)
+    tokenizer = GPT2TokenizerFast(
+        tokenizer_object=bpe._tokenizer, bos_token=eos, eos_token=eos, unk_token=eos
+    )
+    tokenizer.save_pretrained(out)
+    torch.manual_seed(seed)
+    eos_id = tokenizer.convert_tokens_to_ids(eos)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=64,
+        n_embd=128,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+    )
+    GPT2LMHeadModel(config).save_pretrained(out)
+    return out
