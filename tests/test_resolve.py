@@ -150,7 +150,7 @@ ERRORS = [
         "ViT-Nope-99",
         "open_clip",
         "",
-        r"'ViT-Nope-99' is not an open_clip model; known",
+        r"'ViT-Nope-99' is not an open_clip model; known.*'local-dir:PATH'",
     ),
     (
         "missing weights file",

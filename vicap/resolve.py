@@ -178,7 +178,7 @@ def _open_clip_name(name: str, key: str, pretrained: str) -> ModelRef:
     if name not in known:
         raise ModelLoadError(
             f"{key} = {name!r} is not an open_clip model; known include {', '.join(known[:8])}, ... "
-            "(open_clip.list_models())"
+            "(open_clip.list_models()). A local folder is written 'local-dir:PATH' or as a path (./PATH)."
         )
     weights_file = None
     if pretrained and not open_clip.get_pretrained_cfg(name, pretrained):  # not one of the model's tags
