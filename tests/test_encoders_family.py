@@ -3,6 +3,7 @@ vision models, pooled vectors and patch tokens, and feature stores that keep the
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -13,7 +14,8 @@ import torch
 
 from tests.conftest import TINY_CLIP_CFG
 from vicap import demo
-from vicap.encoders import ModelLoadError, load_encoder
+from vicap.encoders import load_encoder
+from vicap.errors import ModelLoadError
 from vicap.features import extract_features
 from vicap.images import load_image
 from vicap.recipe import EncoderConfig
@@ -143,6 +145,54 @@ def test_hf_clip_errors(tmp_path: Path, hf_clip_dir: Path) -> None:
     (bare / "preprocessor_config.json").unlink()
     with pytest.raises(ModelLoadError, match=r"no preprocessor_config\.json in .*no-processor"):
         load_encoder(EncoderConfig(name="hf_clip", model=str(bare)))
+
+
+# --------------------------------------------------------------------------- store keys
+
+
+def _old_identity(encoder, folder: Path, suffixes: tuple[str, ...]) -> dict:
+    """The identity vicap gave a local-folder encoder before vicap.resolve existed: the folder's files with
+    these suffixes, each by name and the first 16 hex digits of its sha256; the rest as the model has it."""
+    files = sorted(p for p in folder.iterdir() if p.suffix in suffixes)
+    weights = ",".join(f"{p.name}:{hashlib.sha256(p.read_bytes()).hexdigest()[:16]}" for p in files)
+    return {**encoder.identity, "model": "local-dir", "weights": weights}
+
+
+@pytest.mark.parametrize("kind", ["open_clip", "hf_clip"])
+def test_store_key_is_unchanged(kind: str, tmp_path: Path, tiny_clip_dir: Path, hf_clip_dir: Path) -> None:
+    folder = tiny_clip_dir if kind == "open_clip" else hf_clip_dir
+    model = f"local-dir:{folder}" if kind == "open_clip" else str(folder)
+    encoder = load_encoder(EncoderConfig(name=kind, model=model))
+    suffixes = (
+        (".safetensors", ".bin", ".pth", ".json")
+        if kind == "open_clip"
+        else (".safetensors", ".bin", ".json")
+    )
+    old = _old_identity(encoder, folder, suffixes)
+    assert set(old) == {"encoder", "model", "weights", "preprocess", "normalize"}
+    assert encoder.identity == old
+    assert encoder.key == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
+    assert old["weights"].count(":") == len(list(folder.glob("*.*")))  # every file of the folder counted
+
+
+@pytest.mark.parametrize(
+    ("kind", "written"),
+    [
+        ("open_clip", "{folder}"),  # a plain path means the same folder as local-dir:PATH
+        ("open_clip", "local-dir:~/{name}"),
+        ("hf_clip", "~/{name}"),
+        ("hf_clip", "local-dir:{folder}"),
+    ],
+)
+def test_every_way_of_naming_a_folder_gives_its_store(
+    kind: str, written: str, tmp_path: Path, monkeypatch, tiny_clip_dir: Path, hf_clip_dir: Path
+) -> None:
+    folder = tiny_clip_dir if kind == "open_clip" else hf_clip_dir
+    monkeypatch.setenv("HOME", str(folder.parent))
+    canonical = f"local-dir:{folder}" if kind == "open_clip" else str(folder)
+    expected = load_encoder(EncoderConfig(name=kind, model=canonical)).key
+    model = written.format(folder=folder, name=folder.name)
+    assert load_encoder(EncoderConfig(name=kind, model=model)).key == expected
 
 
 # --------------------------------------------------------------------------- stores with tokens

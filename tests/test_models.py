@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 from tests.conftest import TINY_CLIP_CFG, save_tiny_llama
 from vicap.data import encode_captions
 from vicap.decoders import Decoder, load_decoder
-from vicap.encoders import ModelLoadError, load_encoder
+from vicap.encoders import load_encoder
+from vicap.errors import ModelLoadError
 from vicap.images import load_image
 from vicap.mappers import MAPPERS, build_mapper
 from vicap.model import IGNORE, CaptionModel
@@ -125,6 +126,21 @@ def test_missing_decoder_dir(tmp_path: Path) -> None:
     empty.mkdir()
     with pytest.raises(ModelLoadError, match=r"could not load decoder .*empty-lm"):
         load_decoder(DecoderConfig(model=str(empty)))
+
+
+@pytest.mark.parametrize("written", ["~/{name}", "local-dir:{folder}", "local-dir:~/{name}"])
+def test_decoder_folder_by_home_or_local_dir(written: str, tiny_lm_dir: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HOME", str(tiny_lm_dir.parent))
+    dec = load_decoder(DecoderConfig(model=written.format(name=tiny_lm_dir.name, folder=tiny_lm_dir)))
+    assert dec.hidden_size == 128
+
+
+def test_decoder_not_in_the_cache_says_how_to_get_it() -> None:
+    # HF_HUB_OFFLINE=1 (conftest): transformers looks in the cache only
+    with pytest.raises(ModelLoadError, match=r"could not load decoder 'vicap-tests/no-such-lm'") as err:
+        load_decoder(DecoderConfig(model="vicap-tests/no-such-lm"))
+    assert "`huggingface-cli download vicap-tests/no-such-lm --local-dir DIR`" in str(err.value)
+    assert str(err.value).endswith("set decoder.model = DIR.")
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from vicap.encoders import ModelLoadError, refused_hf_weights
-from vicap.errors import RecipeError
+from vicap.encoders import hf_load_error
+from vicap.errors import ModelLoadError, RecipeError
 from vicap.recipe import DecoderConfig
+from vicap.resolve import resolve
 
 log = logging.getLogger(__name__)
 
@@ -73,20 +73,15 @@ def _start_tokens(tokenizer) -> list[int]:
 def load_decoder(cfg: DecoderConfig) -> Decoder:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    local = Path(cfg.model).is_dir()
-    if not local and (cfg.model.startswith((".", "/", "~")) or cfg.model.count("/") > 1):
-        raise ModelLoadError(f"decoder.model = {cfg.model!r}: directory not found")
+    ref = resolve(cfg.model, "decoder.model")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model, local_files_only=local)
+        tokenizer = AutoTokenizer.from_pretrained(ref.target, local_files_only=ref.local)
         # An explicit dtype: transformers 5 otherwise keeps the dtype the weights were saved in.
-        lm = AutoModelForCausalLM.from_pretrained(cfg.model, local_files_only=local, dtype=DTYPES[cfg.dtype])
+        lm = AutoModelForCausalLM.from_pretrained(
+            ref.target, local_files_only=ref.local, dtype=DTYPES[cfg.dtype]
+        )
     except Exception as e:
-        raise refused_hf_weights(e, cfg.model, "decoder.model") or ModelLoadError(
-            f"could not load decoder {cfg.model!r}: {type(e).__name__}: {e}\n"
-            "vicap looked for a local directory of that name, then the Hugging Face cache/hub. Offline, run "
-            f"`huggingface-cli download {cfg.model} --local-dir DIR` on a connected machine, copy DIR here "
-            "and set decoder.model = DIR."
-        ) from e
+        raise hf_load_error(ref, "decoder", e) from e
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else lm.config.eos_token_id
     if isinstance(eos, list):
         eos = eos[0]

@@ -23,9 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from vicap.errors import ModelLoadError  # noqa: F401  (raised here; importable from here too)
+from vicap.errors import ModelLoadError
 from vicap.recipe import EncoderConfig
 from vicap.registry import Registry
+from vicap.resolve import WEIGHT_SUFFIXES, ModelRef, resolve
 
 log = logging.getLogger(__name__)
 
@@ -62,19 +63,6 @@ class Encoder:
 
 
 ENCODERS: Registry[Callable[[EncoderConfig], Encoder]] = Registry("encoder")
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-# The weight files a user can hand vicap. safetensors holds only tensors; the others are torch.save
-# pickles, read only through torch.load(weights_only=True) (see load_weights_file).
-WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
 
 def load_weights_file(path: Path, where: str) -> dict[str, torch.Tensor]:
@@ -153,28 +141,15 @@ def _refused(path: Path, where: str, e: Exception) -> ModelLoadError:
     )
 
 
-def refused_hf_weights(e: Exception, model: str, key: str) -> ModelLoadError | None:
-    """transformers' refusal of a local folder's .bin weights (it reads them with
-    torch.load(weights_only=True)) as an error naming the file; None when `e` is another failure."""
-    folder = Path(model).expanduser()
-    if not isinstance(e, pickle.UnpicklingError) or not folder.is_dir():
-        return None
-    bins = sorted(folder.glob("*.bin"))
-    named = [p for p in bins if _unsafe_globals(p)] or bins
-    if not named:
-        return None
-    return _refused(named[0], f"{key} = {model!r} (weights file {str(named[0])!r})", e)
-
-
-def _weights_identity(cfg: EncoderConfig) -> str:
-    """The weights' identity: a pretrained tag as is, a local file or folder by its content hash."""
-    if cfg.model.startswith("local-dir:"):
-        folder = Path(cfg.model[len("local-dir:") :])
-        files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pth", ".json"))
-        return ",".join(f"{p.name}:{file_digest(p)[:16]}" for p in files)
-    if cfg.pretrained and Path(cfg.pretrained).is_file():
-        return f"file:{file_digest(Path(cfg.pretrained))[:16]}"
-    return cfg.pretrained
+def hf_load_error(ref: ModelRef, what: str, e: Exception) -> ModelLoadError:
+    """A transformers loader's failure on `ref` as one message. transformers reads a local folder's .bin
+    weights with torch.load(weights_only=True); its refusal names the file."""
+    if isinstance(e, pickle.UnpicklingError) and ref.local:
+        bins = sorted(ref.path.glob("*.bin"))
+        named = [p for p in bins if _unsafe_globals(p)] or bins
+        if named:
+            return _refused(named[0], f"{ref.key} = {ref.name!r} (weights file {str(named[0])!r})", e)
+    return ref.load_error(what, e)
 
 
 @ENCODERS.register(
@@ -183,15 +158,13 @@ def _weights_identity(cfg: EncoderConfig) -> str:
 def load_open_clip(cfg: EncoderConfig) -> Encoder:
     import open_clip  # after vicap's torchvision guard (vicap/__init__.py)
 
-    weights_file: Path | None = None  # a file the user handed in: vicap reads it, not open_clip
-    if cfg.model.startswith("local-dir:"):
-        folder = Path(cfg.model[len("local-dir:") :])
+    ref = resolve(cfg.model, "encoder.model", "open_clip", cfg.pretrained)
+    # a file the user handed in: vicap reads it, not open_clip
+    weights_file, where = ref.weights_file, f"encoder.pretrained = {cfg.pretrained!r}"
+    if ref.local:
+        folder = ref.path
         if not (folder / "open_clip_config.json").is_file():
-            raise ModelLoadError(
-                f"encoder.model = {cfg.model!r}: no open_clip_config.json in {folder}. A local-dir encoder "
-                "is a folder holding open_clip_config.json and open_clip_model.safetensors "
-                "(the layout open_clip's push_to_hf_hub writes)."
-            )
+            raise ref.error(f"no open_clip_config.json in {folder}")
         found = open_clip.factory._find_checkpoint_in_dir(folder)  # the file open_clip itself would pick
         # open_clip only warns when the folder has no weights and returns a randomly initialised
         # model, whose features would be silently meaningless.
@@ -202,34 +175,16 @@ def load_open_clip(cfg: EncoderConfig) -> Encoder:
             )
         weights_file = Path(found)
         where = f"encoder.model = {cfg.model!r} (weights file {str(weights_file)!r})"
-    elif not cfg.model.startswith("hf-hub:") and cfg.model not in open_clip.list_models():
-        raise ModelLoadError(
-            f"encoder.model = {cfg.model!r} is not an open_clip model; known include "
-            f"{', '.join(open_clip.list_models()[:8])}, ... (open_clip.list_models())"
-        )
-    elif cfg.pretrained and not cfg.model.startswith("hf-hub:"):
-        is_tag = bool(open_clip.get_pretrained_cfg(cfg.model, cfg.pretrained))
-        if not is_tag and (cfg.pretrained.endswith(WEIGHT_SUFFIXES) or Path(cfg.pretrained).is_file()):
-            weights_file = Path(cfg.pretrained)
-            where = f"encoder.pretrained = {cfg.pretrained!r}"
-            if not weights_file.is_file():
-                raise ModelLoadError(f"{where}: file not found")
-    pretrained = None if weights_file or cfg.model.startswith("hf-hub:") else (cfg.pretrained or None)
+    pretrained = (cfg.pretrained or None) if ref.kind == "open_clip" and not weights_file else None
     # With a user's file, open_clip builds the model without any weights (nor a text tower's base
     # weights from the hub); the file is read below by load_weights_file.
     no_weights = {"load_weights": False, "pretrained_text": False} if weights_file else {}
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
-            cfg.model, pretrained=pretrained, **no_weights
+            ref.target, pretrained=pretrained, **no_weights
         )
     except Exception as e:  # network errors, missing files, bad tags all land here
-        raise ModelLoadError(
-            f"could not load open_clip model {cfg.model!r} (pretrained={pretrained!r}): {type(e).__name__}: {e}\n"
-            "vicap looked in the local open_clip / Hugging Face cache. Offline, download the weights on a "
-            "connected machine (e.g. `python -c \"import open_clip; open_clip.create_model('ViT-B-32', "
-            "pretrained='openai')\"`) and copy the cache, or set encoder.pretrained to a local .safetensors "
-            "file or encoder.model to 'local-dir:PATH'."
-        ) from e
+        raise ref.load_error("open_clip model", e) from e
     if weights_file is not None:
         _load_image_tower(model, load_weights_file(weights_file, where), where)
     visual = model.visual
@@ -244,8 +199,7 @@ def load_open_clip(cfg: EncoderConfig) -> Encoder:
     tower: nn.Module = _OpenClipViTTokens(visual, cfg.model) if cfg.patch_tokens else visual
     identity = {
         "encoder": "open_clip",
-        "model": cfg.model if not cfg.model.startswith("local-dir:") else "local-dir",
-        "weights": _weights_identity(cfg),
+        **ref.identity(),  # model and weights
         "preprocess": {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(pp.items())},
         "normalize": cfg.normalize,
     }
@@ -360,42 +314,28 @@ class _HFClipTower(nn.Module):
 def load_hf_clip(cfg: EncoderConfig) -> Encoder:
     from transformers import AutoImageProcessor, CLIPVisionModelWithProjection
 
-    folder = Path(cfg.model).expanduser()
-    local = folder.is_dir()
-    if not local and (cfg.model.startswith((".", "/", "~")) or cfg.model.count("/") > 1):
-        raise ModelLoadError(f"encoder.model = {cfg.model!r}: directory not found")
-    if local and not (folder / "preprocessor_config.json").is_file():
+    ref = resolve(cfg.model, "encoder.model")
+    if ref.local and not (ref.path / "preprocessor_config.json").is_file():
         raise ModelLoadError(
-            f"encoder.model = {cfg.model!r}: no preprocessor_config.json in {folder}; save the model's "
+            f"encoder.model = {cfg.model!r}: no preprocessor_config.json in {ref.path}; save the model's "
             "CLIPImageProcessor beside it (processor.save_pretrained(folder))."
         )
     try:
-        processor = AutoImageProcessor.from_pretrained(cfg.model, local_files_only=local)
+        processor = AutoImageProcessor.from_pretrained(ref.target, local_files_only=ref.local)
         model = CLIPVisionModelWithProjection.from_pretrained(
-            cfg.model, local_files_only=local, dtype=torch.float32
+            ref.target, local_files_only=ref.local, dtype=torch.float32
         )
     except Exception as e:
-        raise refused_hf_weights(e, cfg.model, "encoder.model") or ModelLoadError(
-            f"could not load Hugging Face CLIP vision model {cfg.model!r}: {type(e).__name__}: {e}\n"
-            "vicap looked for a local directory of that name, then the Hugging Face cache/hub. Offline, run "
-            f"`huggingface-cli download {cfg.model} --local-dir DIR` on a connected machine, copy DIR here "
-            "and set encoder.model = DIR."
-        ) from e
+        raise hf_load_error(ref, "Hugging Face CLIP vision model", e) from e
     model.requires_grad_(False).eval()
 
     def preprocess(image) -> torch.Tensor:
         return processor(images=image, return_tensors="pt")["pixel_values"][0]
 
-    if local:
-        files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
-        weights = ",".join(f"{p.name}:{file_digest(p)[:16]}" for p in files)
-    else:
-        weights = cfg.model
     pp = {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(processor.to_dict().items())}
     identity = {
         "encoder": "hf_clip",
-        "model": "local-dir" if local else cfg.model,
-        "weights": weights,
+        **ref.identity(),  # model and weights
         "preprocess": json.loads(json.dumps(pp, default=str)),
         "normalize": cfg.normalize,
     }

@@ -41,6 +41,7 @@ from vicap.generate import generate
 from vicap.images import ImageError, load_image
 from vicap.metrics.cider import CiderD
 from vicap.recipe import GenerateConfig, Recipe
+from vicap.resolve import display_name
 from vicap.runs import Run, load_run
 
 log = logging.getLogger(__name__)
@@ -77,17 +78,11 @@ class Limits:
                 raise ValueError(f"limit {f.name} must be at least 1, not {getattr(self, f.name)}")
 
 
-def _short(name: str) -> str:
-    """A model reference without its folder: 'local-dir:/x/y/clip' -> 'clip'."""
-    name = name.split(":", 1)[1] if name.startswith(("local-dir:", "hf-hub:")) else name
-    return Path(name).name or name
-
-
 def recipe_summary(recipe: Recipe) -> str:
     enc, dec, mapper = recipe.encoder, recipe.decoder, recipe.mapper
-    encoder = f"{enc.name} {_short(enc.model)}" + (" (patch tokens)" if enc.patch_tokens else "")
+    encoder = f"{enc.name} {display_name(enc.model)}" + (" (patch tokens)" if enc.patch_tokens else "")
     return (
-        f"{encoder} -> {mapper.type} mapper (prefix {mapper.prefix_length}) -> {_short(dec.model)}"
+        f"{encoder} -> {mapper.type} mapper (prefix {mapper.prefix_length}) -> {display_name(dec.model)}"
         f" [{dec.tuning}], {recipe.data.language}"
     )
 

@@ -25,7 +25,8 @@ from torch import nn
 
 from vicap.baseline.recipe import CNNConfig, LSTMConfig
 from vicap.baseline.vocab import BOS, EOS, PAD
-from vicap.encoders import ModelLoadError, load_weights_file
+from vicap.encoders import load_weights_file
+from vicap.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 

@@ -41,9 +41,10 @@ from vicap.checkpoint import (
     load_model_state,
     read_checkpoint,
 )
-from vicap.encoders import Encoder, file_digest
+from vicap.encoders import Encoder
 from vicap.images import ImageError, load_image
 from vicap.recipe import RecipeError
+from vicap.resolve import file_identity
 from vicap.train import TrainJob, fit, make_accelerator, start_run
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ def frozen_feature_store(
         # random weights: drawn first from the run's seed (the CNN is built before the decoder)
         weights = f"none:seed{recipe.train.seed}"
     else:
-        weights = f"file:{file_digest(Path(cfg.weights))[:16]}"
+        weights = file_identity(Path(cfg.weights))
     encoder = Encoder(
         model=_Flat(model).eval(),
         preprocess=image_transform(cfg),

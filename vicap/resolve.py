@@ -1,0 +1,222 @@
+"""Model names: what `encoder.model`, `decoder.model` and open_clip's `encoder.pretrained` point at.
+
+`resolve(name, key, family)` decides it once, before anything loads. `family` is the library whose
+loader reads the model: "transformers" (Hugging Face CLIP vision models, causal LMs) or "open_clip".
+
+| written                                    | resolves to                                           |
+|--------------------------------------------|-------------------------------------------------------|
+| `local-dir:PATH`                           | the folder PATH                                       |
+| a path: `./x`, `../x`, `/x`, `~/x`, `a/b/c` | that folder                                           |
+| `hf-hub:org/repo`                          | a hub model: the Hugging Face cache, else the hub     |
+| `org/name`, `gpt2` (transformers)          | a folder of that name here if there is one (transformers' own rule), else a hub model |
+| `ViT-B-32` (open_clip)                     | an open_clip model name; its weights are `encoder.pretrained`: a tag (`openai`) or a local weights file |
+
+`~` is expanded; relative paths are relative to the directory vicap runs from. A path with nothing
+there, or a file where a folder belongs, is an error naming it. Every failure to load says what was
+looked for and how to provide it (`ModelRef.how_to_provide`).
+
+A local folder enters the feature-store key by the content of its weight and config files
+(`folder_identity`), not its location: a copied or moved folder keeps its store, changed weights get
+a new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from vicap.errors import ModelLoadError
+
+LOCAL_DIR = "local-dir:"
+HF_HUB = "hf-hub:"
+
+# The weight files a user can hand vicap. safetensors holds only tensors; the others are torch.save
+# pickles, read only through torch.load(weights_only=True) (vicap.encoders.load_weights_file).
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one library's loader reads a model: what its folders hold, what its other names are."""
+
+    # suffixes of the files its loader reads from a folder: their content is the folder's identity
+    folder_files: tuple[str, ...]
+    layout: str  # what a local folder must hold
+    other_names: str  # the names that are not folders
+    bare_folders: bool  # a name that is no path still means a folder of that name when one is here
+
+
+FAMILIES: dict[str, Family] = {
+    "transformers": Family(
+        folder_files=(".safetensors", ".bin", ".json"),
+        layout="a folder written by save_pretrained (config.json, the weights, the tokenizer or image "
+        "processor files)",
+        other_names="a Hugging Face hub id (gpt2, org/name)",
+        bare_folders=True,
+    ),
+    "open_clip": Family(
+        folder_files=(".safetensors", ".bin", ".pth", ".json"),
+        layout="a folder holding open_clip_config.json and open_clip_model.safetensors, the layout "
+        "open_clip's push_to_hf_hub writes ('local-dir:PATH')",
+        other_names="an open_clip model name (ViT-B-32) with its weights in encoder.pretrained (a tag or "
+        "a local weights file), or 'hf-hub:org/repo'",
+        bare_folders=False,  # its names are model names (ViT-B-32), never folders
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model name, resolved."""
+
+    name: str  # as written, for messages
+    key: str  # the setting that named it: "decoder.model"
+    family: str  # "transformers" or "open_clip": whose loader reads it
+    kind: str  # "folder", "hub" or "open_clip" (an open_clip model name)
+    target: str  # what the loader is handed: a path, a hub id, "local-dir:PATH" / "hf-hub:ID" for open_clip
+    path: Path | None = None  # the folder (~ expanded), when kind == "folder"
+    pretrained: str = ""  # open_clip: encoder.pretrained as written
+    weights_file: Path | None = None  # open_clip: encoder.pretrained when it names a local file
+
+    @property
+    def local(self) -> bool:
+        """A local folder: read from disk only, never looked up on the hub."""
+        return self.kind == "folder"
+
+    def identity(self) -> dict[str, str]:
+        """The model's part of its feature-store key: `model` and `weights`."""
+        if self.local:
+            folder = folder_identity(self.path, FAMILIES[self.family].folder_files)
+            return {"model": "local-dir", "weights": folder}
+        if self.family == "open_clip":
+            # encoder.pretrained for hf-hub: models too, which open_clip ignores, so their keys stay as they were
+            weights = file_identity(self.weights_file) if self.weights_file else self.pretrained
+            return {"model": self.target, "weights": weights}
+        return {"model": self.target, "weights": self.target}
+
+    def how_to_provide(self) -> str:
+        """Where the loader looked, and how to put the model there offline."""
+        if self.local:
+            layout = FAMILIES[self.family].layout
+            return (
+                f"vicap read the folder {self.path.absolute()} (local files only); {self.key} names {layout}."
+            )
+        if self.kind == "open_clip":
+            tag = self.pretrained or "openai"
+            return (
+                "vicap looked in the local open_clip / Hugging Face cache. Offline, download the weights on a "
+                f"connected machine (`python -c \"import open_clip; open_clip.create_model('{self.target}', "
+                f"pretrained='{tag}')\"`) and copy the cache, or set encoder.pretrained to a local .safetensors "
+                f"file or {self.key} to 'local-dir:PATH'."
+            )
+        repo = self.target.removeprefix(HF_HUB)
+        looked = "" if self.name.startswith(HF_HUB) else "for a folder of that name, then "
+        folder = "'local-dir:DIR'" if self.family == "open_clip" else "DIR"
+        return (
+            f"vicap looked {looked}in the Hugging Face cache, then on the hub. Offline, run "
+            f"`huggingface-cli download {repo} --local-dir DIR` on a connected machine, copy DIR here "
+            f"and set {self.key} = {folder}."
+        )
+
+    def error(self, problem: str) -> ModelLoadError:
+        """`problem` with this name, and what the setting should name instead."""
+        return _name_error(self.key, self.name, self.family, problem)
+
+    def load_error(self, what: str, e: Exception) -> ModelLoadError:
+        """`e`, raised while loading this model as `what`, as one message that says what to do."""
+        tag = f" (pretrained={self.pretrained!r})" if self.kind == "open_clip" and self.pretrained else ""
+        return ModelLoadError(
+            f"could not load {what} {self.name!r}{tag}: {type(e).__name__}: {e}\n{self.how_to_provide()}"
+        )
+
+
+def resolve(name: str, key: str, family: str = "transformers", pretrained: str = "") -> ModelRef:
+    """What `name`, the value of setting `key`, points at (see the module's table). `pretrained` is
+    open_clip's encoder.pretrained. Raises ModelLoadError for a path with nothing there or a file."""
+    fam = FAMILIES[family]
+    if name.startswith(LOCAL_DIR):
+        return _folder(name, key, family, name[len(LOCAL_DIR) :])
+    if name.startswith(HF_HUB):
+        repo = name[len(HF_HUB) :]
+        if not repo:
+            raise ModelLoadError(f"{key} = {name!r} names no repository; write hf-hub:org/repo")
+        # open_clip takes hub models with their prefix; transformers takes the bare repo id
+        target = name if family == "open_clip" else repo
+        return ModelRef(name, key, family, "hub", target, pretrained=pretrained)
+    if looks_like_path(name) or (fam.bare_folders and Path(name).is_dir()):
+        return _folder(name, key, family, name)
+    if family == "open_clip":
+        return _open_clip_name(name, key, pretrained)
+    return ModelRef(name, key, family, "hub", name)
+
+
+def looks_like_path(name: str) -> bool:
+    """A path, not a name: hub ids are `name` or `org/name`, open_clip names hold no `/`."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def _folder(name: str, key: str, family: str, written: str) -> ModelRef:
+    path = Path(written).expanduser()
+    if path.is_dir():
+        target = f"{LOCAL_DIR}{path}" if family == "open_clip" else str(path)
+        return ModelRef(name, key, family, "folder", target, path=path)
+    found = "is a file, not a folder" if path.exists() else "directory not found"
+    raise _name_error(key, name, family, f"{found} (looked for {path.absolute()})")
+
+
+def _name_error(key: str, name: str, family: str, problem: str) -> ModelLoadError:
+    fam = FAMILIES[family]
+    return ModelLoadError(f"{key} = {name!r}: {problem}. {key} names {fam.layout}, or {fam.other_names}.")
+
+
+def _open_clip_name(name: str, key: str, pretrained: str) -> ModelRef:
+    """An open_clip model name, and encoder.pretrained as a tag or a local weights file."""
+    import open_clip  # after vicap's torchvision guard (vicap/__init__.py)
+
+    known = open_clip.list_models()
+    if name not in known:
+        raise ModelLoadError(
+            f"{key} = {name!r} is not an open_clip model; known include {', '.join(known[:8])}, ... "
+            "(open_clip.list_models()). A local folder is written 'local-dir:PATH' or as a path (./PATH)."
+        )
+    weights_file = None
+    if pretrained and not open_clip.get_pretrained_cfg(name, pretrained):  # not one of the model's tags
+        file = Path(pretrained).expanduser()
+        if pretrained.endswith(WEIGHT_SUFFIXES) or looks_like_path(pretrained) or file.is_file():
+            if not file.is_file():
+                raise ModelLoadError(f"encoder.pretrained = {pretrained!r}: file not found")
+            weights_file = file
+    return ModelRef(
+        name, key, "open_clip", "open_clip", name, pretrained=pretrained, weights_file=weights_file
+    )
+
+
+def display_name(name: str) -> str:
+    """A model name without its prefix and folders, for display: 'local-dir:/x/y/clip' -> 'clip'."""
+    bare = name.removeprefix(LOCAL_DIR).removeprefix(HF_HUB)
+    return Path(bare).name or bare
+
+
+# --------------------------------------------------------------------------- content identity
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_identity(path: Path) -> str:
+    """A weights file in a feature-store key: 'file:' and the first 16 hex digits of its sha256."""
+    return f"file:{file_digest(path)[:16]}"
+
+
+def folder_identity(folder: Path, suffixes: tuple[str, ...]) -> str:
+    """A folder in a feature-store key: 'name:<16 hex digits of its sha256>' for each of its files with
+    one of `suffixes`, by name, joined with ','."""
+    files = sorted(p for p in folder.iterdir() if p.suffix in suffixes and p.is_file())
+    return ",".join(f"{p.name}:{file_digest(p)[:16]}" for p in files)
