@@ -14,7 +14,7 @@ import torch  # noqa: E402
 
 import vicap  # noqa: E402,F401  (installs the torchvision guard first)
 from tests import builders  # noqa: E402
-from vicap import demo  # noqa: E402
+from vicap.encoders import clip_preprocess_cfg, save_open_clip  # noqa: E402
 from vicap.recipe import load_recipe  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,8 +69,8 @@ def tiny_clip_dir(tmp_path_factory) -> Path:
 
     torch.manual_seed(0)
     model = open_clip.CLIP(**TINY_CLIP_CFG)
-    return demo.save_open_clip(
-        model, TINY_CLIP_CFG, demo.clip_preprocess_cfg(32), tmp_path_factory.mktemp("clip") / "c"
+    return save_open_clip(
+        model, TINY_CLIP_CFG, clip_preprocess_cfg(32), tmp_path_factory.mktemp("clip") / "c"
     )
 
 

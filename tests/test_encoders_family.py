@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from tests.conftest import TINY_CLIP_CFG
-from vicap import demo
-from vicap.encoders import load_encoder
+from vicap.encoders import clip_preprocess_cfg, load_encoder, save_open_clip
 from vicap.errors import ModelLoadError
 from vicap.features import extract_features
 from vicap.images import load_image
@@ -29,7 +28,7 @@ def _save_open_clip(folder: Path, vision_cfg: dict, embed_dim: int = 24) -> Path
 
     cfg = {"embed_dim": embed_dim, "vision_cfg": vision_cfg, "text_cfg": TEXT_CFG}
     torch.manual_seed(0)
-    return demo.save_open_clip(open_clip.CLIP(**cfg), cfg, demo.clip_preprocess_cfg(32), folder)
+    return save_open_clip(open_clip.CLIP(**cfg), cfg, clip_preprocess_cfg(32), folder)
 
 
 @pytest.fixture(scope="module")

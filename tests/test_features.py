@@ -13,8 +13,7 @@ import torch
 from PIL import Image, ImageOps
 
 from tests.conftest import TINY_CLIP_CFG
-from vicap import demo
-from vicap.encoders import load_encoder
+from vicap.encoders import clip_preprocess_cfg, load_encoder, save_open_clip
 from vicap.features import extract_features, open_store
 from vicap.images import load_image
 from vicap.recipe import EncoderConfig
@@ -159,8 +158,8 @@ def test_a_different_encoder_gets_its_own_store(encoder, images, tmp_path: Path,
     torch.manual_seed(123)
     import open_clip
 
-    other_dir = demo.save_open_clip(
-        open_clip.CLIP(**TINY_CLIP_CFG), TINY_CLIP_CFG, demo.clip_preprocess_cfg(32), tmp_path / "other"
+    other_dir = save_open_clip(
+        open_clip.CLIP(**TINY_CLIP_CFG), TINY_CLIP_CFG, clip_preprocess_cfg(32), tmp_path / "other"
     )
     other = load_encoder(EncoderConfig(model=f"local-dir:{other_dir}"))
     assert other.key != encoder.key

@@ -14,11 +14,16 @@ import pytest
 import torch
 
 from tests.conftest import TINY_CLIP_CFG
-from vicap import demo
 from vicap.baseline.model import build_cnn
 from vicap.baseline.recipe import CNNConfig
 from vicap.decoders import load_decoder
-from vicap.encoders import ModelLoadError, load_encoder, load_weights_file
+from vicap.encoders import (
+    ModelLoadError,
+    clip_preprocess_cfg,
+    load_encoder,
+    load_weights_file,
+    save_open_clip,
+)
 from vicap.recipe import DecoderConfig, EncoderConfig
 
 RESNET18_CACHE_NAME = "resnet18-f37072fd.pth"  # torchvision's file name: <model>-<sha256 prefix>.pth
@@ -74,7 +79,7 @@ def _open_clip_folder(folder: Path, weights: Path | None = None) -> Path:
     """An open_clip local-dir folder: open_clip_config.json, plus `weights` when given."""
     import open_clip
 
-    demo.save_open_clip(open_clip.CLIP(**TINY_CLIP_CFG), TINY_CLIP_CFG, demo.clip_preprocess_cfg(32), folder)
+    save_open_clip(open_clip.CLIP(**TINY_CLIP_CFG), TINY_CLIP_CFG, clip_preprocess_cfg(32), folder)
     (folder / "open_clip_model.safetensors").unlink()
     if weights is not None:
         shutil.move(weights, folder / weights.name)

@@ -347,3 +347,31 @@ def load_hf_clip(cfg: EncoderConfig) -> Encoder:
 
 def load_encoder(cfg: EncoderConfig) -> Encoder:
     return ENCODERS.get(cfg.name)(cfg)
+
+
+# --------------------------------------------------------------------------- writing the local-dir format
+
+
+def clip_preprocess_cfg(size: int) -> dict:
+    """open_clip's preprocessing record for a square input of `size` pixels, with OpenAI's mean and std."""
+    import open_clip
+
+    return {
+        "size": [size, size],
+        "mode": "RGB",
+        "mean": list(open_clip.OPENAI_DATASET_MEAN),
+        "std": list(open_clip.OPENAI_DATASET_STD),
+        "interpolation": "bicubic",
+        "resize_mode": "shortest",
+    }
+
+
+def save_open_clip(model: torch.nn.Module, model_cfg: dict, preprocess_cfg: dict, out: Path) -> Path:
+    """Write an open_clip model as a `local-dir:` folder: open_clip_config.json + open_clip_model.safetensors."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
+    (out / "open_clip_config.json").write_text(json.dumps(config, indent=2))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "open_clip_model.safetensors")
+    return out

@@ -106,9 +106,10 @@ class EncoderConfig(Section):
         "open_clip",
     )
     model: str = option(
-        "open_clip: model name (ViT-B-32, RN50, convnext_base, ...), 'local-dir:PATH' for a folder holding "
-        "open_clip_config.json and weights, or 'hf-hub:org/repo'; hf_clip: hub id "
-        "(openai/clip-vit-base-patch32) or a local folder saved by save_pretrained",
+        "open_clip: model name (ViT-B-32, RN50, convnext_base, ...), a local folder holding "
+        "open_clip_config.json and weights (a path, '~' expanded, or 'local-dir:PATH'), or 'hf-hub:org/repo'; "
+        "hf_clip: hub id (openai/clip-vit-base-patch32) or a local folder saved by save_pretrained "
+        "(see vicap.resolve)",
         "ViT-B-32",
     )
     pretrained: str = option(
@@ -138,7 +139,9 @@ class DecoderConfig(Section):
     KEY = "decoder"
 
     model: str = option(
-        "Hugging Face causal LM: hub id (gpt2, NlpHUST/gpt2-vietnamese) or local directory", "gpt2"
+        "Hugging Face causal LM: hub id (gpt2, NlpHUST/gpt2-vietnamese, 'hf-hub:org/name') or a local folder "
+        "saved by save_pretrained (a path, '~' expanded, or 'local-dir:PATH')",
+        "gpt2",
     )
     tuning: Literal["frozen", "full", "lora"] = option(
         "'frozen' trains only the mapper; 'full' also fine-tunes the LM (ClipCap's MLP setting); "
