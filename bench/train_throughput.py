@@ -65,73 +65,10 @@ COCO_CAPTIONS = 566_747  # Karpathy train + restval captions: the set ClipCap co
 
 
 def original_mapper():
-    """CLIP_prefix_caption's TransformerMapper (train.py), as written: einsum attention, no q/kv bias."""
-    import torch
-    from torch import nn
-    from torch.nn import functional as F
+    """CLIP_prefix_caption's TransformerMapper (train.py), as written (bench/clipcap_original.py)."""
+    from bench.clipcap_original import OriginalTransformerMapper
 
-    class Mlp(nn.Module):
-        def __init__(self, in_dim, h_dim):
-            super().__init__()
-            self.fc1, self.fc2, self.dropout = (
-                nn.Linear(in_dim, h_dim),
-                nn.Linear(h_dim, in_dim),
-                nn.Dropout(0.0),
-            )
-
-        def forward(self, x):
-            return self.dropout(self.fc2(self.dropout(F.relu(self.fc1(x)))))
-
-    class Attention(nn.Module):
-        def __init__(self, dim, heads):
-            super().__init__()
-            self.num_heads, self.scale = heads, (dim // heads) ** -0.5
-            self.to_queries = nn.Linear(dim, dim, bias=False)
-            self.to_keys_values = nn.Linear(dim, dim * 2, bias=False)
-            self.project = nn.Linear(dim, dim)
-
-        def forward(self, x):
-            b, n, c = x.shape
-            q = self.to_queries(x).reshape(b, n, self.num_heads, c // self.num_heads)
-            kv = self.to_keys_values(x).reshape(b, n, 2, self.num_heads, c // self.num_heads)
-            k, v = kv[:, :, 0], kv[:, :, 1]
-            att = (torch.einsum("bnhd,bmhd->bnmh", q, k) * self.scale).softmax(dim=2)
-            return self.project(torch.einsum("bnmh,bmhd->bnhd", att, v).reshape(b, n, c))
-
-    class Layer(nn.Module):
-        def __init__(self, dim, heads):
-            super().__init__()
-            self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
-            self.norm2, self.mlp = nn.LayerNorm(dim), Mlp(dim, dim * 2)
-
-        def forward(self, x):
-            x = x + self.attn(self.norm1(x))
-            return x + self.mlp(self.norm2(x))
-
-    class Transformer(nn.Module):
-        def __init__(self, dim, heads, layers):
-            super().__init__()
-            self.layers = nn.ModuleList(Layer(dim, heads) for _ in range(layers))
-
-        def forward(self, x):
-            for layer in self.layers:
-                x = layer(x)
-            return x
-
-    class TransformerMapper(nn.Module):
-        def __init__(self, dim_clip, dim_embedding, prefix_length, clip_length, num_layers):
-            super().__init__()
-            self.clip_length = clip_length
-            self.transformer = Transformer(dim_embedding, 8, num_layers)
-            self.linear = nn.Linear(dim_clip, clip_length * dim_embedding)
-            self.prefix_const = nn.Parameter(torch.randn(prefix_length, dim_embedding))
-
-        def forward(self, x):
-            x = self.linear(x).view(x.shape[0], self.clip_length, -1)
-            prefix = self.prefix_const.unsqueeze(0).expand(x.shape[0], *self.prefix_const.shape)
-            return self.transformer(torch.cat((x, prefix), dim=1))[:, self.clip_length :]
-
-    return TransformerMapper(D_CLIP, 768, PREFIX, CLIP_LENGTH, LAYERS)
+    return OriginalTransformerMapper(D_CLIP, 768, PREFIX, CLIP_LENGTH, num_layers=LAYERS)
 
 
 # --------------------------------------------------------------------------- data
