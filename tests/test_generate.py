@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import vicap.generate
 from tests.conftest import tiny_llama_config
 from vicap.decoders import Decoder, load_decoder
 from vicap.generate import (
@@ -79,12 +78,10 @@ def forced_logits(model: CaptionModel, plan) -> Iterator[None]:
         return logits
 
     handle = model.lm.get_output_embeddings().register_forward_hook(hook)
-    share, vicap.generate.SHARE_PREFIX = vicap.generate.SHARE_PREFIX, False  # one LM call per step
-    try:
+    try:  # (callers pass share_prefix=False: one LM call per step, no prefix-cache call to count)
         yield
     finally:
         handle.remove()
-        vicap.generate.SHARE_PREFIX = share
 
 
 def _forced_path(model: CaptionModel, text: str) -> list[int]:
@@ -156,9 +153,8 @@ def test_prefix_computed_once_per_image_changes_nothing(model, features, cfg, mo
     cfg = _cfg(**cfg)
     torch.manual_seed(0)
     shared = decode_batch(model, features, cfg)
-    monkeypatch.setattr(vicap.generate, "SHARE_PREFIX", False)
     torch.manual_seed(0)
-    plain = decode_batch(model, features, cfg)
+    plain = decode_batch(model, features, cfg, share_prefix=False)
     assert [[h.ids for h in hs] for hs in shared] == [[h.ids for h in hs] for hs in plain]
     for a, b in zip(shared, plain, strict=True):
         assert [h.score for h in a] == pytest.approx([h.score for h in b], abs=1e-5)
@@ -284,7 +280,9 @@ def test_returned_ids_never_hold_eos(model, features, strategy: str) -> None:
 def test_eos_first_gives_an_empty_finished_caption(model, features, strategy: str) -> None:
     eos = model.decoder.eos_token_id
     with forced_logits(model, lambda call, row: eos):
-        caps = generate(model, features, _cfg(strategy=strategy, beam_size=3), language="vi")
+        caps = generate(
+            model, features, _cfg(strategy=strategy, beam_size=3), language="vi", share_prefix=False
+        )
     assert [(c[0].text, c[0].token_ids, c[0].finished) for c in caps] == [("", (), True)] * 5
     assert all(c[0].score > -1e-3 for c in caps)  # log p(EOS) ~ 0 when EOS is forced
 
@@ -299,7 +297,7 @@ def test_each_row_stops_at_its_own_eos(model, features) -> None:
         return steps[min(call, len(steps) - 1)]
 
     with forced_logits(model, plan):
-        hyps = decode_batch(model, features[:2], _cfg(strategy="greedy"))
+        hyps = decode_batch(model, features[:2], _cfg(strategy="greedy"), share_prefix=False)
     assert [h[0].ids for h in hyps] == [[a], [a, b]]
     assert [h[0].finished for h in hyps] == [True, True]
 
@@ -308,7 +306,9 @@ def test_each_row_stops_at_its_own_eos(model, features) -> None:
 def test_min_new_tokens_holds_eos_back(model, features, strategy: str) -> None:
     eos = model.decoder.eos_token_id
     with forced_logits(model, lambda call, row: eos):
-        hyps = decode_batch(model, features, _cfg(strategy=strategy, beam_size=2, min_new_tokens=3))
+        hyps = decode_batch(
+            model, features, _cfg(strategy=strategy, beam_size=2, min_new_tokens=3), share_prefix=False
+        )
     assert [len(h[0].ids) for h in hyps] == [3] * 5
     assert all(h[0].finished for h in hyps)
 
@@ -343,6 +343,7 @@ def test_stop_string_ends_the_caption(model, features, strategy: str) -> None:
             features[:2],
             _cfg(strategy=strategy, beam_size=2, max_new_tokens=20, stop="."),
             language="vi",
+            share_prefix=False,
         )
     dot = path.index(_forced_path(model, ".")[0])
     for c in caps:
@@ -356,7 +357,11 @@ def test_a_caption_cut_by_the_length_limit_loses_its_fragment(model, features, s
     path = _forced_path(model, " một con chó. hai con")
     with forced_logits(model, _follow(path, None)):
         caps = generate(
-            model, features[:2], _cfg(strategy=strategy, beam_size=2, max_new_tokens=len(path)), language="vi"
+            model,
+            features[:2],
+            _cfg(strategy=strategy, beam_size=2, max_new_tokens=len(path)),
+            language="vi",
+            share_prefix=False,
         )
     for c in caps:
         assert list(c[0].token_ids) == path and not c[0].finished

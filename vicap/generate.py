@@ -211,9 +211,6 @@ def generate_kwargs(cfg: GenerateConfig, model: CaptionModel) -> dict:
     return kw
 
 
-SHARE_PREFIX = True  # tests and the benchmark turn it off to compare
-
-
 def _prefix_cache(model: CaptionModel, prefix: torch.Tensor, mask: torch.Tensor, copies: int):
     """The KV cache of all but the last prefix position, computed once per image and copied `copies` times.
 
@@ -239,11 +236,14 @@ def _takes(fn, name: str) -> bool:
 
 @torch.no_grad()
 def decode_batch(
-    model: CaptionModel, features: torch.Tensor, cfg: GenerateConfig, **extra
+    model: CaptionModel, features: torch.Tensor, cfg: GenerateConfig, *, share_prefix: bool = True, **extra
 ) -> list[list[_Hyp]]:
     """One batch of features -> per image, cfg.n_best hypotheses (token ids without EOS), best first.
 
-    `extra` goes to `generate` as is (tests pass use_cache=False to compare with the cache off).
+    `share_prefix` computes each image's prefix once and copies its KV cache to the image's beams or
+    samples (see `_prefix_cache`); False lets generate prefill every row itself (same captions; tests
+    and the benchmark compare the two). `extra` goes to `generate` as is (tests pass use_cache=False to
+    compare with the cache off).
     """
     model.check_length("generate.max_new_tokens", cfg.max_new_tokens)  # before the LM fails mid-way
     model.eval()
@@ -255,7 +255,7 @@ def decode_batch(
     rec = _TokenLogProbs(beams)
     kwargs = {**generate_kwargs(cfg, model), **extra}
     copies = beams if beams > 1 else cfg.n_best  # rows generate makes of each image
-    if copies > 1 and kwargs["use_cache"] and SHARE_PREFIX and prefix.shape[1] > 1:
+    if copies > 1 and kwargs["use_cache"] and share_prefix and prefix.shape[1] > 1:
         cache = _prefix_cache(model, prefix, mask, copies)
         if cache is not None:
             kwargs["past_key_values"] = cache
@@ -314,6 +314,7 @@ def generate(
     language: str,
     segment: str = "none",
     seed_offset: int = 0,
+    share_prefix: bool = True,
 ) -> list[list[Caption]]:
     """Image features -> per image, cfg.n_best captions, best first, in batches of cfg.batch_size.
 
@@ -333,7 +334,8 @@ def generate(
         results: list[list[Caption]] = []
         tokenizer = model.decoder.tokenizer
         for start in range(0, features.shape[0], cfg.batch_size):
-            for hyps in decode_batch(model, features[start : start + cfg.batch_size], cfg):
+            batch = features[start : start + cfg.batch_size]
+            for hyps in decode_batch(model, batch, cfg, share_prefix=share_prefix):
                 texts = tokenizer.batch_decode([h.ids for h in hyps], skip_special_tokens=True)
                 results.append(
                     [
