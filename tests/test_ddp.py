@@ -85,6 +85,7 @@ def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_and_resume(tiny_recipe, tmp_path: Path) -> None:
     # 120 captions, global batch 16: 7 full batches and one of 8 per epoch, 2 epochs. The transformer
     # mapper exercises attention layers under DDP; batch 16 splits 8 + 8, and the last batch 4 + 4.

@@ -115,7 +115,7 @@ def test_tokens_equal_ptb_tokenizer() -> None:
     [
         pytest.param(["BLEU", "ROUGE-L", "CIDEr-D"], id="bleu-rouge-cider"),
         # English METEOR loads a 60 MB paraphrase table, twice here (~10 s CPU each).
-        pytest.param(["BLEU", "METEOR", "ROUGE-L", "CIDEr-D"], id="with-meteor"),
+        pytest.param(["BLEU", "METEOR", "ROUGE-L", "CIDEr-D"], id="with-meteor", marks=pytest.mark.slow),
     ],
 )
 def test_scores_equal_pycocoevalcap(families: list[str]) -> None:
