@@ -301,21 +301,55 @@ def _keep_log_until(path: Path, step: int) -> None:
 # --------------------------------------------------------------------------- the loop
 
 
-def fit(job: TrainJob, accelerator, ckpt: Checkpoint | None = None, *, progress: bool = True) -> Path:
-    """Train `job.model` on `job.train_set`; checkpoints and the log go to the run directory."""
-    cfg = job.recipe.train
-    run_dir = job.run_dir
-    main = accelerator.is_main_process
-    rank, world = accelerator.process_index, accelerator.num_processes
-    grad_accum, save_every = cfg.grad_accum, cfg.save_every
+class TrainLog:
+    """`train_log.jsonl`: one JSON row per line (loss, validation, start and resume rows), written by
+    the main process only. A resumed run keeps the rows up to its checkpoint (what came after was
+    undone); a fresh run starts a fresh log."""
 
-    # ---------------------------------------------------------------- setup
+    def __init__(self, path: Path, *, main: bool, resume_step: int | None) -> None:
+        self.file = None
+        if not main:
+            return
+        if resume_step is not None:
+            _keep_log_until(path, resume_step)
+        else:
+            path.unlink(missing_ok=True)
+        self.file = path.open("a", encoding="utf-8")
+
+    def write(self, **row) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+@dataclass
+class _Setup:
+    """What the loop works with, built by `_setup`."""
+
+    model: nn.Module  # prepared by Accelerate (DDP-wrapped on several processes)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    params: list[torch.nn.Parameter]
+    train_loader: DataLoader
+    val_loader: DataLoader | None
+    steps_per_epoch: int
+    total_steps: int
+    rng: dict[str, torch.Tensor] | None  # this process's saved RNG states, when resuming
+
+
+def _setup(job: TrainJob, accelerator, ckpt: Checkpoint | None) -> _Setup:
+    """Loaders, AdamW, the warmup + linear decay schedule, and on resume the saved state."""
+    cfg = job.recipe.train
+    rank, world = accelerator.process_index, accelerator.num_processes
     train_loader = _loader(job, job.train_set, shuffle=True, rank=rank, world=world)
     val_loader = _loader(job, job.val_set, shuffle=False, rank=rank, world=world) if job.val_set else None
     model = job.model
-    params = [p for g in job.param_groups for p in g["params"]]
     optimizer = build_optimizer(job.param_groups, cfg.lr, cfg.weight_decay)
-    steps_per_epoch = optimizer_steps(len(train_loader.batch_sampler), grad_accum)
+    steps_per_epoch = optimizer_steps(len(train_loader.batch_sampler), cfg.grad_accum)
     total_steps = steps_per_epoch * cfg.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, linear_warmup_decay(cfg.warmup_steps, total_steps)
@@ -335,123 +369,122 @@ def fit(job: TrainJob, accelerator, ckpt: Checkpoint | None = None, *, progress:
                 ckpt.meta.get("processes", "?"),
             )
     model, optimizer = accelerator.prepare(model, optimizer)
-    n_trainable = sum(p.numel() for p in params)
+    params = [p for g in job.param_groups for p in g["params"]]
     log.info(
         "training %s: %s; %d steps (%d/epoch), global batch %d x %d accumulation over %d process(es), "
         "%s trainable parameters",
-        run_dir,
+        job.run_dir,
         job.summary or f"{len(job.train_set)} items",
         total_steps,
         steps_per_epoch,
         cfg.batch_size,
-        grad_accum,
+        cfg.grad_accum,
         world,
-        f"{n_trainable:,}",
+        f"{sum(p.numel() for p in params):,}",
+    )
+    return _Setup(
+        model, optimizer, scheduler, params, train_loader, val_loader, steps_per_epoch, total_steps, rng
     )
 
-    # ---------------------------------------------------------------- loop
+
+def _save(job: TrainJob, accelerator, s: _Setup, *, step: int, epoch: int) -> None:
+    """A checkpoint of what was trained, the optimizer, the schedule and every process's RNG."""
+    states = _rng_states(accelerator)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_checkpoint(
+            job.run_dir,
+            model_state=accelerator.unwrap_model(s.model).trainable_state_dict(),
+            meta={**job.meta, "recipe": job.recipe.to_json(), "processes": str(accelerator.num_processes)},
+            step=step,
+            epoch=epoch,
+            optimizer=s.optimizer,
+            scheduler=s.scheduler,
+            rng_states=states,
+            keep=job.recipe.train.keep_checkpoints,
+        )
+    accelerator.wait_for_everyone()
+
+
+def _stopped(job: TrainJob, step: int, epoch: int, e: TrainingError) -> TrainingError:
+    last = list_checkpoints(job.run_dir)
+    return TrainingError(
+        f"{job.run_dir}: training stopped at step {step} (epoch {epoch}): {e}. No update was applied; "
+        f"the last checkpoint ({last[-1].name if last else 'none'}) is intact. Lower train.lr, set "
+        "train.grad_clip, or check the data."
+    )
+
+
+def fit(job: TrainJob, accelerator, ckpt: Checkpoint | None = None, *, progress: bool = True) -> Path:
+    """Train `job.model` on `job.train_set`; checkpoints and the log go to the run directory."""
+    cfg = job.recipe.train
+    main = accelerator.is_main_process
+    s = _setup(job, accelerator, ckpt)
     step = ckpt.step if ckpt else 0
-    log_path = run_dir / "train_log.jsonl"
-    if main and ckpt is not None:
-        _keep_log_until(log_path, step)
-    elif main:
-        log_path.unlink(missing_ok=True)  # a fresh run (no checkpoint) starts a fresh log
-    log_file = log_path.open("a", encoding="utf-8") if main else None
-    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not (progress and main))
-    # Since the last log line: this process's summed token loss, and all processes' token count.
-    running = torch.zeros((), device=accelerator.device)
-    running_tokens = torch.zeros((), device=accelerator.device)
-    t0 = time.time()
-
-    def log_line(**row) -> None:
-        if log_file is not None:
-            log_file.write(json.dumps(row) + "\n")
-            log_file.flush()
-
-    # One row per (re)start: how this stretch of training was run.
-    log_line(
+    train_log = TrainLog(job.run_dir / "train_log.jsonl", main=main, resume_step=step if ckpt else None)
+    train_log.write(  # one row per (re)start: how this stretch of training was run
         step=step,
         event="resume" if ckpt else "start",
-        processes=world,
+        processes=accelerator.num_processes,
         global_batch=cfg.batch_size,
-        grad_accum=grad_accum,
+        grad_accum=cfg.grad_accum,
         mixed_precision=accelerator.mixed_precision,
         # what bit-identical results depend on besides the recipe (README, "Which numbers repeat")
         threads=torch.get_num_threads(),
         cpu_capability=torch.backends.cpu.get_cpu_capability(),
     )
-
-    def save(epoch: int) -> None:
-        states = _rng_states(accelerator)
-        accelerator.wait_for_everyone()
-        if main:
-            save_checkpoint(
-                run_dir,
-                model_state=accelerator.unwrap_model(model).trainable_state_dict(),
-                meta={
-                    **job.meta,
-                    "recipe": job.recipe.to_json(),
-                    "processes": str(world),
-                },
-                step=step,
-                epoch=epoch,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                rng_states=states,
-                keep=cfg.keep_checkpoints,
-            )
-        accelerator.wait_for_everyone()
-
-    if rng is not None:
-        _set_rng_state(rng, accelerator.device)  # last, after everything that may draw during setup
-    model.train()
-    for epoch in range(step // steps_per_epoch, cfg.epochs):
-        done_in_epoch = step - epoch * steps_per_epoch  # optimizer steps already taken (resuming)
-        train_loader.batch_sampler.set_epoch(epoch, start=done_in_epoch * grad_accum)
-        batches = iter(train_loader)
-        while window := list(itertools.islice(batches, grad_accum)):
+    bar = tqdm(total=s.total_steps, initial=step, desc="train", unit="step", disable=not (progress and main))
+    # Since the last log row: this process's summed token loss, and all processes' token count.
+    running = torch.zeros((), device=accelerator.device)
+    running_tokens = torch.zeros((), device=accelerator.device)
+    t0 = time.time()
+    if s.rng is not None:
+        _set_rng_state(s.rng, accelerator.device)  # last, after everything that may draw during setup
+    s.model.train()
+    for epoch in range(step // s.steps_per_epoch, cfg.epochs):
+        done_in_epoch = step - epoch * s.steps_per_epoch  # optimizer steps already taken (resuming)
+        s.train_loader.batch_sampler.set_epoch(epoch, start=done_in_epoch * cfg.grad_accum)
+        batches = iter(s.train_loader)
+        while window := list(itertools.islice(batches, cfg.grad_accum)):
             window = [_to(b, accelerator.device) for b in window]
             if job.augment is not None:
                 window = [job.augment(b) for b in window]
             try:
                 loss_sum, n_tokens = optimizer_step(
-                    model, optimizer, scheduler, window, accelerator, grad_clip=cfg.grad_clip, params=params
+                    s.model,
+                    s.optimizer,
+                    s.scheduler,
+                    window,
+                    accelerator,
+                    grad_clip=cfg.grad_clip,
+                    params=s.params,
                 )
             except TrainingError as e:
-                last = list_checkpoints(run_dir)
-                raise TrainingError(
-                    f"{run_dir}: training stopped at step {step + 1} (epoch {epoch}): {e}. No update was "
-                    f"applied; the last checkpoint ({last[-1].name if last else 'none'}) is intact. "
-                    "Lower train.lr, set train.grad_clip, or check the data."
-                ) from None
+                raise _stopped(job, step + 1, epoch, e) from None
             running += loss_sum
             running_tokens += n_tokens
             step += 1
             bar.update(1)
-            if step % cfg.log_every == 0 or step == total_steps:
+            if step % cfg.log_every == 0 or step == s.total_steps:
                 avg = float(accelerator.reduce(running, "sum") / running_tokens)
                 bar.set_postfix(loss=f"{avg:.4f}", epoch=epoch)
-                log_line(
-                    step=step,
-                    epoch=epoch,
-                    loss=round(avg, 6),
-                    lr=scheduler.get_last_lr()[0],
-                    elapsed=round(time.time() - t0, 2),
+                lr = s.scheduler.get_last_lr()[0]
+                train_log.write(
+                    step=step, epoch=epoch, loss=round(avg, 6), lr=lr, elapsed=round(time.time() - t0, 2)
                 )
                 running.zero_()
                 running_tokens.zero_()
-            end_of_epoch = step == (epoch + 1) * steps_per_epoch
-            if end_of_epoch and val_loader is not None:  # before the save: the checkpoint's log has it
-                val = mean_loss(model, val_loader, accelerator)
-                log_line(step=step, epoch=epoch, val_loss=round(val, 6))
+            end_of_epoch = step == (epoch + 1) * s.steps_per_epoch
+            if end_of_epoch and s.val_loader is not None:  # before the save: the checkpoint's log has it
+                val = mean_loss(s.model, s.val_loader, accelerator)
+                train_log.write(step=step, epoch=epoch, val_loss=round(val, 6))
                 log.info("epoch %d: val loss %.4f", epoch, val)
-            if end_of_epoch or (save_every and step % save_every == 0):
-                save(epoch)
+            if end_of_epoch or (cfg.save_every and step % cfg.save_every == 0):
+                _save(job, accelerator, s, step=step, epoch=epoch)
     bar.close()
-    if log_file is not None:
-        log_file.close()
+    train_log.close()
     accelerator.wait_for_everyone()
-    return run_dir
+    return job.run_dir
 
 
 # --------------------------------------------------------------------------- ClipCap
