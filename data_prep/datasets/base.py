@@ -94,6 +94,113 @@ def val_images(image_ids: list[str], fraction: float, seed: int) -> set[str]:
     return set(order[:k])
 
 
+@dataclass
+class _Tally:
+    """What `build_records` skipped or fixed, and why: problems and counts, kept together."""
+
+    problems: list[Problem]
+    counts: dict[str, int]
+
+    def skip_caption(self, kind: str, c: RawCaption, msg: str) -> None:
+        self.problems.append(Problem(kind, c.file, c.where, msg))
+        self.counts["captions_skipped"] += 1
+
+    def skip_image(self, kind: str, im: RawImage, msg: str, captions: int = 0) -> None:
+        self.problems.append(Problem(kind, im.file, im.where, msg))
+        self.counts["images_skipped"] += 1
+        self.counts["captions_skipped"] += captions
+
+
+def _unique_images(raw: AdapterOutput, tally: _Tally) -> dict[str, RawImage]:
+    images: dict[str, RawImage] = {}
+    for im in raw.images:
+        if im.image_id in images:
+            tally.skip_image("duplicate_image_id", im, f"image id {im.image_id!r} seen before")
+        else:
+            images[im.image_id] = im
+    return images
+
+
+def _caption_text(c: RawCaption, language: Language, max_chars: int | None, tally: _Tally) -> str | None:
+    """The caption normalized, or None (and a problem) when it cannot be used."""
+    if not isinstance(c.text, str) or not any(ch.isalnum() for ch in c.text):
+        # Whitespace or punctuation only ("`", "]" occur in UIT-ViIC): nothing to learn from.
+        tally.skip_caption("empty_caption", c, f"caption {c.caption_id!r} has no words: {c.text!r}")
+        return None
+    if SURROGATES.search(c.text):
+        # JSON allows "\ud800" escapes that stand for no character; no tokenizer can read them
+        tally.skip_caption("invalid_text", c, f"caption {c.caption_id!r} holds a lone surrogate: {c.text!r}")
+        return None
+    if not T.is_nfc(c.text):
+        tally.problems.append(
+            Problem("nfd_text", c.file, c.where, f"caption {c.caption_id!r} not NFC", "fixed")
+        )
+        tally.counts["captions_fixed"] += 1
+    text = language.normalize(c.text)
+    stray = language.unexpected_scripts(text)
+    if stray:
+        letters = "/".join(sorted(stray))
+        tally.skip_caption(
+            "unexpected_script", c, f"caption {c.caption_id!r} has {letters} letters: {text!r}"
+        )
+        return None
+    if max_chars is not None and len(text) > max_chars:
+        tally.skip_caption(
+            "long_caption",
+            c,
+            f"caption {c.caption_id!r} has {len(text)} characters, over the limit of {max_chars}: {text[:60]!r}...",
+        )
+        return None
+    return text
+
+
+def _captions_per_image(
+    raw: AdapterOutput, images: dict[str, RawImage], language: Language, max_chars: int | None, tally: _Tally
+) -> dict[str, list[tuple[str, str]]]:
+    """image id -> [(caption id, normalized text)] of the usable captions."""
+    caps: dict[str, list[tuple[str, str]]] = {i: [] for i in images}
+    seen: set[str] = set()
+    for c in raw.captions:
+        if c.caption_id in seen:
+            tally.skip_caption("duplicate_caption_id", c, f"caption id {c.caption_id!r} seen before")
+            continue
+        seen.add(c.caption_id)
+        if c.image_id not in images:
+            tally.skip_caption(
+                "unknown_image", c, f"caption {c.caption_id!r} points at unknown image {c.image_id!r}"
+            )
+            continue
+        text = _caption_text(c, language, max_chars, tally)
+        if text is not None:
+            caps[c.image_id].append((c.caption_id, text))
+    return caps
+
+
+def _images_to_keep(
+    images: dict[str, RawImage], caps: dict[str, list[tuple[str, str]]], check: bool, tally: _Tally
+) -> list[RawImage]:
+    """Images with a split, at least one usable caption, and (when `check`) a readable file."""
+    kept = []
+    for image_id, pairs in caps.items():
+        im = images[image_id]
+        if pairs and im.split is None:
+            msg = f"image {image_id!r} is in no split; {len(pairs)} caption(s) dropped"
+            tally.skip_image("no_split", im, msg, captions=len(pairs))
+        elif not pairs:
+            tally.skip_image("no_captions", im, f"image {image_id!r} has no usable caption")
+        else:
+            kept.append(im)
+    if not check:
+        return kept
+    bad = check_images([im.path for im in kept])
+    for im in kept:
+        if im.path in bad:
+            kind, msg = bad[im.path]
+            n = len(caps[im.image_id])
+            tally.skip_image(kind, im, f"image {im.image_id!r}: {msg}; {n} caption(s) dropped", captions=n)
+    return [im for im in kept if im.path not in bad]
+
+
 def build_records(
     raw: AdapterOutput,
     language: Language,
@@ -106,138 +213,38 @@ def build_records(
 ) -> tuple[list[Record], list[Problem], dict[str, int]]:
     """Validate and normalize adapter output into records; every dropped item becomes a Problem.
 
-    A caption longer than `max_caption_chars` characters (after normalization; None: no limit) is
-    skipped as `long_caption`: such text is mostly rows run together or a pasted paragraph, and
-    training would cut it at the LM's length limit anyway.
+    In order: duplicate image ids, then each caption (duplicate or dangling ids, no words, lone
+    surrogates, NFD text fixed, unexpected scripts, over `max_caption_chars` characters after
+    normalization, None: no limit), then images (no split, no usable caption, an unreadable file), then
+    the by-image validation split. A caption over the length limit is skipped as `long_caption`: such
+    text is mostly rows run together or a pasted paragraph, and training would cut it anyway.
     """
     if max_caption_chars is not None and max_caption_chars < 1:
         raise SettingError(
             f"max_caption_chars must be at least 1 (or None: no limit), got {max_caption_chars}"
         )
-    problems = list(raw.problems)
-    counts = {
-        "images_read": len(raw.images),
-        "captions_read": len(raw.captions),
-        "images_skipped": 0,
-        "captions_skipped": 0,
-        "captions_fixed": 0,
-    }
-
-    def skip_caption(kind: str, c: RawCaption, msg: str) -> None:
-        problems.append(Problem(kind, c.file, c.where, msg))
-        counts["captions_skipped"] += 1
-
-    images: dict[str, RawImage] = {}
-    for im in raw.images:
-        if im.image_id in images:
-            problems.append(
-                Problem("duplicate_image_id", im.file, im.where, f"image id {im.image_id!r} seen before")
-            )
-            counts["images_skipped"] += 1
-            continue
-        images[im.image_id] = im
-
-    caps: dict[str, list[tuple[str, str]]] = {i: [] for i in images}
-    seen_caption_ids: set[str] = set()
-    for c in raw.captions:
-        if c.caption_id in seen_caption_ids:
-            skip_caption("duplicate_caption_id", c, f"caption id {c.caption_id!r} seen before")
-            continue
-        seen_caption_ids.add(c.caption_id)
-        if c.image_id not in images:
-            skip_caption(
-                "unknown_image", c, f"caption {c.caption_id!r} points at unknown image {c.image_id!r}"
-            )
-            continue
-        if not isinstance(c.text, str) or not any(ch.isalnum() for ch in c.text):
-            # Whitespace or punctuation only ("`", "]" occur in UIT-ViIC): nothing to learn from.
-            skip_caption("empty_caption", c, f"caption {c.caption_id!r} has no words: {c.text!r}")
-            continue
-        if SURROGATES.search(c.text):
-            # JSON allows "\ud800" escapes that stand for no character; no tokenizer can read them
-            skip_caption("invalid_text", c, f"caption {c.caption_id!r} holds a lone surrogate: {c.text!r}")
-            continue
-        if not T.is_nfc(c.text):
-            problems.append(
-                Problem("nfd_text", c.file, c.where, f"caption {c.caption_id!r} not NFC", "fixed")
-            )
-            counts["captions_fixed"] += 1
-        text = language.normalize(c.text)
-        stray = language.unexpected_scripts(text)
-        if stray:
-            skip_caption(
-                "unexpected_script",
-                c,
-                f"caption {c.caption_id!r} has {'/'.join(sorted(stray))} letters: {text!r}",
-            )
-            continue
-        if max_caption_chars is not None and len(text) > max_caption_chars:
-            skip_caption(
-                "long_caption",
-                c,
-                f"caption {c.caption_id!r} has {len(text)} characters, over the limit of "
-                f"{max_caption_chars}: {text[:60]!r}...",
-            )
-            continue
-        caps[c.image_id].append((c.caption_id, text))
-
-    for image_id, pairs in caps.items():
-        im = images[image_id]
-        if pairs and im.split is None:
-            problems.append(
-                Problem(
-                    "no_split",
-                    im.file,
-                    im.where,
-                    f"image {image_id!r} is in no split; {len(pairs)} caption(s) dropped",
-                )
-            )
-            counts["images_skipped"] += 1
-            counts["captions_skipped"] += len(pairs)
-            pairs.clear()
-        elif not pairs:
-            problems.append(
-                Problem("no_captions", im.file, im.where, f"image {image_id!r} has no usable caption")
-            )
-            counts["images_skipped"] += 1
-    kept = [images[i] for i, pairs in caps.items() if pairs]
-
-    if check:
-        bad = check_images([im.path for im in kept])
-        survivors = []
-        for im in kept:
-            if im.path in bad:
-                kind, msg = bad[im.path]
-                n = len(caps[im.image_id])
-                problems.append(
-                    Problem(kind, im.file, im.where, f"image {im.image_id!r}: {msg}; {n} caption(s) dropped")
-                )
-                counts["images_skipped"] += 1
-                counts["captions_skipped"] += n
-            else:
-                survivors.append(im)
-        kept = survivors
-
-    val = (
-        val_images([im.image_id for im in kept if im.split == "train"], val_fraction, seed)
-        if val_fraction
-        else set()
+    counts = dict.fromkeys(("images_skipped", "captions_skipped", "captions_fixed"), 0)
+    tally = _Tally(
+        list(raw.problems), {"images_read": len(raw.images), "captions_read": len(raw.captions), **counts}
     )
-    records = []
-    for im in kept:
-        pairs = caps[im.image_id]
-        records.append(
-            Record(
-                image_id=im.image_id,
-                image=relative_image_path(im.path, manifest_path),
-                split="val" if im.image_id in val else im.split,
-                captions=tuple(t for _, t in pairs),
-                caption_ids=tuple(i for i, _ in pairs),
-            )
+    images = _unique_images(raw, tally)
+    caps = _captions_per_image(raw, images, language, max_caption_chars, tally)
+    kept = _images_to_keep(images, caps, check, tally)
+    train_ids = [im.image_id for im in kept if im.split == "train"]
+    val = val_images(train_ids, val_fraction, seed) if val_fraction else set()
+    records = [
+        Record(
+            image_id=im.image_id,
+            image=relative_image_path(im.path, manifest_path),
+            split="val" if im.image_id in val else im.split,
+            captions=tuple(t for _, t in caps[im.image_id]),
+            caption_ids=tuple(i for i, _ in caps[im.image_id]),
         )
-    counts["images"] = len(records)
-    counts["captions"] = sum(len(r.captions) for r in records)
-    return records, problems, counts
+        for im in kept
+    ]
+    tally.counts["images"] = len(records)
+    tally.counts["captions"] = sum(len(r.captions) for r in records)
+    return records, tally.problems, tally.counts
 
 
 def source_name(path: Path, root: Path) -> str:
