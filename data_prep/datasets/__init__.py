@@ -83,6 +83,13 @@ def _check_options(adapter: Adapter, options: dict) -> None:
         )
 
 
+def _check_source(source: Path) -> None:
+    try:
+        os.stat(source)
+    except OSError as err:  # not found, a symbolic link loop, no permission
+        raise SourceNotFoundError(f"dataset source not found: {source} ({err.strerror})") from None
+
+
 def report_path(out: Path) -> Path:
     """Where a manifest's report goes: beside it, `<name>.report.json`."""
     out = Path(out)
@@ -123,10 +130,7 @@ def prepare(
     options = {k: v for k, v in options.items() if v is not None}
     _check_options(ad, options)
     source, out = Path(source), Path(out)
-    try:
-        os.stat(source)
-    except OSError as err:  # not found, a symbolic link loop, no permission
-        raise SourceNotFoundError(f"dataset source not found: {source} ({err.strerror})") from None
+    _check_source(source)
     lang = get_language(language or ad.language)
 
     raw = ad.fn(source, **options)
@@ -139,34 +143,20 @@ def prepare(
         seed=seed,
         max_caption_chars=max_caption_chars,
     )
-    splits: dict[str, dict[str, int]] = {}
-    for r in records:
-        s = splits.setdefault(r.split, {"images": 0, "captions": 0})
-        s["images"] += 1
-        s["captions"] += len(r.captions)
     report = PrepareReport(
         adapter=adapter,
         source=str(source),
         out=str(out),
         language=lang.code,
         counts=counts,
-        splits=splits,
+        splits=_split_counts(records),
         problems=problems,
     )
     if strict and problems:
         report.elapsed_s = time.perf_counter() - start
         report.write(report_path(out))
         raise DataError(report)
-    meta = {
-        "dataset": adapter,
-        "language": lang.code,
-        "source": str(source.absolute()),
-        "normalizer": f"{lang.normalizer.__module__}.{lang.normalizer.__qualname__}",
-        "val_fraction": val_fraction,
-        "seed": seed,
-        "options": {k: str(Path(v).absolute()) if isinstance(v, Path) else v for k, v in options.items()},
-        **raw.meta,
-    }
+    meta = {"dataset": adapter, **_provenance(source, lang, val_fraction, seed, options), **raw.meta}
     write_manifest(out, records, meta)
     if stats:
         report.stats = caption_stats([c for r in records for c in r.captions], lang, tok)
@@ -182,6 +172,27 @@ def prepare(
         len(problems),
     )
     return report
+
+
+def _provenance(source: Path, lang, val_fraction: float, seed: int, options: dict) -> dict:
+    """What the manifest header records about how it was made."""
+    return {
+        "language": lang.code,
+        "source": str(source.absolute()),
+        "normalizer": f"{lang.normalizer.__module__}.{lang.normalizer.__qualname__}",
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "options": {k: str(Path(v).absolute()) if isinstance(v, Path) else v for k, v in options.items()},
+    }
+
+
+def _split_counts(records) -> dict[str, dict[str, int]]:
+    splits: dict[str, dict[str, int]] = {}
+    for r in records:
+        s = splits.setdefault(r.split, {"images": 0, "captions": 0})
+        s["images"] += 1
+        s["captions"] += len(r.captions)
+    return splits
 
 
 # Importing the adapter modules registers them.
