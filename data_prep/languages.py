@@ -4,7 +4,8 @@ A `Language` holds
 - a normalizer (text -> text; NFC, whitespace, punctuation spacing, language rules),
 - segmenters by mode (a batch function list[str] -> list[str]; "none" is always there),
 - metric levels (level -> the segmentation mode applied before metric tokenization),
-- the scripts its letters are expected in (used to flag stray captions).
+- the scripts its letters are expected in (used to flag stray captions),
+- whether its captions start with a capital letter (generated captions are capitalized to match).
 
 Adding a language is one call::
 
@@ -14,6 +15,7 @@ Adding a language is one call::
         segmenters={"word": my_thai_word_segmenter},
         metric_levels={"syllable": "none", "word": "word", "char": "char"},
         scripts=frozenset({"THAI"}),
+        capitalize_first=False,  # Thai has no letter case
     ))
 
 Any code without an entry gets a generic, Unicode-aware fallback that carries
@@ -74,6 +76,9 @@ class Language:
     scripts: frozenset[str] = frozenset()
     # What a word segmenter puts between the syllables of one word.
     joiner: str = "_"
+    # Generated captions start with a capital letter (`vicap.generate.postprocess`); False keeps the
+    # LM's own case, which suits scripts without case and languages the entry knows nothing about.
+    capitalize_first: bool = False
     # Describes the segmenter for metric protocols, e.g. "underthesea 9.5.0".
     segmenter_version: Callable[[], str] = field(default=lambda: "", compare=False, repr=False)
 
@@ -197,6 +202,7 @@ register_language(
         segmenters={"word": vietnamese.segment_words},
         metric_levels={"syllable": "none", "word": "word", "char": "char"},
         scripts=frozenset({"LATIN"}),
+        capitalize_first=True,
         segmenter_version=vietnamese.segmenter_version,
     )
 )
@@ -207,6 +213,7 @@ register_language(
         normalizer=latin_normalize,
         segmenters={"word": _no_segmentation},  # English words are already space-separated
         scripts=frozenset({"LATIN"}),
+        capitalize_first=True,
     )
 )
 register_language(Language(code="generic", name="generic (any language)"))

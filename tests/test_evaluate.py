@@ -1,22 +1,26 @@
-"""Scoring: hand-computed BLEU / ROUGE-L / CIDEr-D cases on vicap's language-aware metric tokens."""
+"""Scoring: hand-computed BLEU / ROUGE-L / CIDEr-D cases on vicap's language-aware metric tokens; a
+run's report scored (writing nothing), then written (three files)."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from pathlib import Path
 
 import pytest
 
 from data_prep.manifest import Manifest, Record
 from vicap.evaluate import (
-    EMPTY,
-    METRICS,
+    FLOOR,
     most_frequent_caption,
-    protocol,
-    score,
+    report_markdown,
+    score_report,
     score_table,
-    tokenize_for_metrics,
+    write_report,
 )
+from vicap.metrics import EMPTY, HUMAN, METRICS, protocol, score, score_systems, tokenize_for_metrics
+from vicap.recipe import EvalConfig
 
 REFS = {
     "1": ["một con mèo đen nằm trên ghế"],
@@ -167,3 +171,103 @@ def test_held_out_records_name_the_manifest_and_its_splits(tmp_path) -> None:
     assert [r.image_id for r in held_out_records(manifest, "test", max_images=2)] == ["0", "1"]
     with pytest.raises(ValueError, match=r"m\.jsonl: split 'val' is empty; splits: \['test', 'train'\]"):
         held_out_records(manifest, "val")
+
+
+# --------------------------------------------------------------------------- scoring, then reporting
+
+
+def _captioned_split(tmp_path: Path, test_image: str) -> tuple[Manifest, list[Record], list[str]]:
+    """A manifest (train captions for the floor) and the captions of its test split."""
+    test = [
+        Record("t1", test_image, "test", ("một con mèo đen", "con mèo đen nằm"), ("1", "2")),
+        Record("t2", "b.jpg", "test", ("hai con chó chạy",), ("3",)),
+    ]
+    manifest = Manifest(
+        tmp_path / "m.jsonl",
+        {"language": "vi", "dataset": "t"},
+        [_record(1, "train", "một con mèo", "một con mèo"), _record(2, "train", "hai con chó"), *test],
+    )
+    return manifest, test, ["Một con mèo đen.", "Hai con chó."]
+
+
+def _report(tmp_path: Path, manifest: Manifest, records: list[Record], captions: list[str]) -> dict:
+    return score_report(
+        run_dir=tmp_path / "run",
+        kind="vicap",
+        system="vicap",
+        step=7,
+        split="test",
+        manifest=manifest,
+        records=records,
+        captions=captions,
+        skipped=1,
+        eval_cfg=EvalConfig(levels=("syllable", "word"), metrics=("BLEU", "CIDEr-D", "chrF")),
+        generate={"strategy": "greedy", "precision": "fp32"},
+    )
+
+
+def test_score_report_scores_and_writes_nothing(tmp_path: Path) -> None:
+    manifest, records, captions = _captioned_split(tmp_path, "a.jpg")
+    report = _report(tmp_path, manifest, records, captions)
+    assert list(tmp_path.iterdir()) == []
+    refs = {r.image_id: list(r.captions) for r in records}
+    expected, notes = score_systems(
+        refs,
+        {"vicap": dict(zip(refs, captions, strict=True)), FLOOR: dict.fromkeys(refs, "một con mèo")},
+        language="vi",
+        levels=("syllable", "word"),
+        metrics=("BLEU", "CIDEr-D", "chrF"),
+    )
+    assert report["scores"] == expected and report["protocol"]["metrics"] == notes
+    assert set(report["scores"]["word"]) == {"vicap", FLOOR, HUMAN}
+    assert (report["images"], report["references"], report["skipped"], report["human_rounds"]) == (2, 3, 1, 2)
+    assert report["baseline_caption"] == "một con mèo" and report["run"] == str(tmp_path / "run")
+
+
+@pytest.mark.parametrize("image", ["a.jpg", "ảnh mèo.jpg"], ids=["ascii", "non-ASCII kept readable"])
+def test_write_report_writes_the_three_files_as_before(tmp_path: Path, image: str) -> None:
+    manifest, records, captions = _captioned_split(tmp_path, image)
+    report = _report(tmp_path, manifest, records, captions)
+    write_report(tmp_path / "run", report, manifest, records, captions)
+    folder = os.path.realpath(tmp_path)
+    # What `vicap evaluate` wrote before scoring and reporting were split, byte for byte.
+    before = {
+        "captions_test.jsonl": (
+            f'{{"image_id": "t1", "image": "{image}", "path": "{folder}/{image}", "caption": "Một con mèo đen.", '
+            '"references": ["một con mèo đen", "con mèo đen nằm"]}\n'
+            f'{{"image_id": "t2", "image": "b.jpg", "path": "{folder}/b.jpg", "caption": "Hai con chó.", '
+            '"references": ["hai con chó chạy"]}\n'
+        ),
+        "report.json": json.dumps(report, indent=2, ensure_ascii=False),
+        "report.md": report_markdown(report),
+    }
+    files = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+    assert files == {name: text.encode("utf-8") for name, text in before.items()}
+
+
+def test_write_report_writes_a_name_that_is_not_utf8_as_its_escape(tmp_path: Path) -> None:
+    name = os.fsdecode(b"caf\xe9.jpg")  # "caf\udce9.jpg"
+    manifest, records, captions = _captioned_split(tmp_path, name)
+    report = _report(tmp_path, manifest, records, captions)
+    write_report(tmp_path / "run", report, manifest, records, captions)
+    text = {p.name: p.read_bytes().decode("utf-8") for p in (tmp_path / "run").iterdir()}  # valid UTF-8
+    assert sorted(text) == ["captions_test.jsonl", "report.json", "report.md"]
+    row = json.loads(text["captions_test.jsonl"].splitlines()[0])
+    assert (
+        os.fsencode(row["image"]) == b"caf\xe9.jpg"
+        and '"image": "caf\\udce9.jpg"' in text["captions_test.jsonl"]
+    )
+    assert json.loads(text["report.json"]) == report
+    assert "caf\\udce9.jpg" in text["report.md"]  # the six characters, as on the terminal
+
+
+def test_write_report_that_cannot_be_built_keeps_the_old_files(tmp_path: Path) -> None:
+    manifest, records, captions = _captioned_split(tmp_path, "a.jpg")
+    report = _report(tmp_path, manifest, records, captions)
+    write_report(tmp_path / "run", report, manifest, records, captions)
+    old = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        write_report(
+            tmp_path / "run", {**report, "generate": {"seed": object()}}, manifest, records[:1], captions[:1]
+        )
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == old

@@ -440,3 +440,34 @@ def test_postprocess(text: str, language: str, segment: str, truncated: bool, ex
 )
 def test_trim_fragment(text: str, expected: str) -> None:
     assert trim_fragment(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("case", "capitalize_first", "text", "expected"),
+    [
+        ("entry capitalizes", True, "  élan vital !", "Élan vital !"),
+        ("entry capitalizes the first letter, not the first character", True, '"ồ" con mèo', '"Ồ" con mèo'),
+        ("entry keeps the LM's case", False, "élan vital !", "élan vital !"),
+        ("the default keeps the LM's case", None, "élan vital !", "élan vital !"),
+    ],
+)
+def test_postprocess_capitalizes_as_the_language_entry_says(
+    monkeypatch, case: str, capitalize_first: bool | None, text: str, expected: str
+) -> None:
+    from data_prep.languages import LANGUAGES, Language
+
+    kw = {} if capitalize_first is None else {"capitalize_first": capitalize_first}
+    monkeypatch.setitem(LANGUAGES, "xx", Language(code="xx", name="test language", **kw))
+    assert postprocess(text, "xx") == expected, case
+
+
+def test_capitalization_of_the_shipped_language_entries() -> None:
+    from data_prep.languages import get_language
+
+    # vi and en captions start with a capital; the generic entry and the fallback for any other code don't
+    assert {code: get_language(code).capitalize_first for code in ("vi", "en", "generic", "fr")} == {
+        "vi": True,
+        "en": True,
+        "generic": False,
+        "fr": False,
+    }

@@ -1,7 +1,9 @@
-"""Metrics beyond BLEU/ROUGE/CIDEr: chrF by hand, METEOR and SPICE availability, human agreement."""
+"""Metrics beyond BLEU/ROUGE/CIDEr: chrF by hand, METEOR and SPICE availability, human agreement;
+grouped tokenization, and the layering of vicap.metrics."""
 
 from __future__ import annotations
 
+import ast
 import os
 import shutil
 import subprocess
@@ -10,8 +12,18 @@ from pathlib import Path
 
 import pytest
 
-from vicap.evaluate import HUMAN, leave_one_out, score, score_systems
-from vicap.metrics import Scorer, java
+from vicap.metrics import (
+    EMPTY,
+    HUMAN,
+    Scorer,
+    java,
+    leave_one_out,
+    map_grouped,
+    score,
+    score_systems,
+    tokenize_hypotheses,
+    tokenize_references,
+)
 from vicap.metrics.chrf import chrf_from_stats, chrf_stats, corpus_chrf
 
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="needs Java")
@@ -223,3 +235,83 @@ def test_cider_of_one_new_image_against_a_corpus() -> None:
     assert cider.score_new_image(refs[0], refs) > 0
     # on its own, one image scores 0 whatever the caption: why the corpus is needed
     assert Cider().compute_score({"new": ["con mèo đen"]}, {"new": ["con mèo đen"]})[0] == 0
+
+
+# --------------------------------------------------------------------------- tokenizing grouped texts
+
+
+@pytest.mark.parametrize(
+    ("case", "groups", "expected"),
+    [
+        ("two groups", [["a", "b"], ["c"]], [["A", "B"], ["C"]]),
+        ("an empty group keeps its place", [["a"], [], ["b", "c"]], [["A"], [], ["B", "C"]]),
+        ("no groups", [], []),
+    ],
+)
+def test_map_grouped_runs_one_batch_and_regroups(case: str, groups, expected) -> None:
+    batches = []
+
+    def upper(texts: list[str]) -> list[str]:
+        batches.append(list(texts))
+        return [t.upper() for t in texts]
+
+    assert map_grouped(upper, groups) == expected, case
+    assert batches == [[t for g in groups for t in g]], case  # one call, every text in order
+
+
+def test_tokenize_references_and_hypotheses_key_images_in_sorted_order() -> None:
+    refs = tokenize_references(
+        {"b": ["Hai con chó."], "a": ["Một con mèo!", "MỘT  con mèo"]}, "vi", "syllable"
+    )
+    assert list(refs.items()) == [("a", ["một con mèo", "một con mèo"]), ("b", ["hai con chó"])]
+    hyps = tokenize_hypotheses({"b": "", "a": "Con mèo."}, "vi", "word")
+    assert list(hyps.items()) == [("a", ["con mèo"]), ("b", [EMPTY])]
+
+
+# --------------------------------------------------------------------------- layering
+
+# vicap.metrics sits below the pipeline: evaluation, generation, serving and training call it, never
+# the other way round.
+UPWARD = ("vicap.evaluate", "vicap.generate", "vicap.serve", "vicap.train")
+
+
+def upward_imports(source: str, package: str = "vicap.metrics") -> set[str]:
+    """The modules in UPWARD that `source` (a module of `package`) imports, in any form, anywhere."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from .. import evaluate
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parent + ([base] if base else []))
+            names = [base] + [f"{base}.{a.name}" for a in node.names]
+        else:
+            continue
+        found |= {m for m in UPWARD for n in names if n == m or n.startswith(m + ".")}
+    return found
+
+
+@pytest.mark.parametrize(
+    ("case", "source", "expected"),
+    [
+        ("from-import", "from vicap.evaluate import score", {"vicap.evaluate"}),
+        ("plain import", "import vicap.generate", {"vicap.generate"}),
+        ("module from package", "from vicap import serve", {"vicap.serve"}),
+        ("relative", "from .. import train", {"vicap.train"}),
+        ("inside a function", "def f():\n    from vicap.evaluate import x\n", {"vicap.evaluate"}),
+        ("downward is fine", "from vicap.metrics.cider import CiderD\nimport data_prep.languages", set()),
+        ("a longer name is another module", "import vicap.trainer_utils", set()),
+    ],
+)
+def test_upward_imports_finds_every_form(case: str, source: str, expected: set[str]) -> None:
+    assert upward_imports(source) == expected, case
+
+
+def test_metrics_import_nothing_above_them() -> None:
+    folder = Path(__file__).resolve().parents[1] / "vicap" / "metrics"
+    modules = sorted(folder.glob("*.py"))
+    assert {p.name for p in modules} >= {"__init__.py", "scoring.py", "tokens.py", "speed.py"}
+    found = {p.name: upward_imports(p.read_text(encoding="utf-8")) for p in modules}
+    assert {name: mods for name, mods in found.items() if mods} == {}

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from vicap.evaluate import score, tokenize_for_metrics
+from vicap.metrics import score, tokenize_for_metrics
 from vicap.metrics.ptb import ptb_tokens
 
 pytestmark = pytest.mark.skipif(shutil.which("java") is None, reason="needs Java for pycocoevalcap")

@@ -1,202 +1,37 @@
-"""Scoring captions on tokens vicap produces for the language, with a recorded protocol.
+"""Evaluating a run: caption its held-out split, score the captions, write the reports.
 
-pycocoevalcap's own pipeline tokenizes with the Java PTB tokenizer, written for English (it splits
-Vietnamese words at non-Latin-1 letters). vicap instead feeds the scorers the language's metric tokens
-(lowercased, punctuation removed; syllables or segmented words) and, for English, a PTB-compatible
-tokenizer, so English scores equal the standard pipeline's and every report states its protocol. The
-metrics themselves live in `vicap.metrics` (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D, SPICE, chrF).
-
-Beside each system a report scores two references under the same protocol: the most frequent
-training caption (the floor) and human agreement, each human caption scored against the image's other
-captions (leave-one-out).
+Scoring and reporting are separate steps: `score_report` scores one system's captions beside two
+references under the same protocol (the most frequent training caption, the floor, and human agreement,
+leave-one-out) and returns the report as a dict, writing nothing; `write_report` writes it into the run
+as `captions_<split>.jsonl`, `report.json` and `report.md`. The metrics and their tokenization live in
+`vicap.metrics`. vicap runs (`evaluate_run`) and the CNN+LSTM baseline (`vicap.baseline`) both go
+through these two functions, so both are scored and reported the same way.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import time
 from collections import Counter
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from data_prep.languages import get_language
 from data_prep.manifest import Manifest, Record
+from data_prep.textio import json_text, safe_text
 from vicap.errors import UsageError
-from vicap.metrics import (
-    COLUMNS,
-    EMPTY,
-    FAMILIES,
-    FAST_FAMILIES,
-    Scorer,
-    metric_tokens,
-    tokenizer_description,
-    uses_ptb,
-)
+from vicap.metrics import COLUMNS, HUMAN, protocol, score_systems
 
-log = logging.getLogger(__name__)
-
-# The columns `score` returns by default (pure Python, no Java): BLEU-1..4, ROUGE-L, CIDEr-D.
-METRICS = tuple(c for fam in FAST_FAMILIES for c in FAMILIES[fam])
 FLOOR = "most frequent train caption"
-HUMAN = "human (leave-one-out)"
 __all__ = [
-    "COLUMNS",
-    "EMPTY",
     "FLOOR",
     "HUMAN",
-    "METRICS",
     "evaluate_run",
+    "held_out_records",
     "most_frequent_caption",
-    "protocol",
-    "score",
-    "score_systems",
+    "report_markdown",
+    "score_report",
     "score_table",
-    "tokenize_for_metrics",
+    "table_columns",
+    "write_report",
 ]
-
-
-def _pkg_version(name: str) -> str:
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "not installed"
-
-
-def tokenize_for_metrics(texts: list[str], language: str, level: str) -> list[str]:
-    """Each caption as the space-joined tokens the metrics see (EMPTY for a caption with none)."""
-    return [" ".join(t) or EMPTY for t in metric_tokens(texts, language, level)]
-
-
-def _check_keys(refs: dict, hyps: dict) -> None:
-    if set(refs) != set(hyps):
-        raise ValueError(f"references and hypotheses cover different images ({len(refs)} vs {len(hyps)})")
-    if not refs:
-        raise ValueError("nothing to score")
-
-
-def _tokenized_refs(refs: dict[str, list[str]], language: str, level: str) -> dict[str, list[str]]:
-    keys = sorted(refs)
-    flat = tokenize_for_metrics([r for k in keys for r in refs[k]], language, level)
-    out, i = {}, 0
-    for k in keys:
-        out[k] = flat[i : i + len(refs[k])]
-        i += len(refs[k])
-    return out
-
-
-def _tokenized_hyps(hyps: dict[str, str], language: str, level: str) -> dict[str, list[str]]:
-    keys = sorted(hyps)
-    return dict(
-        zip(keys, ([h] for h in tokenize_for_metrics([hyps[k] for k in keys], language, level)), strict=True)
-    )
-
-
-def score(
-    refs: dict[str, list[str]],
-    hyps: dict[str, str],
-    *,
-    language: str,
-    level: str = "syllable",
-    metrics: tuple[str, ...] | list[str] = FAST_FAMILIES,
-) -> dict[str, float]:
-    """Corpus scores for hypotheses against references (same keys), on `level` metric tokens.
-
-    `metrics` names families (BLEU, METEOR, ROUGE-L, CIDEr-D, SPICE, chrF); one that cannot run here
-    (no Java, not defined for the language) is left out of the result, with a logged reason.
-    """
-    _check_keys(refs, hyps)
-    with Scorer(language, metrics) as scorer:
-        return scorer.score_tokens(
-            _tokenized_refs(refs, language, level), _tokenized_hyps(hyps, language, level)
-        )
-
-
-def leave_one_out(gts: dict[str, list[str]]) -> list[tuple[dict[str, list[str]], dict[str, list[str]]]]:
-    """Human-agreement rounds: in round r each image with n >= 2 captions offers caption r mod n as the
-    hypothesis and its other n - 1 captions as references. There are as many rounds as the most
-    captions any image has, so every caption is a hypothesis once (or more, on images with fewer)."""
-    usable = {k: v for k, v in gts.items() if len(v) >= 2}
-    rounds = []
-    for r in range(max((len(v) for v in usable.values()), default=0)):
-        refs, hyps = {}, {}
-        for k, caps in usable.items():
-            i = r % len(caps)
-            hyps[k] = [caps[i]]
-            refs[k] = caps[:i] + caps[i + 1 :]
-        rounds.append((refs, hyps))
-    return rounds
-
-
-def human_agreement(scorer: Scorer, gts: dict[str, list[str]]) -> dict[str, float] | None:
-    """Mean over leave-one-out rounds of the scores of human captions against the others."""
-    rounds = leave_one_out(gts)
-    if not rounds:
-        return None
-    per_round = [scorer.score_tokens(refs, hyps) for refs, hyps in rounds]
-    return {m: sum(s[m] for s in per_round) / len(per_round) for m in per_round[0]}
-
-
-def score_systems(
-    refs: dict[str, list[str]],
-    systems: dict[str, dict[str, str]],
-    *,
-    language: str,
-    levels: tuple[str, ...] | list[str] = ("syllable",),
-    metrics: tuple[str, ...] | list[str] = FAST_FAMILIES,
-    human: bool = True,
-) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, str]]:
-    """Scores of each system (and, when `human`, of the human captions, leave-one-out) at each level.
-
-    References are tokenized once per level and shared by all systems; one METEOR process serves all.
-    Returns ({level: {system: {column: value}}}, {metric family: how it was computed or why not}).
-    """
-    for name, hyps in systems.items():
-        try:
-            _check_keys(refs, hyps)
-        except ValueError as e:
-            raise ValueError(f"system {name!r}: {e}") from None
-    scores: dict[str, dict[str, dict[str, float]]] = {}
-    with Scorer(language, metrics) as scorer:
-        for level in levels:
-            gts = _tokenized_refs(refs, language, level)
-            rows = {
-                name: scorer.score_tokens(gts, _tokenized_hyps(h, language, level))
-                for name, h in systems.items()
-            }
-            if human:
-                agreement = human_agreement(scorer, gts)
-                if agreement is not None:
-                    rows[HUMAN] = agreement
-            scores[level] = rows
-        notes = dict(scorer.notes)
-    return scores, notes
-
-
-def protocol(language: str, levels: tuple[str, ...] | list[str], notes: dict[str, str] | None = None) -> dict:
-    """What the scores were computed on: per level, the language's normalizer, segmenter and text rules."""
-    lang = get_language(language)
-    levels_info = {}
-    for lv in levels:
-        info = lang.protocol(lv)
-        if uses_ptb(language, lv):  # English: pycocoevalcap's pipeline, not the language's rules
-            info.update(
-                normalizer="none (Unicode NFC only)",
-                segmentation="PTB tokenizer",
-                punctuation="pycocoevalcap's PTB punctuation tokens removed (brackets stay as -lrb- -rrb- ...)",
-            )
-        info["tokenizer"] = tokenizer_description(language, lv)
-        levels_info[lv] = info
-    out = {
-        "language": language,
-        "levels": levels_info,
-        "scorers": f"pycocoevalcap {_pkg_version('pycocoevalcap')} (BLEU, ROUGE-L; METEOR 1.5 and SPICE 1.0 jars), "
-        "CIDEr-D as pycocoevalcap computes it (vicap.metrics.cider), chrF (vicap.metrics.chrf)",
-        "empty_hypothesis": f"scored as the token {EMPTY!r}, which matches nothing (empty text for chrF)",
-    }
-    if notes:
-        out["metrics"] = dict(notes)
-    return out
 
 
 def most_frequent_caption(manifest: Manifest, split: str = "train") -> str:
@@ -205,12 +40,6 @@ def most_frequent_caption(manifest: Manifest, split: str = "train") -> str:
     if not counts:
         raise UsageError(f"{manifest.path}: split {split!r} has no captions")
     return counts.most_common(1)[0][0]
-
-
-def write_report(out_dir: Path, report: dict) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
-    (out_dir / "report.md").write_text(report_markdown(report), encoding="utf-8")
 
 
 def table_columns(rows) -> list[str]:
@@ -267,7 +96,7 @@ def report_markdown(report: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def caption_report(
+def score_report(
     *,
     run_dir: Path,
     kind: str,
@@ -282,9 +111,8 @@ def caption_report(
     generate: dict,
     device: str = "cpu",
 ) -> dict:
-    """Score one system's captions of `records` beside the floor and human agreement; write
-    `captions_<split>.jsonl`, `report.json` and `report.md` into `run_dir`. Shared by vicap and the
-    CNN+LSTM baseline, so both are scored and reported the same way."""
+    """The report of one system's captions of `records`, scored beside the floor and human agreement
+    at each of eval_cfg's levels with its metrics. Writes nothing (see `write_report`)."""
     refs = {r.image_id: list(r.captions) for r in records}
     hyps = {r.image_id: c for r, c in zip(records, captions, strict=True)}
     floor = most_frequent_caption(manifest, "train")
@@ -299,7 +127,7 @@ def caption_report(
         human=eval_cfg.human,
     )
     n_caps = [len(v) for v in refs.values()]
-    report = {
+    return {
         "run": str(run_dir),
         "kind": kind,
         "system": system,
@@ -324,18 +152,37 @@ def caption_report(
             for r, c in list(zip(records, captions, strict=True))[:5]
         ],
     }
-    with open(Path(run_dir) / f"captions_{split}.jsonl", "w", encoding="utf-8") as f:
-        for r, c in zip(records, captions, strict=True):
-            row = {
-                "image_id": r.image_id,
-                "image": r.image,
-                "path": str(manifest.resolve_image(r)),
-                "caption": c,
-                "references": list(r.captions),
-            }
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    write_report(Path(run_dir), report)
-    return report
+
+
+def write_report(
+    out_dir: str | Path, report: dict, manifest: Manifest, records: list[Record], captions: list[str]
+) -> None:
+    """Write `report` (from `score_report`) into `out_dir` as report.json and report.md, and the
+    captions of `records` beside their references as captions_<split>.jsonl.
+
+    A file name that is not UTF-8 is written as its `\\udcXX` escape (`data_prep.textio`). All three
+    texts are built before the first file is opened: one that cannot be built leaves the old files as
+    they were.
+    """
+    rows = [
+        {
+            "image_id": r.image_id,
+            "image": r.image,
+            "path": str(manifest.resolve_image(r)),
+            "caption": c,
+            "references": list(r.captions),
+        }
+        for r, c in zip(records, captions, strict=True)
+    ]
+    texts = {
+        f"captions_{report['split']}.jsonl": "".join(json_text(row) + "\n" for row in rows),
+        "report.json": json_text(report, indent=2),
+        "report.md": safe_text(report_markdown(report)),
+    }
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in texts.items():
+        (out_dir / name).write_text(text, encoding="utf-8")
 
 
 def held_out_records(manifest, split: str, max_images: int = 0) -> list:
@@ -378,7 +225,7 @@ def evaluate_run(
         captions = generate_captions(
             model, features, recipe.generate, language=manifest.language, segment=recipe.data.segment
         )
-    return caption_report(
+    report = score_report(
         run_dir=run.run_dir,
         kind="vicap",
         system="vicap",
@@ -392,3 +239,5 @@ def evaluate_run(
         generate=recipe.to_dict()["generate"],
         device=str(dev),
     )
+    write_report(run.run_dir, report, manifest, scored, captions)
+    return report

@@ -24,7 +24,7 @@ What vicap adds around it:
   `compute_transition_scores(..., normalize_logits=True)` gives. n-best lists are sorted by score.
 - **Post-processing per language** (`postprocess`): a caption cut by `max_new_tokens` loses its
   trailing fragment, word segmentation is undone, the language's normalizer tidies whitespace and
-  punctuation, and the language's case policy capitalizes the first letter.
+  punctuation, and the language entry's `capitalize_first` capitalizes the first letter.
 """
 
 from __future__ import annotations
@@ -63,10 +63,6 @@ class _Hyp:
 
 
 # ---------------------------------------------------------------------------------------- post-processing
-
-# Languages whose captions start with a capital letter. Any other code keeps the LM's own case.
-# (A `Language` entry has no case policy yet; when data_prep grows one, read it from there.)
-CAPITALIZE_FIRST = frozenset({"vi", "en"})
 
 _SENTENCE_END = re.compile(r"[.!?…](?=\s|$)")
 _DANGLING = ",;:-–—(/"
@@ -107,14 +103,15 @@ def postprocess(text: str, language: str, segment: str = "none", *, truncated: b
     (`trim_fragment`; on the LM's text, so a segmented word like 'đi_bộ' goes whole); word segmentation
     is undone ('đàn_ông' -> 'đàn ông') when the LM was trained on segmented text; the language's
     normalizer tidies whitespace and punctuation (Vietnamese/English: no space before . , ! ? ; :);
-    captions of languages in `CAPITALIZE_FIRST` start with a capital letter.
+    captions of a language whose entry sets `capitalize_first` (vi, en) start with a capital letter;
+    others keep the LM's own case.
     """
     lang = get_language(language)
     text = text.strip()
     if truncated:
         text = trim_fragment(text)
     text = lang.desegment(text) if segment != "none" else lang.normalize(text)
-    if language in CAPITALIZE_FIRST:
+    if lang.capitalize_first:
         text = _capitalize_first(text)
     return text
 

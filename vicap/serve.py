@@ -39,6 +39,7 @@ from vicap.encoders import Encoder, load_encoder
 from vicap.errors import UsageError
 from vicap.generate import generate
 from vicap.images import ImageError, load_image
+from vicap.metrics import Scorer, tokenize_hypotheses, tokenize_references
 from vicap.metrics.cider import CiderD
 from vicap.recipe import GenerateConfig, Recipe
 from vicap.resolve import display_name
@@ -137,7 +138,6 @@ def reference_corpus(run: Run) -> tuple[CiderD | None, str]:
     """CIDEr-D's reference side for typed references: the run's held-out split (eval.split, else
     every split) from its manifest, in the run language's metric tokens. (None, why) without one."""
     from data_prep.manifest import read_manifest
-    from vicap.evaluate import tokenize_for_metrics
 
     recipe = run.recipe
     path = Path(recipe.data.source) if recipe.data.adapter == "manifest" else run.run_dir / "manifest.jsonl"
@@ -150,12 +150,9 @@ def reference_corpus(run: Run) -> tuple[CiderD | None, str]:
     records = [r for r in records if r.captions]
     if not records:
         return None, f"not given: {path.name} has no captions for its document frequencies"
-    level = recipe.eval.levels[0]
-    flat = tokenize_for_metrics([c for r in records for c in r.captions], recipe.data.language, level)
-    gts, i = {}, 0
-    for r in records:
-        gts[r.image_id] = flat[i : i + len(r.captions)]
-        i += len(r.captions)
+    gts = tokenize_references(
+        {r.image_id: r.captions for r in records}, recipe.data.language, recipe.eval.levels[0]
+    )
     split = recipe.eval.split if manifest.split(recipe.eval.split) else "all splits"
     return CiderD(gts), f"document frequencies from {len(gts)} images ({split}) of {path.name}"
 
@@ -217,16 +214,13 @@ def read_references(text: str | None, limits: Limits = Limits()) -> list[str]:
 
 def score_caption(lr: LoadedRun, caption: str, references: list[str]) -> dict[str, float]:
     """BLEU-4, CIDEr-D and chrF of one caption against the typed reference(s), on the run's tokens."""
-    from vicap.evaluate import tokenize_for_metrics
-    from vicap.metrics import Scorer
-
     language, level = lr.recipe.data.language, lr.recipe.eval.levels[0]
-    refs = tokenize_for_metrics(references, language, level)
-    (hyp,) = tokenize_for_metrics([caption], language, level)
+    gts = tokenize_references({"image": references}, language, level)
+    res = tokenize_hypotheses({"image": caption}, language, level)
     with Scorer(language, ("BLEU", "chrF")) as scorer:
-        scores = scorer.score_tokens({"image": refs}, {"image": [hyp]})
+        scores = scorer.score_tokens(gts, res)
     if lr.cider is not None:
-        scores["CIDEr-D"] = lr.cider.score_new_image(hyp, refs)
+        scores["CIDEr-D"] = lr.cider.score_new_image(res["image"][0], gts["image"])
     return {c: scores[c] for c in SCORE_COLUMNS if c in scores}
 
 

@@ -4,7 +4,7 @@
 features, the CNN+LSTM and its token loss); `vicap.train.fit` trains it with the same loop, global
 batches (one item = an image with all its captions), per-token loss, checkpoints and exact resume as
 vicap's own runs. Evaluation captions the held-out split with beam search and hands the captions to
-`vicap.evaluate.caption_report`, the code path vicap's own runs use.
+`vicap.evaluate.score_report` and `write_report`, the code path vicap's own runs use.
 
 Run directory:
   baseline.toml                      the resolved recipe (kind = "baseline")
@@ -43,6 +43,7 @@ from vicap.checkpoint import (
 )
 from vicap.encoders import Encoder
 from vicap.images import ImageError, load_image
+from vicap.metrics import map_grouped
 from vicap.recipe import RecipeError
 from vicap.resolve import file_identity
 from vicap.train import TrainJob, fit, make_accelerator, start_run
@@ -177,12 +178,7 @@ def collate(items: list[_Item]) -> dict[str, torch.Tensor]:
 
 def _encode(records: list[Record], language: str, segment: str, vocab: Vocab | None, max_tokens: int):
     """Tokens of every caption of `records` (segmented once), and their ids when a vocab is given."""
-    flat = caption_tokens([c for r in records for c in r.captions], language, segment)
-    out, i = [], 0
-    for r in records:
-        toks = flat[i : i + len(r.captions)]
-        i += len(r.captions)
-        out.append(toks)
+    out = map_grouped(lambda texts: caption_tokens(texts, language, segment), [r.captions for r in records])
     if vocab is None:
         return out, None
     ids = [[vocab.encode(t)[: max_tokens - 1] + [EOS] for t in toks] for toks in out]
@@ -411,7 +407,7 @@ def evaluate_baseline(
     """Caption the held-out split with the baseline and score it exactly as `vicap evaluate` does, on
     `device` (default: the recipe's train.device)."""
     from vicap.device import resolve_device
-    from vicap.evaluate import caption_report, held_out_records
+    from vicap.evaluate import held_out_records, score_report, write_report
     from vicap.pipeline import prepare_manifest
 
     recipe, model, vocab, step = load_baseline_run(run_dir, overrides)
@@ -424,7 +420,7 @@ def evaluate_baseline(
     if not recipe.encoder.trainable:
         store = frozen_feature_store(recipe, model, manifest, progress=progress, device=device)
     kept, captions = caption_records(recipe, model, vocab, manifest, records, store=store, device=device)
-    return caption_report(
+    report = score_report(
         run_dir=run_dir,
         kind="baseline",
         system=f"CNN+LSTM ({recipe.decoder.type})",
@@ -438,6 +434,8 @@ def evaluate_baseline(
         generate=recipe.to_dict()["generate"],
         device=str(device),
     )
+    write_report(run_dir, report, manifest, kept, captions)
+    return report
 
 
 def train_baseline_file(

@@ -16,8 +16,7 @@ import time
 from pathlib import Path
 
 import vicap  # noqa: F401  (torchvision guard before anything else)
-from vicap.evaluate import _tokenized_refs, leave_one_out
-from vicap.metrics import FAMILIES, Scorer
+from vicap.metrics import FAMILIES, Scorer, leave_one_out, tokenize_references
 
 
 def read_coco_captions(paths: list[Path]) -> dict[str, list[str]]:
@@ -37,7 +36,7 @@ def time_scoring(
     rows = []
     for level in levels:
         t0 = time.perf_counter()
-        gts = _tokenized_refs(refs, language, level)
+        gts = tokenize_references(refs, language, level)
         rows.append({"level": level, "step": "tokenize", "seconds": time.perf_counter() - t0, "value": None})
         round_refs, round_hyps = leave_one_out(gts)[0]
         for fam in families:
