@@ -27,7 +27,7 @@ from data_prep.errors import (
     ManifestError,  # noqa: F401  (raised here; importable from here too)
     SourceNotFoundError,
 )
-from data_prep.textio import json_text, text_lines
+from data_prep.textio import json_text, text_lines, write_atomic
 
 FORMAT_VERSION = 1
 _RECORD_KEYS = ("image_id", "image", "split", "captions", "caption_ids")
@@ -114,19 +114,9 @@ def write_manifest(path: str | os.PathLike, records: Iterable[Record], meta: dic
     for key in ("dataset", "language"):
         if not isinstance(meta.get(key), str):
             raise ValueError(f"manifest meta needs a string {key!r}, got {meta.get(key)!r}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     header = {"vicap_manifest": FORMAT_VERSION, **{k: v for k, v in meta.items() if k != "vicap_manifest"}}
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with tmp.open("w", encoding="utf-8") as f:
-            f.write(json_text(header) + "\n")
-            for r in records:
-                f.write(json_text(r.to_dict()) + "\n")
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # the old manifest, if any, stays as it was
-        raise
-    tmp.replace(path)
+    lines = (json_text(row) + "\n" for row in [header, *(r.to_dict() for r in records)])
+    write_atomic(path, lines)  # the old manifest, if any, stays as it was until the new one is complete
 
 
 def _record_from(obj: object, where: str) -> Record:

@@ -5,10 +5,9 @@ from __future__ import annotations
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from data_prep.errors import DataPrepError
-from data_prep.textio import json_text, safe_text
+from data_prep.textio import json_text, safe_text, write_atomic
 
 
 @dataclass(frozen=True)
@@ -66,11 +65,7 @@ class PrepareReport:
 
     def write(self, path: str | os.PathLike) -> None:
         """Write the report as JSON, atomically (a temporary file renamed into place)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json_text(self.to_dict(), indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        write_atomic(path, json_text(self.to_dict(), indent=1) + "\n")
 
     def format(self, max_problems: int = 20) -> str:
         """Human-readable summary; problems listed up to `max_problems` per kind, the rest counted."""

@@ -29,6 +29,28 @@ def json_text(obj: object, **kw) -> str:
     return SURROGATES.sub(lambda m: f"\\u{ord(m[0]):04x}", text)
 
 
+def write_atomic(path: str | os.PathLike, chunks, *, durable: bool = False) -> Path:
+    """Write text (a str, or an iterable of str written one by one) to `path` as UTF-8 through a
+    temporary file renamed into place: readers see the old file or the new one, never a part. A write
+    that fails leaves the old file as it was. `durable` also flushes the data to disk before the
+    rename (for files that commit other files' contents, like a feature shard's index)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            for chunk in [chunks] if isinstance(chunks, str) else chunks:
+                f.write(chunk)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+    return path
+
+
 def safe_text(text: str) -> str:
     """`text` with lone surrogates written as the characters `\\udcXX`: printable, valid UTF-8."""
     return text.encode("utf-8", "backslashreplace").decode("utf-8")

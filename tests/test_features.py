@@ -300,3 +300,20 @@ def test_images_are_decoded_like_load_image(encoder, tmp_path: Path) -> None:
     Image.new("RGB", (40, 40), (255, 255, 255)).save(white)
     store = extract_features(encoder, [path, white], tmp_path / "store", progress=False)
     torch.testing.assert_close(store.get([path])[0], store.get([white])[0])
+
+
+def test_a_file_name_that_is_not_utf8_is_stored_and_found_again(
+    encoder, images, tmp_path: Path, counted
+) -> None:
+    odd = Path(os.fsdecode(bytes(images[0].parent) + b"/caf\xe9.jpg"))  # holds a lone surrogate
+    shutil.copy(images[1], odd)
+    root = tmp_path / "store"
+    store = extract_features(encoder, [images[0], odd], root, progress=False)
+    assert store.has(odd) and not store.failures
+    index = next((root / encoder.key / "shards").glob("*.json")).read_bytes()
+    index.decode("utf-8")  # valid UTF-8, the name as JSON's \udce9 escape
+    assert b"caf\\udce9.jpg" in index
+    counted.clear()
+    again = extract_features(encoder, [images[0], odd], root, progress=False)
+    assert counted == [] and again.row(odd) == store.row(odd)  # read back as the same name
+    _check_rows(again, encoder, [odd])

@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 from data_prep.manifest import Manifest, Record
-from data_prep.textio import json_text, safe_text
+from data_prep.textio import json_text, safe_text, write_atomic
 from vicap.errors import UsageError
 from vicap.metrics import COLUMNS, HUMAN, protocol, score_systems
 
@@ -179,10 +179,8 @@ def write_report(
         "report.json": json_text(report, indent=2),
         "report.md": safe_text(report_markdown(report)),
     }
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     for name, text in texts.items():
-        (out_dir / name).write_text(text, encoding="utf-8")
+        write_atomic(Path(out_dir) / name, text)
 
 
 def held_out_records(manifest, split: str, max_images: int = 0) -> list:

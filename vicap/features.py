@@ -35,6 +35,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from data_prep.textio import json_text, write_atomic
 from vicap.encoders import Encoder
 from vicap.images import ImageError, load_image
 
@@ -73,12 +74,7 @@ def _fingerprint(path: Path) -> str:
 
 
 def _write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, ensure_ascii=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, json_text(data), durable=True)
 
 
 # --------------------------------------------------------------------------- reading

@@ -30,7 +30,6 @@ import contextlib
 import itertools
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from data_prep.textio import write_atomic
 from vicap.checkpoint import (
     VICAP_RUN,
     Checkpoint,
@@ -241,15 +241,9 @@ def start_run(kind: RunKind, recipe, accelerator, *, resume: bool) -> Checkpoint
         )
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(run_dir / kind.recipe_file, recipe.to_toml())
+        write_atomic(run_dir / kind.recipe_file, recipe.to_toml())
     accelerator.wait_for_everyone()
     return ckpt
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _loader(job: TrainJob, dataset: Dataset, *, shuffle: bool, rank: int, world: int) -> DataLoader:
@@ -295,7 +289,7 @@ def _keep_log_until(path: Path, step: int) -> None:
     rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     kept = [line for line in rows if json.loads(line).get("step", 0) <= step]
     if len(kept) != len(rows):
-        _write_atomic(path, "".join(line + "\n" for line in kept))
+        write_atomic(path, "".join(line + "\n" for line in kept))
 
 
 # --------------------------------------------------------------------------- the loop
