@@ -3,7 +3,6 @@ grouped tokenization, and the layering of vicap.metrics."""
 
 from __future__ import annotations
 
-import ast
 import os
 import shutil
 import subprocess
@@ -266,52 +265,3 @@ def test_tokenize_references_and_hypotheses_key_images_in_sorted_order() -> None
     assert list(refs.items()) == [("a", ["một con mèo", "một con mèo"]), ("b", ["hai con chó"])]
     hyps = tokenize_hypotheses({"b": "", "a": "Con mèo."}, "vi", "word")
     assert list(hyps.items()) == [("a", ["con mèo"]), ("b", [EMPTY])]
-
-
-# --------------------------------------------------------------------------- layering
-
-# vicap.metrics sits below the pipeline: evaluation, generation, serving and training call it, never
-# the other way round.
-UPWARD = ("vicap.evaluate", "vicap.generate", "vicap.serve", "vicap.train")
-
-
-def upward_imports(source: str, package: str = "vicap.metrics") -> set[str]:
-    """The modules in UPWARD that `source` (a module of `package`) imports, in any form, anywhere."""
-    found = set()
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:  # relative: from .. import evaluate
-                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join(parent + ([base] if base else []))
-            names = [base] + [f"{base}.{a.name}" for a in node.names]
-        else:
-            continue
-        found |= {m for m in UPWARD for n in names if n == m or n.startswith(m + ".")}
-    return found
-
-
-@pytest.mark.parametrize(
-    ("case", "source", "expected"),
-    [
-        ("from-import", "from vicap.evaluate import score", {"vicap.evaluate"}),
-        ("plain import", "import vicap.generate", {"vicap.generate"}),
-        ("module from package", "from vicap import serve", {"vicap.serve"}),
-        ("relative", "from .. import train", {"vicap.train"}),
-        ("inside a function", "def f():\n    from vicap.evaluate import x\n", {"vicap.evaluate"}),
-        ("downward is fine", "from vicap.metrics.cider import CiderD\nimport data_prep.languages", set()),
-        ("a longer name is another module", "import vicap.trainer_utils", set()),
-    ],
-)
-def test_upward_imports_finds_every_form(case: str, source: str, expected: set[str]) -> None:
-    assert upward_imports(source) == expected, case
-
-
-def test_metrics_import_nothing_above_them() -> None:
-    folder = Path(__file__).resolve().parents[1] / "vicap" / "metrics"
-    modules = sorted(folder.glob("*.py"))
-    assert {p.name for p in modules} >= {"__init__.py", "scoring.py", "tokens.py", "speed.py"}
-    found = {p.name: upward_imports(p.read_text(encoding="utf-8")) for p in modules}
-    assert {name: mods for name, mods in found.items() if mods} == {}
