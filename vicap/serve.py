@@ -382,6 +382,104 @@ def _unopened(component):
     return component
 
 
+def _refusal(what: str, e: Exception) -> str:
+    """The page's message for a failed request; an unexpected failure is logged in full, never shown."""
+    if not isinstance(e, ImageError | RequestError):
+        log.exception("%s request failed", what)
+    return f"**Error:** {_page_message(e)}"
+
+
+def _controls(gr, runs: list[LoadedRun]):
+    """Decoding controls, starting from the first run's [generate] settings."""
+    base = runs[0].recipe.generate
+    with gr.Row():
+        strategy = gr.Radio(
+            list(STRATEGIES), value=base.strategy if base.strategy in STRATEGIES else "beam", label="decoding"
+        )
+        beam = gr.Slider(1, 16, value=base.beam_size, step=1, label="beam size (beam)")
+        temp = gr.Slider(0.1, 2.0, value=base.temperature, step=0.05, label="temperature (sample)")
+        top_p = gr.Slider(0.05, 1.0, value=base.top_p, step=0.05, label="top-p (sample)")
+    return strategy, beam, temp, top_p
+
+
+def _caption_tab(gr, runs: list[LoadedRun], limits: Limits) -> None:
+    def on_caption(upload, webcam, strategy, beam_size, temperature, top_p, reference):
+        path = upload or webcam
+        try:
+            rows, msg = caption_image(
+                runs, path, strategy, beam_size, temperature, top_p, reference, limits=limits
+            )
+        except Exception as e:  # keep serving
+            return [], _refusal("caption", e), None
+        return rows, msg, str(path)
+
+    with gr.Row():
+        upload = _unopened(
+            gr.File(label="image", file_types=["image"], type="filepath", elem_id="vicap-upload")
+        )
+        webcam = _unopened(
+            gr.Image(label="or take a photo", sources=["webcam"], type="filepath", elem_id="vicap-webcam")
+        )
+    strategy, beam, temp, top_p = _controls(gr, runs)
+    reference = gr.Textbox(
+        label=(
+            "reference caption (optional; one per line for several, up to "
+            f"{limits.reference_lines} lines and {limits.reference_chars:,} characters): "
+            "scores each caption against it"
+        ),
+        lines=1,
+        elem_id="vicap-reference",
+    )
+    go = gr.Button("Caption", variant="primary", elem_id="vicap-run")
+    message = gr.Markdown(elem_id="vicap-message")
+    with gr.Row():
+        preview = gr.Image(
+            label="captioned image", interactive=False, scale=1, height=240, elem_id="vicap-preview"
+        )
+        table = gr.Dataframe(
+            headers=CAPTION_HEADERS,
+            value=[],
+            label="captions",
+            wrap=True,
+            column_widths=CAPTION_WIDTHS,
+            scale=4,
+            elem_id="vicap-results",
+        )
+    inputs = [upload, webcam, strategy, beam, temp, top_p, reference]
+    go.click(on_caption, inputs, [table, message, preview], api_name="caption")
+
+
+def _batch_tab(gr, runs: list[LoadedRun], limits: Limits) -> None:
+    def on_batch(files, strategy, beam_size, temperature, top_p):
+        try:
+            decoding = (strategy, beam_size, temperature, top_p)
+            # the CSV goes straight into Gradio's cache, which serves it from there and sweeps it
+            rows, msg, csv_path = caption_batch(
+                runs, files, *decoding, csv_dir=csv.GRADIO_CACHE, limits=limits
+            )
+        except Exception as e:  # keep serving
+            return [], _refusal("batch", e), None
+        return rows, msg, csv_path
+
+    files = _unopened(
+        gr.File(
+            label=f"images (up to {limits.batch_files})",
+            file_count="multiple",
+            file_types=["image"],
+            type="filepath",
+            elem_id="vicap-batch-upload",
+        )
+    )
+    strategy, beam, temp, top_p = _controls(gr, runs)
+    go = gr.Button("Caption all", variant="primary", elem_id="vicap-batch-run")
+    message = gr.Markdown(elem_id="vicap-batch-message")
+    table = gr.Dataframe(
+        headers=BATCH_HEADERS, value=[], label="captions", wrap=True, elem_id="vicap-batch-results"
+    )
+    csv = gr.File(label="CSV", elem_id="vicap-batch-csv")
+    go.click(on_batch, [files, strategy, beam, temp, top_p], [table, message, csv], api_name="caption_batch")
+
+
 def build_app(
     run_dirs: list[str | Path] | None = None,
     *,
@@ -394,113 +492,14 @@ def build_app(
     import gradio as gr
 
     runs = runs if runs is not None else load_runs(list(run_dirs or []), device=device)
-
-    def on_caption(upload, webcam, strategy, beam_size, temperature, top_p, reference):
-        path = upload or webcam
-        try:
-            rows, msg = caption_image(
-                runs, path, strategy, beam_size, temperature, top_p, reference, limits=limits
-            )
-        except Exception as e:  # keep serving
-            if not isinstance(e, ImageError | RequestError):
-                log.exception("caption request failed")
-            return [], f"**Error:** {_page_message(e)}", None
-        return rows, msg, str(path)
-
-    def on_batch(files, strategy, beam_size, temperature, top_p):
-        try:
-            decoding = (strategy, beam_size, temperature, top_p)
-            # the CSV goes straight into Gradio's cache, which serves it from there and sweeps it
-            rows, msg, csv_path = caption_batch(
-                runs, files, *decoding, csv_dir=b_csv.GRADIO_CACHE, limits=limits
-            )
-        except Exception as e:
-            if not isinstance(e, ImageError | RequestError):
-                log.exception("batch request failed")
-            return [], f"**Error:** {_page_message(e)}", None
-        return rows, msg, csv_path
-
-    def controls():
-        base = runs[0].recipe.generate
-        with gr.Row():
-            strategy = gr.Radio(
-                list(STRATEGIES),
-                value=base.strategy if base.strategy in STRATEGIES else "beam",
-                label="decoding",
-            )
-            beam = gr.Slider(1, 16, value=base.beam_size, step=1, label="beam size (beam)")
-            temp = gr.Slider(0.1, 2.0, value=base.temperature, step=0.05, label="temperature (sample)")
-            top_p = gr.Slider(0.05, 1.0, value=base.top_p, step=0.05, label="top-p (sample)")
-        return strategy, beam, temp, top_p
-
     with gr.Blocks(title="vicap captioners", analytics_enabled=False, delete_cache=CACHE_SWEEP) as demo:
         gr.Markdown(
             "# vicap: try the captioners\n" + "\n".join(f"- **{lr.name}**: {lr.summary}" for lr in runs)
         )
         with gr.Tab("Caption"):
-            with gr.Row():
-                upload = _unopened(
-                    gr.File(label="image", file_types=["image"], type="filepath", elem_id="vicap-upload")
-                )
-                webcam = _unopened(
-                    gr.Image(
-                        label="or take a photo", sources=["webcam"], type="filepath", elem_id="vicap-webcam"
-                    )
-                )
-            strategy, beam, temp, top_p = controls()
-            reference = gr.Textbox(
-                label=(
-                    "reference caption (optional; one per line for several, up to "
-                    f"{limits.reference_lines} lines and {limits.reference_chars:,} characters): "
-                    "scores each caption against it"
-                ),
-                lines=1,
-                elem_id="vicap-reference",
-            )
-            go = gr.Button("Caption", variant="primary", elem_id="vicap-run")
-            message = gr.Markdown(elem_id="vicap-message")
-            with gr.Row():
-                preview = gr.Image(
-                    label="captioned image", interactive=False, scale=1, height=240, elem_id="vicap-preview"
-                )
-                table = gr.Dataframe(
-                    headers=CAPTION_HEADERS,
-                    value=[],
-                    label="captions",
-                    wrap=True,
-                    column_widths=CAPTION_WIDTHS,
-                    scale=4,
-                    elem_id="vicap-results",
-                )
-            go.click(
-                on_caption,
-                [upload, webcam, strategy, beam, temp, top_p, reference],
-                [table, message, preview],
-                api_name="caption",
-            )
+            _caption_tab(gr, runs, limits)
         with gr.Tab("Batch"):
-            files = _unopened(
-                gr.File(
-                    label=f"images (up to {limits.batch_files})",
-                    file_count="multiple",
-                    file_types=["image"],
-                    type="filepath",
-                    elem_id="vicap-batch-upload",
-                )
-            )
-            b_strategy, b_beam, b_temp, b_top_p = controls()
-            b_go = gr.Button("Caption all", variant="primary", elem_id="vicap-batch-run")
-            b_message = gr.Markdown(elem_id="vicap-batch-message")
-            b_table = gr.Dataframe(
-                headers=BATCH_HEADERS, value=[], label="captions", wrap=True, elem_id="vicap-batch-results"
-            )
-            b_csv = gr.File(label="CSV", elem_id="vicap-batch-csv")
-            b_go.click(
-                on_batch,
-                [files, b_strategy, b_beam, b_temp, b_top_p],
-                [b_table, b_message, b_csv],
-                api_name="caption_batch",
-            )
+            _batch_tab(gr, runs, limits)
     demo.queue(default_concurrency_limit=1)
     return demo
 
