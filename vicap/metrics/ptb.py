@@ -63,102 +63,108 @@ def _normalize_quotes_and_dashes(text: str) -> str:
     return text
 
 
-def _split_word(tok: str) -> list[str]:
-    """One whitespace-separated chunk -> PTB tokens (lowercased input)."""
-    if tok in _BRACKET_NAMES or tok in _CLITICS:
-        return [tok]
-    out_front: list[str] = []
-    out_back: list[str] = []
-    # leading punctuation
+def _leading(tok: str) -> tuple[list[str], str]:
+    """Leading punctuation split off one chunk: (tokens in front, the rest)."""
+    front: list[str] = []
     while tok:
         if tok.startswith("``") or tok.startswith("''"):
-            out_front.append("``")
+            front.append("``")
             tok = tok[2:]
         elif tok[0] == '"':
-            out_front.append("``")
+            front.append("``")
             tok = tok[1:]
         elif tok[0] in "`":
-            out_front.append("`")
+            front.append("`")
             tok = tok[1:]
         elif tok[0] == "'" and len(tok) > 1 and tok[1].isalpha() and tok not in ("'n'", "'em"):
             if tok in _SPLIT_WORDS:
                 break
-            out_front.append("`")
+            front.append("`")
             tok = tok[1:]
         elif tok[0] in _BRACKETS:
-            out_front.append(_BRACKETS[tok[0]])
+            front.append(_BRACKETS[tok[0]])
             tok = tok[1:]
         elif tok[0] == "$":
-            out_front.append("$")
+            front.append("$")
             tok = tok[1:]
         elif tok.startswith("--"):
-            out_front.append("--")
+            front.append("--")
             tok = tok[2:]
         elif tok.startswith("...") and len(tok) > 3:
-            out_front.append("...")
+            front.append("...")
             tok = tok[3:]
         elif tok[0] in ",;:?!/-" and len(tok) > 1 and not tok[1].isdigit():
-            out_front.append(tok[0])
+            front.append(tok[0])
             tok = tok[1:]
         else:
             break
-    # trailing punctuation
+    return front, tok
+
+
+def _trailing(tok: str) -> tuple[str, list[str]]:
+    """Trailing punctuation split off one chunk: (the rest, tokens behind)."""
+    back: list[str] = []
     while tok:
         if tok.endswith("''") and len(tok) > 2:
-            out_back.insert(0, "''")
+            back.insert(0, "''")
             tok = tok[:-2]
         elif tok.endswith('"'):
-            out_back.insert(0, "''")
+            back.insert(0, "''")
             tok = tok[:-1]
         elif tok[-1] in _BRACKETS and len(tok) > 1:
-            out_back.insert(0, _BRACKETS[tok[-1]])
+            back.insert(0, _BRACKETS[tok[-1]])
             tok = tok[:-1]
         elif tok.endswith("...") and len(tok) > 3:
-            out_back.insert(0, "...")
+            back.insert(0, "...")
             tok = tok[:-3]
         elif re.search(r"[?!]+$", tok) and len(tok) > 1 and not re.fullmatch(r"[?!]+", tok):
             m = re.search(r"[?!]+$", tok)
-            out_back.insert(0, m.group())
+            back.insert(0, m.group())
             tok = tok[: m.start()]
         elif tok[-1] in ",;:%$" and len(tok) > 1:
-            out_back.insert(0, tok[-1])
+            back.insert(0, tok[-1])
             tok = tok[:-1]
         elif tok[-1] == "/" and len(tok) > 1:
-            out_back.insert(0, "/")
+            back.insert(0, "/")
             tok = tok[:-1]
         elif tok[-1] == "-" and len(tok) > 1 and tok != "--":
-            out_back.insert(0, "-")
+            back.insert(0, "-")
             tok = tok[:-1]
         elif tok[-1] == "'" and len(tok) > 1 and tok not in ("'n'",):
             # closing single quote or plural possessive: "kids'" -> "kids '"
-            out_back.insert(0, "'")
+            back.insert(0, "'")
             tok = tok[:-1]
         elif tok[-1] == "." and len(tok) > 1:
-            if tok.endswith("...") or tok == "..":
-                break
-            stem = tok[:-1]
-            if _ACRONYM.match(tok) or stem in _ABBREVIATIONS:
+            if tok.endswith("...") or tok == ".." or _ACRONYM.match(tok) or tok[:-1] in _ABBREVIATIONS:
                 break  # the period belongs to the word (PTB adds a sentence-final "." after it)
-            if tok.endswith(".."):  # "shirt.." -> "shirt . ."
-                out_back.insert(0, ".")
-                tok = stem
-                continue
-            out_back.insert(0, ".")
-            tok = stem
+            back.insert(0, ".")  # "shirt.." -> "shirt . ." takes two rounds
+            tok = tok[:-1]
         else:
             break
-    middle: list[str] = []
-    if tok:
-        if tok in _SPLIT_WORDS:
-            middle = list(_SPLIT_WORDS[tok])
-        elif tok == "..":
-            middle = [".", "."]
-        elif _NUMBERISH.match(tok):
-            middle = [tok]
-        else:
-            m = _CLITIC.match(tok)
-            middle = [m.group(1), m.group(2)] if m and m.group(1) != "'" else [tok]
-    return out_front + middle + out_back
+    return tok, back
+
+
+def _core(tok: str) -> list[str]:
+    """What is left of a chunk once its punctuation is split off: contractions and clitics."""
+    if not tok:
+        return []
+    if tok in _SPLIT_WORDS:
+        return list(_SPLIT_WORDS[tok])
+    if tok == "..":
+        return [".", "."]
+    if _NUMBERISH.match(tok):
+        return [tok]
+    m = _CLITIC.match(tok)
+    return [m.group(1), m.group(2)] if m and m.group(1) != "'" else [tok]
+
+
+def _split_word(tok: str) -> list[str]:
+    """One whitespace-separated chunk -> PTB tokens (lowercased input)."""
+    if tok in _BRACKET_NAMES or tok in _CLITICS:
+        return [tok]
+    front, tok = _leading(tok)
+    tok, back = _trailing(tok)
+    return front + _core(tok) + back
 
 
 def ptb_tokens(text: str) -> list[str]:
