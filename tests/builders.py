@@ -11,8 +11,6 @@ import json
 import random
 from pathlib import Path
 
-import torch
-
 COLOURS = {"đỏ": (220, 40, 40), "xanh": (40, 90, 220), "vàng": (235, 200, 30)}
 SHAPES = ("hình tròn", "hình vuông")
 PLACES = {
@@ -75,29 +73,8 @@ def ktvic_captions(root: Path) -> list[str]:
 
 
 def build_gpt2(out: Path, texts: list[str], *, seed: int = 0) -> Path:
-    """A tiny GPT-2 (2 layers, width 128, 64 positions) and a byte-level BPE trained on `texts`, saved
-    as a Hugging Face model folder. EOS = BOS = pad = <|endoftext|>, id 0."""
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+    """A tiny GPT-2 (2 layers, width 128, 64 positions) with a 300-token byte-level BPE trained on
+    `texts`, saved as a Hugging Face model folder. EOS = BOS = pad = <|endoftext|>, id 0."""
+    from vicap.decoders import save_tiny_gpt2
 
-    out.mkdir(parents=True, exist_ok=True)
-    eos = "<|endoftext|>"
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(texts, vocab_size=300, min_frequency=2, special_tokens=[eos], show_progress=False)
-    tokenizer = GPT2TokenizerFast(
-        tokenizer_object=bpe._tokenizer, bos_token=eos, eos_token=eos, unk_token=eos
-    )
-    tokenizer.save_pretrained(out)
-    torch.manual_seed(seed)
-    eos_id = tokenizer.convert_tokens_to_ids(eos)
-    config = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_positions=64,
-        n_embd=128,
-        n_layer=2,
-        n_head=4,
-        bos_token_id=eos_id,
-        eos_token_id=eos_id,
-    )
-    GPT2LMHeadModel(config).save_pretrained(out)
-    return out
+    return save_tiny_gpt2(out, texts, vocab_size=300, seed=seed)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -158,3 +159,37 @@ def add_lora(lm: nn.Module, cfg: DecoderConfig) -> nn.Module:
         "LoRA r=%d alpha=%g on %s: %s adapter parameters", cfg.lora_rank, cfg.lora_alpha, targets, f"{n:,}"
     )
     return lm
+
+
+def save_tiny_gpt2(
+    out: Path, texts: list[str], *, vocab_size: int = 400, width: int = 128, layers: int = 2, seed: int = 0
+) -> Path:
+    """A tiny randomly initialised GPT-2 (64 positions, 4 heads) with a byte-level BPE trained on
+    `texts`, saved as a Hugging Face model folder: the stand-in LM of the demo and the tests, loaded
+    back through `load_decoder` like any real one. EOS = BOS = unk = <|endoftext|>."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+
+    out.mkdir(parents=True, exist_ok=True)
+    eos = "<|endoftext|>"
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(
+        texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[eos], show_progress=False
+    )
+    tokenizer = GPT2TokenizerFast(
+        tokenizer_object=bpe._tokenizer, bos_token=eos, eos_token=eos, unk_token=eos
+    )
+    tokenizer.save_pretrained(out)
+    torch.manual_seed(seed)
+    eos_id = tokenizer.convert_tokens_to_ids(eos)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=64,
+        n_embd=width,
+        n_layer=layers,
+        n_head=4,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+    )
+    GPT2LMHeadModel(config).save_pretrained(out)
+    return out

@@ -188,33 +188,10 @@ def read_train_pairs(root: Path) -> tuple[list[Path], list[list[str]]]:
 
 
 def build_tiny_lm(out: Path, captions: list[str], *, seed: int = 0) -> Path:
-    """A tiny GPT-2 and its byte-level BPE tokenizer, trained on `captions`, saved as a HF model folder."""
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+    """The demo's stand-in LM: a 2-layer, 128-wide GPT-2 with a 400-token BPE trained on its captions."""
+    from vicap.decoders import save_tiny_gpt2
 
-    out.mkdir(parents=True, exist_ok=True)
-    eos = "<|endoftext|>"
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(
-        captions, vocab_size=400, min_frequency=2, special_tokens=[eos], show_progress=False
-    )
-    tokenizer = GPT2TokenizerFast(
-        tokenizer_object=bpe._tokenizer, bos_token=eos, eos_token=eos, unk_token=eos
-    )
-    tokenizer.save_pretrained(out)
-    torch.manual_seed(seed)
-    eos_id = tokenizer.convert_tokens_to_ids(eos)
-    config = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_positions=64,
-        n_embd=128,
-        n_layer=2,
-        n_head=4,
-        bos_token_id=eos_id,
-        eos_token_id=eos_id,
-    )
-    GPT2LMHeadModel(config).save_pretrained(out)
-    return out
+    return save_tiny_gpt2(out, captions, vocab_size=400, seed=seed)
 
 
 # A small ModifiedResNet (open_clip's RN family): at this size and step budget a conv tower learns shape,
