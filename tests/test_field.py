@@ -51,8 +51,8 @@ def test_train_names_unreadable_images_and_prints_validation_loss(tiny_recipe, t
     assert "warning: 1 of 30 images could not be read and are skipped" in res.stderr
     assert str(broken) in res.stderr  # by name
     assert "left out of training" in res.stderr
-    assert re.search(r"epoch 0: val loss \d+\.\d+", res.stderr)
-    assert re.search(r"epoch 1: val loss \d+\.\d+", res.stderr)
+    assert re.search(r"epoch 0, step \d+: val loss \d+\.\d+, CIDEr-D\+BLEU-4 \d+\.\d+ \(best", res.stderr)
+    assert re.search(r"epoch 1, step \d+: val loss \d+\.\d+", res.stderr)
     assert "training " in res.stderr and "trainable parameters" in res.stderr  # the INFO summary
     # -v adds vicap's DEBUG lines; third-party libraries stay at warnings and above.
     res = CliRunner().invoke(app, ["features", str(path), "-v"])
@@ -180,7 +180,10 @@ def test_baseline_evaluate_uses_the_chosen_device(tmp_path: Path, ktvic_dir: Pat
 
     run = train_baseline(
         load_baseline_recipe(
-            DEMO, _tiny_overrides(tmp_path, ktvic_dir, **{"train.epochs": "1", "train.device": "cpu"})
+            DEMO,
+            _tiny_overrides(
+                tmp_path, ktvic_dir, **{"train.epochs": "1", "train.device": "cpu", "data.val_fraction": "0"}
+            ),
         ),
         progress=False,
     )

@@ -281,6 +281,8 @@ def test_serve_command_passes_its_options(monkeypatch, tmp_path: Path) -> None:
             "5",
             "--device",
             "cpu",
+            "--checkpoint",
+            "last",
         ],
     )
     assert res.exit_code == 0, res.output
@@ -290,6 +292,7 @@ def test_serve_command_passes_its_options(monkeypatch, tmp_path: Path) -> None:
         "port": 8123,
         "limits": Limits(upload_bytes=5 * 2**20),
         "device": "cpu",
+        "checkpoint": "last",
     }
     limits = ["--max-reference-chars", "300", "--max-reference-lines", "4", "--max-batch-files", "2"]
     res = CliRunner().invoke(app, ["serve", str(tmp_path), *limits])

@@ -76,6 +76,7 @@ def caption_images(
     progress: bool | None = False,
     num_workers: int = 0,
     device: str | None = None,
+    checkpoint: str = "best",
 ) -> Iterator[dict]:
     """Caption every image found in `paths` (see `collect_images`), yielding rows in input order.
 
@@ -85,11 +86,12 @@ def caption_images(
     come from the run's recipe with `overrides` (e.g. "generate.beam_size=3") applied.
     `num_workers` image-decoding processes run ahead of the model (0: decode in this process);
     `progress=None` shows a bar only on a terminal. Encoding and decoding run on `device` (default:
-    the recipe's train.device) with generate.precision.
+    the recipe's train.device) with generate.precision. `checkpoint`: the run's selected one ('best'),
+    'last' or a step number.
     """
     from vicap.device import autocast, resolve_device
 
-    run = load_run(run_dir, overrides)
+    run = load_run(run_dir, overrides, checkpoint=checkpoint)
     recipe, cfg = run.recipe, run.recipe.generate
     images, unwalkable = collect_images(paths)
     dev = resolve_device(device or recipe.train.device, key="--device" if device else "train.device")
@@ -188,6 +190,7 @@ def caption_to_file(
     num_workers: int = 0,
     on_skip: Callable[[str], None] | None = None,
     device: str | None = None,
+    checkpoint: str = "best",
 ) -> CaptionSummary:
     """`caption_images`, written as it goes to `out` (.jsonl or .csv; None: JSON lines on stdout).
 
@@ -208,6 +211,7 @@ def caption_to_file(
             progress=progress,
             num_workers=num_workers,
             device=device,
+            checkpoint=checkpoint,
         ):
             if "error" in row:
                 summary.skipped.append(row["error"])

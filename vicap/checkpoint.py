@@ -87,6 +87,41 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if _STEP_DIR.fullmatch(p.name) and (p / MODEL_FILE).is_file())
 
 
+def read_selection(path: Path) -> dict | None:
+    """The best-checkpoint record saved with a checkpoint (None: none, or an older checkpoint)."""
+    try:
+        return json.loads((Path(path) / TRAINER_JSON).read_text()).get("selection")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def pick_checkpoint(run_dir: Path, which: str = "best") -> tuple[Path, str]:
+    """The checkpoint `which` names, and a description of it: 'best' (the one the run's selection metric
+    chose, recorded in its newest checkpoint; the last one when the run selected none), 'last', or a
+    step number."""
+    found = list_checkpoints(run_dir)
+    if not found:
+        raise CheckpointError(f"{run_dir}: no checkpoints yet (looked in {checkpoint_dir(run_dir)})")
+    steps = {int(p.name[5:]): p for p in found}
+    if which == "last":
+        return found[-1], f"the last checkpoint (step {int(found[-1].name[5:])})"
+    if which.isdigit():
+        if int(which) not in steps:
+            raise CheckpointError(
+                f"{run_dir}: no checkpoint at step {which}; steps: {', '.join(map(str, steps))}"
+            )
+        return steps[int(which)], f"the checkpoint of step {int(which)}"
+    if which != "best":
+        raise CheckpointError(f"checkpoint {which!r}: use best, last or a step number")
+    sel = read_selection(found[-1])
+    if sel and sel.get("best_step") in steps:
+        what = f"best by validation {sel['metric']} = {sel['best_value']:.4f}"
+        return steps[
+            sel["best_step"]
+        ], f"{what} (step {sel['best_step']}; last is step {int(found[-1].name[5:])})"
+    return found[-1], f"the last checkpoint (step {int(found[-1].name[5:])}; the run selected no best)"
+
+
 def latest_checkpoint(run_dir: Path) -> Path:
     found = list_checkpoints(run_dir)
     if not found:
@@ -123,6 +158,7 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     scheduler=None,
     rng_states: list[dict[str, torch.Tensor]] | None = None,
+    selection: dict | None = None,
     keep: int = 2,
     protect: Iterable[int] = (),
 ) -> Path:
@@ -130,7 +166,8 @@ def save_checkpoint(
 
     `meta` holds the kind's metadata (format, recipe JSON, ...); step and epoch are added here.
     `rng_states` are every process's RNG states (torch's CPU generator, and the accelerator's own
-    one when there is one), saved for an exact resume."""
+    one when there is one), saved for an exact resume. `selection` is the run's best-checkpoint record
+    as of this step (`vicap.train.Selection`), which `pick_checkpoint` reads back."""
     folder = checkpoint_dir(run_dir) / f"step_{step:08d}"
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -148,6 +185,7 @@ def save_checkpoint(
             "epoch": epoch,
             "optimizer": state_json,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "selection": selection,
         }
         (tmp / TRAINER_JSON).write_text(json.dumps(trainer, indent=1, default=_jsonable))
     for f in tmp.iterdir():

@@ -37,6 +37,12 @@ DeviceOption = typer.Option(
     help="auto (the GPU if there is one), cpu, cuda, cuda:1, mps, ... (default: the recipe's train.device)",
 )
 
+CheckpointOption = typer.Option(
+    "best",
+    "--checkpoint",
+    help="best (the run's selected checkpoint, see train.select), last, or a step number",
+)
+
 
 class UserError(Exception):
     """A problem with the command line itself; printed without a traceback, exit code 2."""
@@ -204,6 +210,7 @@ def caption(
     workers: int = typer.Option(1, "--workers", help="image-decoding processes (0: decode in this one)"),
     sets: list[str] = Sets,
     device: str = DeviceOption,
+    checkpoint: str = CheckpointOption,
     verbose: bool = Verbose,
 ) -> None:
     """Caption images with a trained run: one row per image (image, caption, score).
@@ -234,6 +241,7 @@ def caption(
             num_workers=workers,
             on_skip=skipped,
             device=device,
+            checkpoint=checkpoint,
         )
     except ImageError as e:  # only raised with --strict
         typer.secho(f"error: {e} (--strict)", fg=typer.colors.RED, err=True)
@@ -252,7 +260,9 @@ def _print_report(report: dict, run_dir: Path) -> None:
 
     for level, rows in report["scores"].items():
         typer.echo(f"\n{level}-level tokens, {report['images']} images:\n" + score_table(rows))
-    typer.echo(f"\nreport: {Path(run_dir) / 'report.md'}")
+    typer.echo(
+        f"\ncheckpoint: {report.get('checkpoint') or report['step']}; report: {Path(run_dir) / 'report.md'}"
+    )
 
 
 @command()
@@ -262,12 +272,16 @@ def evaluate(
     sets: list[str] = Sets,
     split: str = typer.Option(None, help="split to score (default: the recipe's eval.split)"),
     device: str = DeviceOption,
+    checkpoint: str = CheckpointOption,
     verbose: bool = Verbose,
 ) -> None:
     """Caption the held-out split and score it; writes report.json and report.md into the run."""
     from vicap.evaluate import evaluate_run
 
-    _print_report(evaluate_run(run_dir, overrides(sets, deprecated), split=split, device=device), run_dir)
+    report = evaluate_run(
+        run_dir, overrides(sets, deprecated), split=split, device=device, checkpoint=checkpoint
+    )
+    _print_report(report, run_dir)
 
 
 @command()
@@ -330,14 +344,16 @@ def baseline_evaluate(
     sets: list[str] = Sets,
     split: str = typer.Option(None, help="split to score (default: the recipe's eval.split)"),
     device: str = DeviceOption,
+    checkpoint: str = CheckpointOption,
     verbose: bool = Verbose,
 ) -> None:
     """Caption the held-out split with the baseline and score it exactly as `vicap evaluate` does."""
     from vicap.baseline.train import evaluate_baseline
 
-    _print_report(
-        evaluate_baseline(run_dir, overrides(sets, deprecated), split=split, device=device), run_dir
+    report = evaluate_baseline(
+        run_dir, overrides(sets, deprecated), split=split, device=device, checkpoint=checkpoint
     )
+    _print_report(report, run_dir)
 
 
 @command()
@@ -373,6 +389,7 @@ def serve(
     ),
     max_batch_files: int = typer.Option(64, "--max-batch-files", min=1, help="most images per batch request"),
     device: str = DeviceOption,
+    checkpoint: str = CheckpointOption,
     verbose: bool = Verbose,
 ) -> None:
     """A web page for trying runs: upload an image, compare captions, score against a reference."""
@@ -389,7 +406,7 @@ def serve(
         reference_lines=max_reference_lines,
         batch_files=max_batch_files,
     )
-    serve_app(run_dirs, host=host, port=port, limits=limits, device=device)
+    serve_app(run_dirs, host=host, port=port, limits=limits, device=device, checkpoint=checkpoint)
 
 
 def main() -> None:

@@ -65,7 +65,7 @@ def report_markdown(report: dict) -> str:
         + (f" ({report['system']}, {report['kind']})" if report.get("kind", "vicap") != "vicap" else ""),
         "",
         f"Split `{report['split']}`: {report['images']} images, {report['references']} reference captions. "
-        f"Checkpoint step {report['step']}.",
+        f"Checkpoint: {report.get('checkpoint') or 'step ' + str(report['step'])}.",
         "",
     ]
     for level, rows in report["scores"].items():
@@ -110,6 +110,7 @@ def score_report(
     eval_cfg,
     generate: dict,
     device: str = "cpu",
+    checkpoint: str = "",
 ) -> dict:
     """The report of one system's captions of `records`, scored beside the floor and human agreement
     at each of eval_cfg's levels with its metrics. Writes nothing (see `write_report`)."""
@@ -132,6 +133,7 @@ def score_report(
         "kind": kind,
         "system": system,
         "step": step,
+        "checkpoint": checkpoint,  # how it was chosen: best by validation score, last, a step
         "split": split,
         "dataset": manifest.meta.get("dataset", ""),
         "language": manifest.language,
@@ -199,17 +201,19 @@ def evaluate_run(
     split: str | None = None,
     progress: bool = True,
     device: str | None = None,
+    checkpoint: str = "best",
 ) -> dict:
     """Caption the run's held-out split, score it beside the floor and human agreement, write reports.
 
     Encoding and decoding run on `device` (auto, cpu, or a device name such as cuda:1; default: the recipe's
-    train.device) with generate.precision; the report records both."""
+    train.device) with generate.precision; the report records both. `checkpoint`: the run's selected
+    one ('best'), 'last' or a step number (see `vicap.checkpoint.pick_checkpoint`)."""
     from vicap.device import autocast, resolve_device
     from vicap.generate import generate_captions
     from vicap.pipeline import prepare_manifest, run_features
     from vicap.runs import load_run
 
-    run = load_run(run_dir, overrides)
+    run = load_run(run_dir, overrides, checkpoint=checkpoint)
     recipe = run.recipe
     dev = resolve_device(device or recipe.train.device, key="--device" if device else "train.device")
     split = split or recipe.eval.split
@@ -236,6 +240,7 @@ def evaluate_run(
         eval_cfg=recipe.eval,
         generate=recipe.to_dict()["generate"],
         device=str(dev),
+        checkpoint=run.which,
     )
     write_report(run.run_dir, report, manifest, scored, captions)
     return report

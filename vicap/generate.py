@@ -30,6 +30,7 @@ What vicap adds around it:
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import re
 import warnings
@@ -226,6 +227,15 @@ def _prefix_cache(model: CaptionModel, prefix: torch.Tensor, mask: torch.Tensor,
     return cache
 
 
+@functools.cache
+def _cache_kwarg() -> str:
+    """generate's name for a ready KV cache: `cache` from transformers 5.24 on (which deprecates
+    `past_key_values` with a warning), `past_key_values` before."""
+    from transformers.generation import utils
+
+    return "cache" if "cache" in getattr(utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
+
+
 def _takes(fn, name: str) -> bool:
     params = inspect.signature(fn).parameters
     return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
@@ -255,7 +265,7 @@ def decode_batch(
     if copies > 1 and kwargs["use_cache"] and share_prefix and prefix.shape[1] > 1:
         cache = _prefix_cache(model, prefix, mask, copies)
         if cache is not None:
-            kwargs["past_key_values"] = cache
+            kwargs[_cache_kwarg()] = cache
     with warnings.catch_warnings():
         # "... with inputs_embeds ... only to newly generated tokens": exactly what captions want
         warnings.filterwarnings("ignore", message=r".*inputs_embeds.*without `input_ids`")

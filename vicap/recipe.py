@@ -31,6 +31,8 @@ from vicap.errors import RecipeError  # noqa: F401  (raised here; importable fro
 from vicap.metrics import FAMILIES
 
 METRIC_FAMILIES = tuple(FAMILIES)  # BLEU, METEOR, ROUGE-L, CIDEr-D, SPICE, chrF: vicap.metrics's list
+# Scores train.select may use: the pure-Python ones (no Java process at every validation).
+SELECT_COLUMNS = (*FAMILIES["BLEU"], "ROUGE-L", "CIDEr-D", "chrF")
 MetricFamily = Literal[METRIC_FAMILIES]
 
 
@@ -305,7 +307,21 @@ class TrainSettings(Section):
     device: Literal["auto", "cpu"] = option("'auto' lets Accelerate choose; 'cpu' forces the CPU", "auto")
     log_every: int = option("optimizer steps between loss log lines", 50)
     save_every: int = option("optimizer steps between checkpoints; 0 saves once per epoch", 0)
-    keep_checkpoints: int = option("how many recent checkpoints to keep", 2)
+    keep_checkpoints: int = option(
+        "how many recent checkpoints to keep (the best one, see train.select, is kept besides)", 2
+    )
+    select: str = option(
+        "which checkpoint is the run's result, scored on the validation split at each validation: a "
+        "metric ('CIDEr-D', 'BLEU-4', ...) or a sum of them ('CIDEr-D+BLEU-4', as LAVIS), 'loss' (lowest "
+        "validation loss) or 'last'; '' means CIDEr-D+BLEU-4 when there is a validation split, else last. "
+        "evaluate, caption and serve load the selected one unless told --checkpoint last",
+        "",
+    )
+    patience: int = option(
+        "stop after this many validations in a row without a better selection score; 0 never stops early", 0
+    )
+    val_every: int = option("optimizer steps between validations; 0 validates at the end of each epoch", 0)
+    val_max_images: int = option("score at most this many validation images when selecting (0 = all)", 0)
 
     def validate(self) -> None:
         for key in ("epochs", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):
@@ -315,6 +331,17 @@ class TrainSettings(Section):
         check(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "must be >= 0")
         check(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "must be >= 0")
         check(self.save_every >= 0, "train.save_every", self.save_every, "must be >= 0")
+        for key in ("patience", "val_every", "val_max_images"):
+            check(getattr(self, key) >= 0, f"train.{key}", getattr(self, key), "must be >= 0")
+        if self.select not in ("", "last", "loss"):
+            for name in self.select.split("+"):
+                one_of("train.select", name, SELECT_COLUMNS)
+        check(
+            self.patience == 0 or self.select != "last",
+            "train.patience",
+            self.patience,
+            "early stopping needs a selection score: set train.select to a metric or 'loss'",
+        )
         check_seed("train.seed", self.seed)
 
 

@@ -11,8 +11,8 @@ from vicap.checkpoint import (
     Checkpoint,
     CheckpointError,
     check_compatible,
-    latest_checkpoint,
     load_model_state,
+    pick_checkpoint,
     read_checkpoint,
 )
 from vicap.decoders import load_decoder
@@ -28,17 +28,22 @@ class Run:
     recipe: Recipe
     checkpoint: Checkpoint
     model: CaptionModel
+    which: str = ""  # how the checkpoint was chosen, for logs and reports
 
 
-def load_run(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Run:
-    """Load `<run>/recipe.toml` (with overrides, e.g. generate.beam_size=3) and the latest checkpoint."""
+def load_run(
+    run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (), *, checkpoint: str = "best"
+) -> Run:
+    """Load `<run>/recipe.toml` (with overrides, e.g. generate.beam_size=3) and a checkpoint: the one
+    the run selected ('best', see train.select), 'last', or a step number."""
     run_dir = Path(run_dir)
     if not (run_dir / "recipe.toml").is_file():
         raise RecipeError(
             f"{run_dir}: not a vicap run directory (no recipe.toml); train one with `vicap train`"
         )
     recipe = load_recipe(run_dir / "recipe.toml", overrides)
-    ckpt = read_checkpoint(latest_checkpoint(run_dir), kind=VICAP_RUN)
+    path, which = pick_checkpoint(run_dir, checkpoint)
+    ckpt = read_checkpoint(path, kind=VICAP_RUN)
     check_compatible(ckpt, recipe, VICAP_RUN)
     decoder = load_decoder(recipe.decoder)
     # LoRA runs get fresh adapters here; load_trainable then fills them (and the mapper) in.
@@ -48,5 +53,5 @@ def load_run(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     except ValueError as e:
         raise CheckpointError(f"{ckpt.path}: {e}") from None
     model.eval()
-    log.info("loaded %s at step %d", ckpt.path, ckpt.step)
-    return Run(run_dir, recipe, ckpt, model)
+    log.info("loaded %s: %s", ckpt.path, which)
+    return Run(run_dir, recipe, ckpt, model, which)

@@ -106,17 +106,19 @@ class LoadedRun:
         return recipe_summary(self.recipe)
 
 
-def load_runs(run_dirs: list[str | Path], *, device: str | None = None) -> list[LoadedRun]:
-    """Load every run once, and each distinct image encoder once (runs with the same [encoder]
-    section share it), on `device` (default: each recipe's train.device). Names are the run folders'
-    names, made unique."""
+def load_runs(
+    run_dirs: list[str | Path], *, device: str | None = None, checkpoint: str = "best"
+) -> list[LoadedRun]:
+    """Load every run once (at the checkpoint `checkpoint` names: each run's selected one by default),
+    and each distinct image encoder once (runs with the same [encoder] section share it), on `device`
+    (default: each recipe's train.device). Names are the run folders' names, made unique."""
     if not run_dirs:
         raise UsageError("name at least one run directory")
     loaded: list[LoadedRun] = []
     seen: dict[str, int] = {}
     encoders: dict[tuple[str, str], Encoder] = {}
     for d in run_dirs:
-        run = load_run(d)
+        run = load_run(d, checkpoint=checkpoint)
         dev = resolve_device(device or run.recipe.train.device, key="--device" if device else "train.device")
         key = (repr(run.recipe.encoder), str(dev))
         if key not in encoders:
@@ -486,12 +488,13 @@ def build_app(
     runs: list[LoadedRun] | None = None,
     limits: Limits = Limits(),
     device: str | None = None,
+    checkpoint: str = "best",
 ):
-    """The Gradio Blocks app (queued) for the given runs; loads them once (on `device`) unless `runs`
-    is given."""
+    """The Gradio Blocks app (queued) for the given runs; loads them once (on `device`, at
+    `checkpoint`) unless `runs` is given."""
     import gradio as gr
 
-    runs = runs if runs is not None else load_runs(list(run_dirs or []), device=device)
+    runs = runs if runs is not None else load_runs(list(run_dirs or []), device=device, checkpoint=checkpoint)
     with gr.Blocks(title="vicap captioners", analytics_enabled=False, delete_cache=CACHE_SWEEP) as demo:
         gr.Markdown(
             "# vicap: try the captioners\n" + "\n".join(f"- **{lr.name}**: {lr.summary}" for lr in runs)
@@ -529,9 +532,10 @@ def serve(
     limits: Limits = Limits(),
     block: bool = True,
     device: str | None = None,
+    checkpoint: str = "best",
 ):
     """Load the runs, build the app and serve it on host:port (blocking unless block=False)."""
-    demo = build_app(run_dirs, limits=limits, device=device)
+    demo = build_app(run_dirs, limits=limits, device=device, checkpoint=checkpoint)
     demo.launch(
         server_name=host,
         server_port=port,

@@ -27,6 +27,7 @@ the checkpoint, so a run killed and resumed ends with the same weights as one th
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import logging
@@ -52,6 +53,7 @@ from vicap.checkpoint import (
     load_model_state,
     load_trainer_state,
     read_checkpoint,
+    read_selection,
     recipe_differences,
     save_checkpoint,
 )
@@ -88,6 +90,7 @@ RESUME_FREE = (
     "train.log_every",
     "train.save_every",
     "train.keep_checkpoints",
+    "train.patience",
     "data.features_dir",
 )
 
@@ -107,6 +110,51 @@ class TrainJob:
     meta: dict[str, str] = field(default_factory=dict)  # the kind's checkpoint metadata
     augment: Callable[[dict], dict] | None = None  # applied to training batches only
     summary: str = ""  # for the log: what is trained on what
+    # Captions of the validation images by the (unwrapped) model: ({image: references}, {image:
+    # caption}), scored by `fit` to select the best checkpoint; None when there is no validation split.
+    val_captions: Callable[[nn.Module, int], tuple[dict, dict]] | None = None
+    language: str = ""  # of the captions: how validation captions are scored
+
+
+@dataclass
+class Selection:
+    """Which checkpoint is the run's result (train.select) and when to stop early (train.patience).
+
+    Saved with every checkpoint, so a resumed run keeps its best and its patience count, and
+    `vicap.checkpoint.pick_checkpoint` finds the best one from the newest checkpoint."""
+
+    metric: str  # "CIDEr-D+BLEU-4", "loss" or "last"
+    best_value: float | None = None
+    best_step: int | None = None
+    since_best: int = 0  # validations in a row without a better score
+
+    @classmethod
+    def for_job(cls, job: TrainJob) -> Selection:
+        cfg = job.recipe.train
+        if job.val_captions is None:
+            if cfg.select not in ("", "last") or cfg.patience or cfg.val_every:
+                raise RecipeError(
+                    f"train.select = {cfg.select!r}, train.patience = {cfg.patience}, train.val_every = "
+                    f"{cfg.val_every}: these need a validation split (set data.val_fraction, or give the "
+                    "manifest a 'val' split)"
+                )
+            return cls("last")
+        return cls(cfg.select or "CIDEr-D+BLEU-4")
+
+    @property
+    def scored(self) -> list[str]:
+        """The metric columns summed into the selection score (none for 'loss' and 'last')."""
+        return [] if self.metric in ("loss", "last") else self.metric.split("+")
+
+    def update(self, value: float, step: int) -> bool:
+        better = self.best_value is None or (
+            value < self.best_value if self.metric == "loss" else value > self.best_value
+        )
+        if better:
+            self.best_value, self.best_step, self.since_best = value, step, 0
+        else:
+            self.since_best += 1
+        return better
 
 
 # --------------------------------------------------------------------------- pieces of the loop
@@ -381,7 +429,48 @@ def _setup(job: TrainJob, accelerator, ckpt: Checkpoint | None) -> _Setup:
     )
 
 
-def _save(job: TrainJob, accelerator, s: _Setup, *, step: int, epoch: int) -> None:
+def _validate(job: TrainJob, accelerator, s: _Setup, sel: Selection, *, step: int, epoch: int) -> dict:
+    """Validation loss, and the selection score on captions of the validation images; updates `sel`."""
+    from vicap.metrics import FAMILIES, score
+
+    row: dict = {"step": step, "epoch": epoch}
+    if s.val_loader is not None:
+        row["val_loss"] = round(mean_loss(s.model, s.val_loader, accelerator), 6)
+    if sel.scored:
+        model = accelerator.unwrap_model(s.model)
+        model.eval()
+        refs, hyps = job.val_captions(model, job.recipe.train.val_max_images)
+        model.train()
+        families = sorted({f for f, cols in FAMILIES.items() for c in sel.scored if c in cols})
+        scores = score(refs, hyps, language=job.language, level=job.recipe.eval.levels[0], metrics=families)
+        missing = [c for c in sel.scored if c not in scores]
+        if missing:
+            raise RecipeError(
+                f"train.select = {sel.metric!r}: {', '.join(missing)} cannot be scored here (see the log)"
+            )
+        row["val"] = {c: round(scores[c], 6) for c in sel.scored}
+        value = sum(scores[c] for c in sel.scored)
+    else:
+        value = row.get("val_loss")
+    if value is not None and sel.metric != "last":
+        sel.update(value, step)
+        row.update(select=round(value, 6), best_step=sel.best_step)
+    log.info(
+        "epoch %d, step %d: %s",
+        epoch,
+        step,
+        ", ".join(
+            [f"val loss {row['val_loss']:.4f}"] * ("val_loss" in row)
+            + [f"{sel.metric} {value:.4f} (best {sel.best_value:.4f} at step {sel.best_step})"]
+            * ("select" in row)
+        ),
+    )
+    return row
+
+
+def _save(
+    job: TrainJob, accelerator, s: _Setup, *, step: int, epoch: int, sel: Selection | None = None
+) -> None:
     """A checkpoint of what was trained, the optimizer, the schedule and every process's RNG."""
     states = _rng_states(accelerator)
     accelerator.wait_for_everyone()
@@ -395,7 +484,9 @@ def _save(job: TrainJob, accelerator, s: _Setup, *, step: int, epoch: int) -> No
             optimizer=s.optimizer,
             scheduler=s.scheduler,
             rng_states=states,
+            selection=dataclasses.asdict(sel) if sel is not None else None,
             keep=job.recipe.train.keep_checkpoints,
+            protect=[sel.best_step] if sel is not None and sel.best_step is not None else [],
         )
     accelerator.wait_for_everyone()
 
@@ -409,11 +500,24 @@ def _stopped(job: TrainJob, step: int, epoch: int, e: TrainingError) -> Training
     )
 
 
+def _windows(s: _Setup, cfg, start: int, device):
+    """(epoch, this process's micro-batches of one optimizer step, on `device`) from step `start` on."""
+    for epoch in range(start // s.steps_per_epoch, cfg.epochs):
+        done = max(0, start - epoch * s.steps_per_epoch)  # optimizer steps already taken (resuming)
+        s.train_loader.batch_sampler.set_epoch(epoch, start=done * cfg.grad_accum)
+        batches = iter(s.train_loader)
+        while window := list(itertools.islice(batches, cfg.grad_accum)):
+            yield epoch, [_to(b, device) for b in window]
+
+
 def fit(job: TrainJob, accelerator, ckpt: Checkpoint | None = None, *, progress: bool = True) -> Path:
     """Train `job.model` on `job.train_set`; checkpoints and the log go to the run directory."""
     cfg = job.recipe.train
     main = accelerator.is_main_process
     s = _setup(job, accelerator, ckpt)
+    sel = Selection.for_job(job)
+    if ckpt is not None and read_selection(ckpt.path):
+        sel = Selection(**read_selection(ckpt.path))
     step = ckpt.step if ckpt else 0
     train_log = TrainLog(job.run_dir / "train_log.jsonl", main=main, resume_step=step if ckpt else None)
     train_log.write(  # one row per (re)start: how this stretch of training was run
@@ -435,46 +539,47 @@ def fit(job: TrainJob, accelerator, ckpt: Checkpoint | None = None, *, progress:
     if s.rng is not None:
         _set_rng_state(s.rng, accelerator.device)  # last, after everything that may draw during setup
     s.model.train()
-    for epoch in range(step // s.steps_per_epoch, cfg.epochs):
-        done_in_epoch = step - epoch * s.steps_per_epoch  # optimizer steps already taken (resuming)
-        s.train_loader.batch_sampler.set_epoch(epoch, start=done_in_epoch * cfg.grad_accum)
-        batches = iter(s.train_loader)
-        while window := list(itertools.islice(batches, cfg.grad_accum)):
-            window = [_to(b, accelerator.device) for b in window]
-            if job.augment is not None:
-                window = [job.augment(b) for b in window]
-            try:
-                loss_sum, n_tokens = optimizer_step(
-                    s.model,
-                    s.optimizer,
-                    s.scheduler,
-                    window,
-                    accelerator,
-                    grad_clip=cfg.grad_clip,
-                    params=s.params,
-                )
-            except TrainingError as e:
-                raise _stopped(job, step + 1, epoch, e) from None
-            running += loss_sum
-            running_tokens += n_tokens
-            step += 1
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == s.total_steps:
-                avg = float(accelerator.reduce(running, "sum") / running_tokens)
-                bar.set_postfix(loss=f"{avg:.4f}", epoch=epoch)
-                lr = s.scheduler.get_last_lr()[0]
-                train_log.write(
-                    step=step, epoch=epoch, loss=round(avg, 6), lr=lr, elapsed=round(time.time() - t0, 2)
-                )
-                running.zero_()
-                running_tokens.zero_()
-            end_of_epoch = step == (epoch + 1) * s.steps_per_epoch
-            if end_of_epoch and s.val_loader is not None:  # before the save: the checkpoint's log has it
-                val = mean_loss(s.model, s.val_loader, accelerator)
-                train_log.write(step=step, epoch=epoch, val_loss=round(val, 6))
-                log.info("epoch %d: val loss %.4f", epoch, val)
-            if end_of_epoch or (cfg.save_every and step % cfg.save_every == 0):
-                _save(job, accelerator, s, step=step, epoch=epoch)
+    for epoch, window in _windows(s, cfg, step, accelerator.device):
+        if job.augment is not None:
+            window = [job.augment(b) for b in window]
+        try:
+            loss_sum, n_tokens = optimizer_step(
+                s.model,
+                s.optimizer,
+                s.scheduler,
+                window,
+                accelerator,
+                grad_clip=cfg.grad_clip,
+                params=s.params,
+            )
+        except TrainingError as e:
+            raise _stopped(job, step + 1, epoch, e) from None
+        running += loss_sum
+        running_tokens += n_tokens
+        step += 1
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == s.total_steps:
+            avg = float(accelerator.reduce(running, "sum") / running_tokens)
+            bar.set_postfix(loss=f"{avg:.4f}", epoch=epoch)
+            lr = s.scheduler.get_last_lr()[0]
+            train_log.write(
+                step=step, epoch=epoch, loss=round(avg, 6), lr=lr, elapsed=round(time.time() - t0, 2)
+            )
+            running.zero_()
+            running_tokens.zero_()
+        end_of_epoch = step == (epoch + 1) * s.steps_per_epoch
+        validate = (sel.metric != "last" or s.val_loader is not None) and (
+            step % cfg.val_every == 0 or step == s.total_steps if cfg.val_every else end_of_epoch
+        )
+        if validate:  # before the save: the checkpoint's log and selection record have it
+            train_log.write(**_validate(job, accelerator, s, sel, step=step, epoch=epoch))
+        stop = bool(cfg.patience) and sel.since_best >= cfg.patience
+        if end_of_epoch or validate or stop or (cfg.save_every and step % cfg.save_every == 0):
+            _save(job, accelerator, s, step=step, epoch=epoch, sel=sel)
+        if stop:
+            log.info("no better %s in %d validations: stopping at step %d", sel.metric, cfg.patience, step)
+            train_log.write(step=step, epoch=epoch, event="early stop", best_step=sel.best_step)
+            break
     bar.close()
     train_log.close()
     accelerator.wait_for_everyone()
@@ -520,6 +625,20 @@ def clipcap_job(recipe, accelerator, *, progress: bool = True) -> TrainJob:
     train_set = pairs("train")
     if train_set is None:
         raise RecipeError(f"manifest {manifest.path} has no 'train' split")
+    val_records = [r for r in manifest.split("val") if store.has(manifest.resolve_image(r))]
+
+    def val_captions(model: CaptionModel, max_images: int) -> tuple[dict, dict]:
+        from vicap.generate import generate_captions
+
+        records = val_records[: max_images or None]
+        features = store.get([manifest.resolve_image(r) for r in records])
+        caps = generate_captions(
+            model, features, recipe.generate, language=manifest.language, segment=recipe.data.segment
+        )
+        return {r.image_id: list(r.captions) for r in records}, {
+            r.image_id: c for r, c in zip(records, caps, strict=True)
+        }
+
     augment = None
     if cfg.feature_noise > 0:  # CapDec: train on noisy image features, caption clean ones
 
@@ -541,6 +660,8 @@ def clipcap_job(recipe, accelerator, *, progress: bool = True) -> TrainJob:
         meta={"format": "vicap-checkpoint-1", "encoder_dim": str(store.dim)},
         augment=augment,
         summary=f"{len(train_set)} captions of {len(set(train_set.rows.tolist()))} images",
+        val_captions=val_captions if val_records else None,
+        language=manifest.language,
     )
 
 

@@ -34,11 +34,12 @@ from vicap.baseline.model import CNNLSTM, beam_search, image_transform
 from vicap.baseline.recipe import BaselineRecipe, baseline_from_json, load_baseline_recipe
 from vicap.baseline.vocab import EOS, Vocab, build_vocab, caption_tokens, load_vocab
 from vicap.checkpoint import (
+    Checkpoint,
     CheckpointError,
     RunKind,
     check_compatible,
-    latest_checkpoint,
     load_model_state,
+    pick_checkpoint,
     read_checkpoint,
 )
 from vicap.encoders import Encoder
@@ -298,6 +299,16 @@ def baseline_job(recipe: BaselineRecipe, accelerator, *, resume: bool, progress:
     if val_records:
         _, val_ids = _encode(val_records, language, segment, vocab, max_tokens)
         val_set = _dataset(recipe, manifest, val_records, val_ids, store, pixels)
+
+    def val_captions(captioner: BaselineCaptioner, max_images: int) -> tuple[dict, dict]:
+        records = val_records[: max_images or None]
+        kept, caps = caption_records(
+            recipe, captioner.model, vocab, manifest, records, store=store, device=accelerator.device
+        )
+        return {r.image_id: list(r.captions) for r in kept}, {
+            r.image_id: c for r, c in zip(kept, caps, strict=True)
+        }
+
     groups = [{"params": list(model.decoder.parameters()), "lr": cfg.lr}]
     if recipe.encoder.trainable:
         groups.append({"params": list(model.encoder.parameters()), "lr": cfg.cnn_lr})
@@ -315,6 +326,8 @@ def baseline_job(recipe: BaselineRecipe, accelerator, *, resume: bool, progress:
             f"{len(train_set)} images, {sum(len(c) for c in train_set.captions)} captions, "
             f"vocabulary {len(vocab)} ({vocab.kind})"
         ),
+        val_captions=val_captions if val_records else None,
+        language=language,
     )
 
 
@@ -332,14 +345,18 @@ def train_baseline(recipe: BaselineRecipe, *, resume: bool = False, progress: bo
 # --------------------------------------------------------------------------- evaluate
 
 
-def load_baseline_run(run_dir: str | Path, overrides=()) -> tuple[BaselineRecipe, CNNLSTM, Vocab, int]:
-    """The run's recipe (with generate/eval overrides), model at its last checkpoint, vocabulary, step."""
+def load_baseline_run(
+    run_dir: str | Path, overrides=(), *, checkpoint: str = "best"
+) -> tuple[BaselineRecipe, CNNLSTM, Vocab, Checkpoint, str]:
+    """The run's recipe (with generate/eval overrides), model at the checkpoint `checkpoint` names (see
+    `vicap.checkpoint.pick_checkpoint`), vocabulary, that checkpoint and how it was chosen."""
     run_dir = Path(run_dir)
     if not (run_dir / RECIPE_FILE).is_file():
         hint = " (a vicap run: use `vicap evaluate`)" if (run_dir / "recipe.toml").is_file() else ""
         raise RecipeError(f"{run_dir}: not a baseline run directory (no {RECIPE_FILE}){hint}")
     recipe = load_baseline_recipe(run_dir / RECIPE_FILE, overrides)
-    ckpt = read_checkpoint(latest_checkpoint(run_dir), kind=BASELINE_RUN)
+    path, which = pick_checkpoint(run_dir, checkpoint)
+    ckpt = read_checkpoint(path, kind=BASELINE_RUN)
     check_compatible(ckpt, recipe, BASELINE_RUN)
     vocab = load_vocab(run_dir)
     if len(vocab) != int(ckpt.meta.get("vocab_size", -1)):
@@ -351,7 +368,8 @@ def load_baseline_run(run_dir: str | Path, overrides=()) -> tuple[BaselineRecipe
         captioner.load_trainable(load_model_state(ckpt))
     except ValueError as e:
         raise CheckpointError(f"{ckpt.path}: {e}") from None
-    return recipe, captioner.model.eval(), vocab, ckpt.step
+    log.info("loaded %s: %s", ckpt.path, which)
+    return recipe, captioner.model.eval(), vocab, ckpt, which
 
 
 def caption_records(
@@ -403,14 +421,15 @@ def evaluate_baseline(
     split: str | None = None,
     progress: bool = True,
     device: str | None = None,
+    checkpoint: str = "best",
 ) -> dict:
     """Caption the held-out split with the baseline and score it exactly as `vicap evaluate` does, on
-    `device` (default: the recipe's train.device)."""
+    `device` (default: the recipe's train.device), with the checkpoint `checkpoint` names."""
     from vicap.device import resolve_device
     from vicap.evaluate import held_out_records, score_report, write_report
     from vicap.pipeline import prepare_manifest
 
-    recipe, model, vocab, step = load_baseline_run(run_dir, overrides)
+    recipe, model, vocab, ckpt, which = load_baseline_run(run_dir, overrides, checkpoint=checkpoint)
     run_dir = Path(run_dir)
     split = split or recipe.eval.split
     manifest = prepare_manifest(recipe, run_dir)
@@ -424,7 +443,8 @@ def evaluate_baseline(
         run_dir=run_dir,
         kind="baseline",
         system=f"CNN+LSTM ({recipe.decoder.type})",
-        step=step,
+        step=ckpt.step,
+        checkpoint=which,
         split=split,
         manifest=manifest,
         records=kept,
