@@ -204,7 +204,7 @@ def run_vicap(args, captions, features, max_seq_len) -> dict:
     losses, times = [], []
     for batch in batches:
         t0 = time.perf_counter()
-        loss_sum, n_tokens = optimizer_step(
+        loss_sum, n_tokens, _ = optimizer_step(
             model, optimizer, scheduler, [batch], accelerator, grad_clip=0.0, params=params
         )
         times.append(time.perf_counter() - t0)

@@ -148,3 +148,36 @@ def test_global_batches_split_the_one_process_order(world: int) -> None:
     assert list(resumed) == shards[-1][2:]
     with pytest.raises(ValueError, match="batch_size = 1 is the global batch"):
         GlobalBatches(n, 1, shuffle=False, world=2)
+
+
+@pytest.mark.slow
+def test_self_critical_stage_on_two_processes_resumes_exactly(tiny_recipe, tmp_path: Path) -> None:
+    """SCST (sampling in every process, from its own RNG) under DDP: a run killed after a save and
+    resumed on two processes ends with the weights of the uninterrupted two-process run."""
+    ce = train(
+        tiny_recipe(**{"decoder.tuning": "frozen", "train.output_dir": str(tmp_path / "ce")}), progress=False
+    )
+    scst = {
+        "decoder.tuning": "frozen",
+        "scst.init_from": str(ce),
+        "scst.samples": "3",
+        "train.epochs": "1",
+        "train.batch_size": "8",
+        "train.save_every": "1",
+        "train.keep_checkpoints": "5",
+    }
+    recipe_file = tmp_path / "scst.toml"
+    recipe_file.write_text(tiny_recipe(**scst, **{"train.output_dir": str(tmp_path / "two")}).to_toml())
+    _launch(recipe_file)
+    two = tmp_path / "two"
+    rows = [r for r in read_log(two) if "reward" in r]
+    assert len(rows) == 3 and all(r["baseline"] >= 0 for r in rows)
+    assert _starts(two) == [("start", 2)]
+    resumed = tmp_path / "resumed"
+    shutil.copytree(two, resumed)
+    for ckpt in list_checkpoints(resumed)[-2:]:  # killed after the save of step 1
+        shutil.rmtree(ckpt)
+    _launch(recipe_file, f"train.output_dir={resumed}", "--resume")
+    assert _starts(resumed) == [("start", 2), ("resume", 2)]
+    a, b = _weights(two), _weights(resumed)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)

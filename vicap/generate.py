@@ -339,25 +339,28 @@ def generate(
         if sampling:
             torch.manual_seed(cfg.seed + seed_offset)
         results: list[list[Caption]] = []
-        tokenizer = model.decoder.tokenizer
         for start in range(0, features.shape[0], cfg.batch_size):
             batch = features[start : start + cfg.batch_size]
             for hyps in decode_batch(model, batch, cfg, share_prefix=share_prefix):
-                texts = tokenizer.batch_decode([h.ids for h in hyps], skip_special_tokens=True)
+                texts = hyp_texts(model, hyps, cfg.stop, language=language, segment=segment)
                 results.append(
                     [
-                        Caption(
-                            text=postprocess(
-                                _cut_at_stop(t, cfg.stop), language, segment, truncated=not h.finished
-                            ),
-                            score=h.score,
-                            token_ids=tuple(h.ids),
-                            finished=h.finished,
-                        )
+                        Caption(text=t, score=h.score, token_ids=tuple(h.ids), finished=h.finished)
                         for h, t in zip(hyps, texts, strict=True)
                     ]
                 )
     return results
+
+
+def hyp_texts(
+    model: CaptionModel, hyps: list[_Hyp], stop: str = "", *, language: str, segment: str
+) -> list[str]:
+    """The display text of each hypothesis: decoded, cut at the stop string, post-processed."""
+    texts = model.decoder.tokenizer.batch_decode([h.ids for h in hyps], skip_special_tokens=True)
+    return [
+        postprocess(_cut_at_stop(t, stop), language, segment, truncated=not h.finished)
+        for h, t in zip(hyps, texts, strict=True)
+    ]
 
 
 def _cut_at_stop(text: str, stop: str) -> str:

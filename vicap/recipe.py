@@ -1,7 +1,7 @@
 """Recipes: one TOML file per experiment, validated into frozen dataclasses before anything heavy loads.
 
 A recipe has the sections encoder, decoder, mapper, data, train, generate and eval (plus optional
-top-level `name` and `description`). Unknown keys, wrong types, non-finite numbers, names missing from
+top-level `name` and `description`, and an optional `scst` section for a self-critical stage). Unknown keys, wrong types, non-finite numbers, names missing from
 vicap's registries (encoders, mappers, dataset adapters) and bad values raise `RecipeError` naming the
 file and the dotted key; no weights are loaded. Command-line overrides use the same dotted keys
 (`train.lr=1e-4`, `decoder.model=gpt2`); values are parsed as TOML, and a bare word is a string.
@@ -460,6 +460,46 @@ class EvalConfig(Section):
         check(len(self.metrics) > 0, "eval.metrics", self.metrics, "must name at least one metric")
 
 
+@dataclass(frozen=True)
+class ScstConfig(Section):
+    """Self-critical sequence training (Rennie et al. 2017): a second stage that starts from a
+    cross-entropy run and raises the CIDEr-D of sampled captions (vicap.scst)."""
+
+    KEY = "scst"
+
+    init_from: str = option(
+        "a trained run directory to start from; '' (the default) trains with cross-entropy instead", ""
+    )
+    init_checkpoint: str = option("which checkpoint of init_from: best, last or a step number", "best")
+    samples: int = option("captions sampled per image at each step", 5)
+    baseline: Literal["mean", "greedy"] = option(
+        "what a sample's reward is compared with: 'mean' of the image's other samples (as M2), or the "
+        "reward of the image's 'greedy' caption (as Rennie et al.)",
+        "mean",
+    )
+    temperature: float = option("sampling temperature", 1.0)
+    level: Literal["", "syllable", "word"] = option(
+        "metric tokens the CIDEr-D reward is computed on; '' = the first of eval.levels", ""
+    )
+
+    def validate(self) -> None:
+        check(self.samples >= 1, "scst.samples", self.samples, "must be >= 1")
+        check(
+            self.baseline != "mean" or self.samples >= 2,
+            "scst.samples",
+            self.samples,
+            "the 'mean' baseline compares each sample with the others: sample at least 2",
+        )
+        check(self.temperature > 0, "scst.temperature", self.temperature, "must be > 0")
+        which = self.init_checkpoint
+        check(
+            which in ("best", "last") or which.isdigit(),
+            "scst.init_checkpoint",
+            which,
+            "best, last or a step",
+        )
+
+
 # --------------------------------------------------------------------------- the schema engine
 
 
@@ -570,8 +610,11 @@ class Recipe(RecipeSchema):
     train: TrainConfig
     generate: GenerateConfig
     eval: EvalConfig
+    scst: ScstConfig = field(default_factory=ScstConfig)
     name: str = ""
     description: str = ""
+
+    OPTIONAL = ("scst",)
 
     def summary(self) -> str:
         return f"{self.encoder.model} -> {self.mapper.type} -> {self.decoder.model}, tuning={self.decoder.tuning}"

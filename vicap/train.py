@@ -139,6 +139,10 @@ class Selection:
                     "manifest a 'val' split)"
                 )
             return cls("last")
+        if cfg.select == "loss" and job.val_set is None:
+            raise RecipeError(
+                "train.select = 'loss': this training has no validation loss; select by a metric"
+            )
         return cls(cfg.select or "CIDEr-D+BLEU-4")
 
     @property
@@ -192,19 +196,23 @@ def optimizer_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over `window` (this process's micro-batches of one global step).
 
-    Returns (this process's summed token loss, the step's token count over all processes). Raises
+    Returns (this process's summed token loss, the step's token count over all processes, this
+    process's sums of the model's other figures: `out["stats"]`, e.g. SCST's rewards). Raises
     TrainingError, before any weight changes, when the loss or the gradient is not finite.
     """
     world = accelerator.num_processes
     count = accelerator.unwrap_model(model).learned_tokens
     n_tokens = accelerator.reduce(sum(count(b) for b in window).float(), "sum")
     loss_sum = torch.zeros((), device=accelerator.device)
+    stats: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(window):
         sync = i == len(window) - 1
         with contextlib.nullcontext() if sync else accelerator.no_sync(model):
             out = model(**batch)
             accelerator.backward(out["loss_sum"] * world / n_tokens)
         loss_sum += out["loss_sum"].detach().float()
+        for k, v in out.get("stats", {}).items():
+            stats[k] = stats.get(k, 0) + v.detach().float().to(accelerator.device)
     # Any process's non-finite loss stops every process, before the update (one scalar all-reduce).
     bad_loss = bool(accelerator.reduce((~torch.isfinite(loss_sum)).float(), "sum"))
     # A finite loss can still give an infinite gradient, so the gradient norm is checked too (it is
@@ -222,7 +230,34 @@ def optimizer_step(
     optimizer.step()
     scheduler.step()  # unwrapped: one step per optimizer step, whatever the process count
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum, n_tokens
+    return loss_sum, n_tokens, stats
+
+
+class _Running:
+    """Since the last log row: this process's summed loss and other figures, and all processes' count
+    of what the loss is averaged over (tokens; SCST: sampled captions)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss = torch.zeros((), device=self.device)
+        self.count = torch.zeros((), device=self.device)
+        self.stats: dict[str, torch.Tensor] = {}
+
+    def add(self, loss_sum: torch.Tensor, count: torch.Tensor, stats: dict[str, torch.Tensor]) -> None:
+        self.loss += loss_sum
+        self.count += count
+        for k, v in stats.items():
+            self.stats[k] = self.stats.get(k, 0) + v
+
+    def means(self, accelerator) -> dict[str, float]:
+        """{"loss": ..., and each figure}: averages over all processes; then starts again."""
+        sums = {"loss": self.loss, **self.stats}
+        out = {k: round(float(accelerator.reduce(v.clone(), "sum") / self.count), 6) for k, v in sums.items()}
+        self.reset()
+        return out
 
 
 @torch.no_grad()
@@ -271,7 +306,10 @@ def start_run(kind: RunKind, recipe, accelerator, *, resume: bool) -> Checkpoint
         ckpt = read_checkpoint(existing[-1], kind=kind)
         check_compatible(ckpt, recipe, kind)
         run_diffs = recipe_differences(
-            ckpt.recipe.to_dict(), recipe.to_dict(), ("train", "data"), allowed=RESUME_FREE
+            ckpt.recipe.to_dict(),
+            recipe.to_dict(),
+            [k for k in ("train", "data", "scst") if k in type(recipe).sections()],
+            allowed=RESUME_FREE,
         )
         if run_diffs:
             raise CheckpointError(
@@ -455,16 +493,10 @@ def _validate(job: TrainJob, accelerator, s: _Setup, sel: Selection, *, step: in
     if value is not None and sel.metric != "last":
         sel.update(value, step)
         row.update(select=round(value, 6), best_step=sel.best_step)
-    log.info(
-        "epoch %d, step %d: %s",
-        epoch,
-        step,
-        ", ".join(
-            [f"val loss {row['val_loss']:.4f}"] * ("val_loss" in row)
-            + [f"{sel.metric} {value:.4f} (best {sel.best_value:.4f} at step {sel.best_step})"]
-            * ("select" in row)
-        ),
-    )
+    said = [f"val loss {row['val_loss']:.4f}"] if "val_loss" in row else []
+    if "select" in row:
+        said.append(f"{sel.metric} {value:.4f} (best {sel.best_value:.4f} at step {sel.best_step})")
+    log.info("epoch %d, step %d: %s", epoch, step, ", ".join(said))
     return row
 
 
@@ -532,9 +564,7 @@ def fit(job: TrainJob, accelerator, ckpt: Checkpoint | None = None, *, progress:
         cpu_capability=torch.backends.cpu.get_cpu_capability(),
     )
     bar = tqdm(total=s.total_steps, initial=step, desc="train", unit="step", disable=not (progress and main))
-    # Since the last log row: this process's summed token loss, and all processes' token count.
-    running = torch.zeros((), device=accelerator.device)
-    running_tokens = torch.zeros((), device=accelerator.device)
+    running = _Running(accelerator.device)
     t0 = time.time()
     if s.rng is not None:
         _set_rng_state(s.rng, accelerator.device)  # last, after everything that may draw during setup
@@ -543,30 +573,26 @@ def fit(job: TrainJob, accelerator, ckpt: Checkpoint | None = None, *, progress:
         if job.augment is not None:
             window = [job.augment(b) for b in window]
         try:
-            loss_sum, n_tokens = optimizer_step(
-                s.model,
-                s.optimizer,
-                s.scheduler,
-                window,
-                accelerator,
-                grad_clip=cfg.grad_clip,
-                params=s.params,
+            running.add(
+                *optimizer_step(
+                    s.model,
+                    s.optimizer,
+                    s.scheduler,
+                    window,
+                    accelerator,
+                    grad_clip=cfg.grad_clip,
+                    params=s.params,
+                )
             )
         except TrainingError as e:
             raise _stopped(job, step + 1, epoch, e) from None
-        running += loss_sum
-        running_tokens += n_tokens
         step += 1
         bar.update(1)
         if step % cfg.log_every == 0 or step == s.total_steps:
-            avg = float(accelerator.reduce(running, "sum") / running_tokens)
-            bar.set_postfix(loss=f"{avg:.4f}", epoch=epoch)
+            means = running.means(accelerator)
+            bar.set_postfix(epoch=epoch, **{k: f"{v:.4f}" for k, v in means.items()})
             lr = s.scheduler.get_last_lr()[0]
-            train_log.write(
-                step=step, epoch=epoch, loss=round(avg, 6), lr=lr, elapsed=round(time.time() - t0, 2)
-            )
-            running.zero_()
-            running_tokens.zero_()
+            train_log.write(step=step, epoch=epoch, **means, lr=lr, elapsed=round(time.time() - t0, 2))
         end_of_epoch = step == (epoch + 1) * s.steps_per_epoch
         validate = (sel.metric != "last" or s.val_loader is not None) and (
             step % cfg.val_every == 0 or step == s.total_steps if cfg.val_every else end_of_epoch
@@ -589,29 +615,70 @@ def fit(job: TrainJob, accelerator, ckpt: Checkpoint | None = None, *, progress:
 # --------------------------------------------------------------------------- ClipCap
 
 
-def clipcap_job(recipe, accelerator, *, progress: bool = True) -> TrainJob:
-    """The ClipCap side of training: manifest, features, LM, caption model and caption pairs."""
-    from accelerate.utils import set_seed
-
-    from vicap.data import Collator, build_pairs
-    from vicap.decoders import load_decoder
+def _clipcap_data(recipe, accelerator, *, progress: bool):
+    """The run's manifest (written by the main process) and feature store (every process encodes its
+    share of the images)."""
     from vicap.mappers import MAPPERS
-    from vicap.model import CaptionModel
     from vicap.pipeline import prepare_manifest, run_features
 
-    cfg = recipe.train
-    run_dir = Path(cfg.output_dir)
-    # The main process writes the manifest; then every process encodes its share of the images.
     with accelerator.main_process_first():
-        manifest = prepare_manifest(recipe, run_dir)
+        manifest = prepare_manifest(recipe, Path(recipe.train.output_dir))
     store = run_features(recipe, manifest, progress=progress, accelerator=accelerator)
     if MAPPERS.get(recipe.mapper.type).uses_tokens and not store.has_tokens:
         raise RecipeError(
             f"mapper.type = {recipe.mapper.type!r} attends to patch tokens, but the feature store holds "
             "pooled vectors only: set encoder.patch_tokens = true"
         )
+    return manifest, store
+
+
+def _val_captions(recipe, manifest, store):
+    """`TrainJob.val_captions` for a caption model: the validation images' captions by
+    recipe.generate (None when the manifest has no validation images with features)."""
+    records = [r for r in manifest.split("val") if store.has(manifest.resolve_image(r))]
+    if not records:
+        return None
+
+    def val_captions(model, max_images: int) -> tuple[dict, dict]:
+        from vicap.generate import generate_captions
+
+        chosen = records[: max_images or None]
+        features = store.get([manifest.resolve_image(r) for r in chosen])
+        caps = generate_captions(
+            model, features, recipe.generate, language=manifest.language, segment=recipe.data.segment
+        )
+        return {r.image_id: list(r.captions) for r in chosen}, {
+            r.image_id: c for r, c in zip(chosen, caps, strict=True)
+        }
+
+    return val_captions
+
+
+def _feature_noise(cfg):
+    """CapDec (train.feature_noise): train on noisy image features, caption clean ones."""
+    if cfg.feature_noise <= 0:
+        return None
+
+    def augment(batch: dict) -> dict:
+        return {
+            **batch,
+            "features": batch["features"] + cfg.feature_noise * torch.randn_like(batch["features"]),
+        }
+
+    return augment
+
+
+def clipcap_job(recipe, accelerator, *, progress: bool = True) -> TrainJob:
+    """The ClipCap side of training: manifest, features, LM, caption model and caption pairs."""
+    from accelerate.utils import set_seed
+
+    from vicap.data import Collator, build_pairs
+    from vicap.decoders import load_decoder
+    from vicap.model import CaptionModel
+
+    manifest, store = _clipcap_data(recipe, accelerator, progress=progress)
     decoder = load_decoder(recipe.decoder)
-    set_seed(cfg.seed)  # again: feature extraction may or may not have drawn from the RNG
+    set_seed(recipe.train.seed)  # again: feature extraction may or may not have drawn from the RNG
     model = CaptionModel.from_recipe(recipe, store.dim, decoder)
 
     def pairs(split: str):
@@ -625,54 +692,72 @@ def clipcap_job(recipe, accelerator, *, progress: bool = True) -> TrainJob:
     train_set = pairs("train")
     if train_set is None:
         raise RecipeError(f"manifest {manifest.path} has no 'train' split")
-    val_records = [r for r in manifest.split("val") if store.has(manifest.resolve_image(r))]
-
-    def val_captions(model: CaptionModel, max_images: int) -> tuple[dict, dict]:
-        from vicap.generate import generate_captions
-
-        records = val_records[: max_images or None]
-        features = store.get([manifest.resolve_image(r) for r in records])
-        caps = generate_captions(
-            model, features, recipe.generate, language=manifest.language, segment=recipe.data.segment
-        )
-        return {r.image_id: list(r.captions) for r in records}, {
-            r.image_id: c for r, c in zip(records, caps, strict=True)
-        }
-
-    augment = None
-    if cfg.feature_noise > 0:  # CapDec: train on noisy image features, caption clean ones
-
-        def augment(batch: dict) -> dict:
-            return {
-                **batch,
-                "features": batch["features"] + cfg.feature_noise * torch.randn_like(batch["features"]),
-            }
-
     return TrainJob(
         kind=VICAP_RUN,
         recipe=recipe,
-        run_dir=run_dir,
+        run_dir=Path(recipe.train.output_dir),
         model=model,
         train_set=train_set,
         val_set=pairs("val"),
         collate=Collator(store, decoder.pad_token_id),
         param_groups=[{"params": [p for p in model.parameters() if p.requires_grad]}],
         meta={"format": "vicap-checkpoint-1", "encoder_dim": str(store.dim)},
-        augment=augment,
+        augment=_feature_noise(recipe.train),
         summary=f"{len(train_set)} captions of {len(set(train_set.rows.tolist()))} images",
-        val_captions=val_captions if val_records else None,
+        val_captions=_val_captions(recipe, manifest, store),
+        language=manifest.language,
+    )
+
+
+def scst_job(recipe, accelerator, *, progress: bool = True) -> TrainJob:
+    """Self-critical training (recipe.scst, see vicap.scst) of the caption model of scst.init_from."""
+    from vicap.scst import ImageCollator, Images, Rewarder, SelfCritical, init_model
+
+    manifest, store = _clipcap_data(recipe, accelerator, progress=progress)
+    model, source = init_model(recipe)
+    records = [r for r in manifest.split("train") if store.has(manifest.resolve_image(r))]
+    if not records:
+        raise RecipeError(f"manifest {manifest.path} has no 'train' images with features")
+    keys = [str(i) for i in range(len(records))]
+    images = Images([store.row(manifest.resolve_image(r)) for r in records], keys)
+    level = recipe.scst.level or recipe.eval.levels[0]
+    rewarder = Rewarder(
+        {k: list(r.captions) for k, r in zip(keys, records, strict=True)},
+        language=manifest.language,
+        level=level,
+    )
+    objective = SelfCritical(model, recipe.scst, recipe.generate, rewarder, keys, segment=recipe.data.segment)
+    val_captions = _val_captions(recipe, manifest, store)
+    return TrainJob(
+        kind=VICAP_RUN,
+        recipe=recipe,
+        run_dir=Path(recipe.train.output_dir),
+        model=objective,
+        train_set=images,
+        val_set=None,  # its loss is the policy loss of samples: no validation loss
+        collate=ImageCollator(store, images),
+        param_groups=[{"params": [p for p in model.parameters() if p.requires_grad]}],
+        meta={"format": "vicap-checkpoint-1", "encoder_dim": str(store.dim), "scst_init": source},
+        augment=_feature_noise(recipe.train),
+        summary=(
+            f"self-critical training from {source}: {len(images)} images x {recipe.scst.samples} samples, "
+            f"reward CIDEr-D on {level} tokens, baseline {recipe.scst.baseline}"
+        ),
+        val_captions=(lambda m, n: val_captions(m.model, n)) if val_captions else None,
         language=manifest.language,
     )
 
 
 def train(recipe, *, resume: bool = False, progress: bool = True) -> Path:
-    """Train the recipe's mapper (and LM or its LoRA adapters when tuned); returns the run directory."""
+    """Train the recipe's mapper (and LM or its LoRA adapters when tuned), with cross-entropy, or
+    self-critically from scst.init_from when that is set; returns the run directory."""
     from accelerate.utils import set_seed
 
     accelerator = make_accelerator(recipe.train)
     set_seed(recipe.train.seed)
     ckpt = start_run(VICAP_RUN, recipe, accelerator, resume=resume)
-    job = clipcap_job(recipe, accelerator, progress=progress)
+    make_job = scst_job if recipe.scst.init_from else clipcap_job
+    job = make_job(recipe, accelerator, progress=progress)
     return fit(job, accelerator, ckpt, progress=progress)
 
 

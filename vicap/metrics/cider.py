@@ -86,6 +86,11 @@ class CiderD:
         scores = [self._image_score(self._vec(_cook(res[k][0], self.n)), self._refs[k]) for k in self.keys]
         return float(np.mean(np.array(scores))), scores
 
+    def image_score(self, key: str, hypothesis: str) -> float:
+        """CIDEr-D of `hypothesis` (a token string) for image `key` of this corpus, with the corpus's
+        document frequencies: self-critical training's reward (vicap.scst)."""
+        return self._image_score(self._vec(_cook(hypothesis, self.n)), self._refs[key])
+
     def score_new_image(self, hypothesis: str, references: list[str]) -> float:
         """CIDEr-D of `hypothesis` for one more image with `references`, as pycocoevalcap scores that
         image when it is added to this corpus: its references count as one more document.
