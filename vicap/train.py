@@ -668,6 +668,19 @@ def _feature_noise(cfg):
     return augment
 
 
+def _clipcap_fields(recipe, manifest, store, model) -> dict:
+    """The TrainJob fields of both ClipCap objectives (cross-entropy and self-critical)."""
+    return {
+        "kind": VICAP_RUN,
+        "recipe": recipe,
+        "run_dir": Path(recipe.train.output_dir),
+        "param_groups": [{"params": [p for p in model.parameters() if p.requires_grad]}],
+        "meta": {"format": "vicap-checkpoint-1", "encoder_dim": str(store.dim)},
+        "augment": _feature_noise(recipe.train),
+        "language": manifest.language,
+    }
+
+
 def clipcap_job(recipe, accelerator, *, progress: bool = True) -> TrainJob:
     """The ClipCap side of training: manifest, features, LM, caption model and caption pairs."""
     from accelerate.utils import set_seed
@@ -693,19 +706,13 @@ def clipcap_job(recipe, accelerator, *, progress: bool = True) -> TrainJob:
     if train_set is None:
         raise RecipeError(f"manifest {manifest.path} has no 'train' split")
     return TrainJob(
-        kind=VICAP_RUN,
-        recipe=recipe,
-        run_dir=Path(recipe.train.output_dir),
+        **_clipcap_fields(recipe, manifest, store, model),
         model=model,
         train_set=train_set,
         val_set=pairs("val"),
         collate=Collator(store, decoder.pad_token_id),
-        param_groups=[{"params": [p for p in model.parameters() if p.requires_grad]}],
-        meta={"format": "vicap-checkpoint-1", "encoder_dim": str(store.dim)},
-        augment=_feature_noise(recipe.train),
         summary=f"{len(train_set)} captions of {len(set(train_set.rows.tolist()))} images",
         val_captions=_val_captions(recipe, manifest, store),
-        language=manifest.language,
     )
 
 
@@ -728,23 +735,19 @@ def scst_job(recipe, accelerator, *, progress: bool = True) -> TrainJob:
     )
     objective = SelfCritical(model, recipe.scst, recipe.generate, rewarder, keys, segment=recipe.data.segment)
     val_captions = _val_captions(recipe, manifest, store)
+    fields = _clipcap_fields(recipe, manifest, store, model)
+    fields["meta"]["scst_init"] = source
     return TrainJob(
-        kind=VICAP_RUN,
-        recipe=recipe,
-        run_dir=Path(recipe.train.output_dir),
+        **fields,
         model=objective,
         train_set=images,
         val_set=None,  # its loss is the policy loss of samples: no validation loss
         collate=ImageCollator(store, images),
-        param_groups=[{"params": [p for p in model.parameters() if p.requires_grad]}],
-        meta={"format": "vicap-checkpoint-1", "encoder_dim": str(store.dim), "scst_init": source},
-        augment=_feature_noise(recipe.train),
         summary=(
             f"self-critical training from {source}: {len(images)} images x {recipe.scst.samples} samples, "
             f"reward CIDEr-D on {level} tokens, baseline {recipe.scst.baseline}"
         ),
         val_captions=(lambda m, n: val_captions(m.model, n)) if val_captions else None,
-        language=manifest.language,
     )
 
 
