@@ -52,6 +52,11 @@ class CaptionPairs(Dataset):
     def __getitem__(self, i: int) -> tuple[int, list[int]]:
         return int(self.rows[i]), self.tokens[i]
 
+    @property
+    def lengths(self) -> np.ndarray:
+        """Tokens per caption (EOS included): what a batch is padded by."""
+        return np.fromiter((len(t) for t in self.tokens), dtype=np.int64, count=len(self.tokens))
+
 
 def build_pairs(
     manifest: Manifest,
@@ -107,10 +112,19 @@ class GlobalBatches(Sampler[list[int]]):
     batch does not divide evenly). A final global batch smaller than `world` is dropped so every
     process has a batch at every step; that is at most world - 1 captions an epoch, none on one
     process. `start` skips that many global batches of the current epoch (resuming mid-epoch).
+    With `lengths` (train.group_by_length), the shuffled order is regrouped by length first.
     """
 
     def __init__(
-        self, n: int, batch_size: int, *, shuffle: bool, seed: int = 0, rank: int = 0, world: int = 1
+        self,
+        n: int,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        lengths: np.ndarray | None = None,
     ) -> None:
         if batch_size < world:
             raise RecipeError(
@@ -120,6 +134,7 @@ class GlobalBatches(Sampler[list[int]]):
         self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
         self.rank, self.world = rank, world
         self.epoch, self.start = 0, 0
+        self.lengths = lengths  # given: global batches grouped by length (see `length_grouped`)
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
@@ -129,17 +144,52 @@ class GlobalBatches(Sampler[list[int]]):
         full, rest = divmod(self.n, self.batch_size)
         return full + (1 if rest >= self.world else 0)
 
+    def order(self, epoch: int) -> list[int]:
+        """Every index once, in epoch `epoch`'s order (cut into global batches by `__iter__`)."""
+        if not self.shuffle:
+            return list(range(self.n))
+        g = torch.Generator()
+        g.manual_seed(self.seed + epoch)
+        order = torch.randperm(self.n, generator=g).tolist()
+        if self.lengths is not None:
+            order = length_grouped(order, self.lengths, self.batch_size)
+        return order
+
+    def slices(self, chunk: list[int]) -> list[list[int]]:
+        """A global batch's per-process slices, in rank order."""
+        return [
+            chunk[(len(chunk) * r) // self.world : (len(chunk) * (r + 1)) // self.world]
+            for r in range(self.world)
+        ]
+
     def __iter__(self) -> Iterator[list[int]]:
-        if self.shuffle:
-            g = torch.Generator()
-            g.manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.n, generator=g).tolist()
-        else:
-            order = list(range(self.n))
+        order = self.order(self.epoch)
         for b in range(self.start, len(self)):
-            chunk = order[b * self.batch_size : (b + 1) * self.batch_size]
-            lo, hi = (len(chunk) * self.rank) // self.world, (len(chunk) * (self.rank + 1)) // self.world
-            yield chunk[lo:hi]
+            yield self.slices(order[b * self.batch_size : (b + 1) * self.batch_size])[self.rank]
+
+    def padding(self, lengths: np.ndarray, epoch: int = 0) -> float:
+        """The fraction of padded positions over every process's micro-batches of `epoch`."""
+        order, padded, real = self.order(epoch), 0, 0
+        for b in range(len(self)):
+            for part in self.slices(order[b * self.batch_size : (b + 1) * self.batch_size]):
+                if part:
+                    sizes = lengths[part]
+                    padded += int(sizes.max()) * len(part)
+                    real += int(sizes.sum())
+        return 1 - real / max(padded, 1)
+
+
+def length_grouped(order: list[int], lengths: np.ndarray, batch_size: int, megabatch: int = 50) -> list[int]:
+    """`order` regrouped so that global batches hold captions of similar length, as transformers'
+    `group_by_length`: consecutive runs of `megabatch` global batches, each run sorted longest first.
+    Every index stays once, and which run it falls in is still the shuffle's, so batches stay random
+    mixtures of images while their padding falls."""
+    size = batch_size * megabatch
+    out: list[int] = []
+    for i in range(0, len(order), size):
+        run = order[i : i + size]
+        out += sorted(run, key=lambda j: -int(lengths[j]))  # stable: ties keep the shuffle's order
+    return out
 
 
 def optimizer_steps(n_batches: int, grad_accum: int) -> int:

@@ -322,6 +322,11 @@ class TrainSettings(Section):
     )
     val_every: int = option("optimizer steps between validations; 0 validates at the end of each epoch", 0)
     val_max_images: int = option("score at most this many validation images when selecting (0 = all)", 0)
+    group_by_length: bool = option(
+        "draw each global batch from captions of similar length (as transformers' group_by_length): "
+        "less padding, the epoch still covers every caption once",
+        False,
+    )
 
     def validate(self) -> None:
         for key in ("epochs", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):
@@ -617,7 +622,10 @@ class Recipe(RecipeSchema):
     OPTIONAL = ("scst",)
 
     def summary(self) -> str:
-        return f"{self.encoder.model} -> {self.mapper.type} -> {self.decoder.model}, tuning={self.decoder.tuning}"
+        line = f"{self.encoder.model} -> {self.mapper.type} -> {self.decoder.model}, tuning={self.decoder.tuning}"
+        if self.scst.init_from:
+            line += f"; self-critical training from {self.scst.init_from} ({self.scst.init_checkpoint} checkpoint)"
+        return line
 
 
 # Recipe kinds by the `kind` a file declares (None: vicap's own); vicap.baseline.recipe adds its own.

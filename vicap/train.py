@@ -334,8 +334,16 @@ def start_run(kind: RunKind, recipe, accelerator, *, resume: bool) -> Checkpoint
 
 def _loader(job: TrainJob, dataset: Dataset, *, shuffle: bool, rank: int, world: int) -> DataLoader:
     cfg = job.recipe.train
+    lengths = None
+    if shuffle and cfg.group_by_length:
+        lengths = getattr(dataset, "lengths", None)
+        if lengths is None:
+            raise RecipeError(
+                f"train.group_by_length = true, but this training's items ({type(dataset).__name__}) are "
+                "not captions of their own length; set it to false"
+            )
     batches = GlobalBatches(
-        len(dataset), cfg.batch_size, shuffle=shuffle, seed=cfg.seed, rank=rank, world=world
+        len(dataset), cfg.batch_size, shuffle=shuffle, seed=cfg.seed, rank=rank, world=world, lengths=lengths
     )
     # The loader's own generator: iterating it never draws from the global RNG (dropout's), which
     # would put a resumed run's dropout masks out of step.
@@ -450,6 +458,7 @@ def _setup(job: TrainJob, accelerator, ckpt: Checkpoint | None) -> _Setup:
             )
     model, optimizer = accelerator.prepare(model, optimizer)
     params = [p for g in job.param_groups for p in g["params"]]
+    _log_padding(job, train_loader.batch_sampler)
     log.info(
         "training %s: %s; %d steps (%d/epoch), global batch %d x %d accumulation over %d process(es), "
         "%s trainable parameters",
@@ -465,6 +474,21 @@ def _setup(job: TrainJob, accelerator, ckpt: Checkpoint | None) -> _Setup:
     return _Setup(
         model, optimizer, scheduler, params, train_loader, val_loader, steps_per_epoch, total_steps, rng
     )
+
+
+def _log_padding(job: TrainJob, batches: GlobalBatches) -> None:
+    """How much of the first epoch's batches is padding (and how much it would be without
+    train.group_by_length, when that is on)."""
+    lengths = getattr(job.train_set, "lengths", None)
+    if lengths is None or not len(lengths):
+        return
+    line = f"padding: {100 * batches.padding(lengths):.1f}% of caption positions"
+    if batches.lengths is not None:
+        plain = GlobalBatches(
+            batches.n, batches.batch_size, shuffle=True, seed=batches.seed, world=batches.world
+        )
+        line += f" ({100 * plain.padding(lengths):.1f}% without train.group_by_length)"
+    log.info(line)
 
 
 def _validate(job: TrainJob, accelerator, s: _Setup, sel: Selection, *, step: int, epoch: int) -> dict:
