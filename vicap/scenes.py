@@ -2,24 +2,24 @@
 
 `vicap demo`'s shapes (one kind of shape, one colour, a count and a place per image, seven templates)
 are saturated: a tiny captioner scores above the human leave-one-out row, so no quality change shows.
-Here every image holds 2-4 things, each a shape with a colour, a size and a texture (plain, striped,
-dotted), on a plain or cluttered background; two of them are linked by a relation (left of, above,
-inside, bigger than, partly covering) and the others may overlap them. Its five captions each say a
-different part of the scene (the relation, the colours and how many, the shapes, the background, the
-textures, the sizes, the whole list), each part in several wordings, so a captioner has to see far
-more than it can say in one sentence: the benchmark of `vicap demo --dataset hard` and
-`bench/quality.py`.
+Here every image holds 2-4 things, each a shape with its own colour, a size and a texture (plain,
+striped, dotted), on a plain or cluttered background. Two of them are related (left of, above,
+inside, bigger than, partly covering) and drawn so that the relation is plain to see; the others
+stay clear of those two and may partly cover one another. Each of the five captions names the
+related pair and says a different part of the scene besides (the relation; the count and colours;
+the background; the textures; the sizes; all the things), each part in several wordings and word
+orders, so a captioner has to see more than one sentence can say: the benchmark of
+`vicap demo --dataset hard` and `bench/quality.py`.
 
-Deterministic from a seed; written in KTVIC's layout by the demo's writer (`vicap.demo.write_ktvic_layout`)
-and read back through the `ktvic` adapter. The vocabulary is closed and small (`vocabulary()`), so tiny
-stand-in models can learn it.
+Deterministic from a seed; written in KTVIC's layout by the demo's writer
+(`vicap.demo.write_ktvic_layout`) and read back through the `ktvic` adapter. The vocabulary is closed
+and small, so the tiny stand-in models can learn it.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +31,8 @@ COLOURS = {  # Vietnamese colour name -> RGB
     "xanh lá": (40, 165, 60),
     "xanh dương": (35, 75, 215),
     "tím": (140, 55, 185),
+    "hồng": (240, 110, 170),
+    "nâu": (130, 80, 35),
 }
 BACKGROUNDS = {"trắng": (244, 244, 244), "xám": (128, 128, 128), "đen": (20, 20, 20)}
 SHAPES = ("hình tròn", "hình vuông", "hình tam giác", "hình thoi")
@@ -52,7 +54,7 @@ PHRASES = {
         "bên trong {y} là {x}",
     ),
     "bigger": ("{x} lớn hơn {y}", "{y} nhỏ hơn {x}", "{x} to hơn {y}", "{y} bé hơn {x}"),
-    "covers": ("{x} che một phần {y}", "{x} nằm đè lên {y}", "{y} bị {x} che một phần", "{y} nằm dưới {x}"),
+    "covers": ("{x} che một phần {y}", "{x} nằm đè lên {y}", "{y} bị {x} che một phần", "{y} bị {x} đè lên"),
 }
 # Word lists kept together so the caption vocabulary is closed; KTVIC ships underthesea-style word
 # segmentation beside each caption, so its compounds are listed (longest first) instead of running it.
@@ -73,6 +75,8 @@ COMPOUNDS = (
     "phía trên",
     "phía dưới",
     "một phần",
+    "hoa văn",
+    "lộn xộn",
 )
 
 
@@ -109,8 +113,52 @@ def _overlap(p: Thing, q: Thing, slack: float = 1.0) -> bool:
     return math.hypot(p.cx - q.cx, p.cy - q.cy) < p.r + q.r + slack
 
 
+def _outline(t: Thing) -> list[tuple[float, float]]:
+    r, cx, cy = t.r, t.cx, t.cy
+    if t.shape == "hình vuông":
+        s = 0.88 * r
+        return [(cx - s, cy - s), (cx + s, cy - s), (cx + s, cy + s), (cx - s, cy + s)]
+    if t.shape == "hình tam giác":
+        return [(cx, cy - r), (cx + r, cy + 0.8 * r), (cx - r, cy + 0.8 * r)]
+    if t.shape == "hình thoi":
+        return [(cx, cy - r), (cx + 0.8 * r, cy), (cx, cy + r), (cx - 0.8 * r, cy)]
+    return [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in (2 * math.pi * i / 32 for i in range(32))]
+
+
+def mask(t: Thing):
+    """The pixels of a thing's outline as drawn (a PIL "L" image, 255 inside)."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("L", (SIZE, SIZE), 0)
+    ImageDraw.Draw(image).polygon(_outline(t), fill=255)
+    return image
+
+
+def visible(things: list[Thing] | tuple[Thing, ...]) -> list[float]:
+    """The share of each thing's pixels left in sight by the things drawn after it (later covers earlier)."""
+    import numpy as np
+
+    masks = [np.asarray(mask(t)) > 0 for t in things]
+    above, shares = np.zeros((SIZE, SIZE), bool), []
+    for m in reversed(masks):
+        shares.append((m & ~above).sum() / m.sum())
+        above |= m
+    return shares[::-1]
+
+
+def _partly_covers(x: Thing, y: Thing) -> bool:
+    """Whether x, drawn over y, plainly hides a part of it but neither hides y nor sits inside it: on the
+    drawn outlines, not circles (a corner may miss what a circle would touch)."""
+    import numpy as np
+
+    mx, my = (np.asarray(mask(t)) > 0 for t in (x, y))
+    hidden = (mx & my).sum()
+    return 0.15 * min(mx.sum(), my.sum()) <= hidden <= min(0.5 * my.sum(), 0.7 * mx.sum())
+
+
 def _pair(rng: random.Random, relation: str, kinds: list[tuple[str, str]]) -> tuple[Thing, Thing]:
-    """The two related things x, y (x <relation> y), placed so the relation is plain to see."""
+    """The two related things x, y (x <relation> y), placed so the relation is plain to see; x is drawn
+    after y."""
     (xs, xc), (ys, yc) = kinds
     tex = [rng.choice(TEXTURES) for _ in range(2)]
     if relation == "inside":
@@ -123,19 +171,43 @@ def _pair(rng: random.Random, relation: str, kinds: list[tuple[str, str]]) -> tu
     sizes = ("lớn", "nhỏ") if relation == "bigger" else (rng.choice(list(SIZES)), rng.choice(list(SIZES)))
     rx, ry = _radius(rng, sizes[0]), _radius(rng, sizes[1])
     for _ in range(200):
-        x = Thing(xs, xc, tex[0], sizes[0], *(rng.uniform(rx + 1, SIZE - rx - 1) for _ in "xy"), rx)
         y = Thing(ys, yc, tex[1], sizes[1], *(rng.uniform(ry + 1, SIZE - ry - 1) for _ in "xy"), ry)
+        if relation == "covers":  # x within reach of y: a chance worth trying
+            a, d = rng.uniform(0, 2 * math.pi), rng.uniform(0.4, 1.0) * (rx + ry)
+            x = Thing(xs, xc, tex[0], sizes[0], y.cx + d * math.cos(a), y.cy + d * math.sin(a), rx)
+            if not (rx + 1 < x.cx < SIZE - rx - 1 and rx + 1 < x.cy < SIZE - rx - 1):
+                continue
+        else:
+            x = Thing(xs, xc, tex[0], sizes[0], *(rng.uniform(rx + 1, SIZE - rx - 1) for _ in "xy"), rx)
         dx, dy = y.cx - x.cx, y.cy - x.cy
         gap = math.hypot(dx, dy) - rx - ry
         ok = {
             "left": dx > rx + ry + 2 and abs(dy) < 0.5 * dx,
             "above": dy > rx + ry + 2 and abs(dx) < 0.5 * dy,
             "bigger": gap > 3,
-            "covers": -0.9 * min(rx, ry) < gap < -0.3 * min(rx, ry),
+            "covers": gap < 0 and _partly_covers(x, y),
         }[relation]
         if ok:
             return x, y
     raise AssertionError(f"could not place a {relation} pair")  # 200 tries always suffice at these sizes
+
+
+def _add_other(rng: random.Random, shape: str, colour: str, things: list[Thing], pair: tuple[Thing, Thing]):
+    """Add a thing that is not one of the related pair to `things` (drawing order), if 200 tries find it
+    a place: clear of the pair (it never hides their relation), drawn under or over the other such
+    things, partly covering them or covered, but every thing keeps at least half its pixels in sight."""
+    size = rng.choice(list(SIZES))
+    r = _radius(rng, size)
+    texture = rng.choice(TEXTURES)
+    for _ in range(200):
+        t = Thing(shape, colour, texture, size, rng.uniform(r, SIZE - r), rng.uniform(r, SIZE - r), r)
+        if any(_overlap(t, p, 2) for p in pair):
+            continue
+        trial = list(things)
+        trial.insert(rng.randint(0, len(things)), t)
+        if min(visible(trial)) >= 0.5:
+            things[:] = trial
+            return
 
 
 def random_scene(rng: random.Random) -> Scene:
@@ -144,27 +216,10 @@ def random_scene(rng: random.Random) -> Scene:
     kinds = [(rng.choice(SHAPES), c) for c in rng.sample(list(COLOURS), n)]
     relation = rng.choice(RELATIONS)
     x, y = _pair(rng, relation, kinds[:2])
-    # y first, then x: a covering or contained x is drawn on top
-    things = [y, x]
+    things = [y, x]  # y first: a covering or contained x is drawn on top
     for shape, colour in kinds[2:]:
-        size = rng.choice(list(SIZES))
-        r = _radius(rng, size)
-        for _ in range(200):
-            t = Thing(
-                shape,
-                colour,
-                rng.choice(TEXTURES),
-                size,
-                rng.uniform(r, SIZE - r),
-                rng.uniform(r, SIZE - r),
-                r,
-            )
-            # others may overlap each other a little (occlusion), never hide the pair's relation
-            if not any(_overlap(t, p, 2) for p in (x, y)) and not any(
-                math.hypot(t.cx - p.cx, t.cy - p.cy) < 0.6 * (t.r + p.r) for p in things[2:]
-            ):
-                break
-        things.insert(rng.randint(0, len(things)) if rng.random() < 0.5 else len(things), t)
+        # a scene too crowded for one more keeps the things it has (the captions count what is drawn)
+        _add_other(rng, shape, colour, things, (x, y))
     return Scene(
         tuple(things),
         relation,
@@ -176,18 +231,6 @@ def random_scene(rng: random.Random) -> Scene:
 
 
 # --------------------------------------------------------------------------- drawing
-
-
-def _outline(t: Thing) -> list[tuple[float, float]]:
-    r, cx, cy = t.r, t.cx, t.cy
-    if t.shape == "hình vuông":
-        s = 0.88 * r
-        return [(cx - s, cy - s), (cx + s, cy - s), (cx + s, cy + s), (cx - s, cy + s)]
-    if t.shape == "hình tam giác":
-        return [(cx, cy - r), (cx + r, cy + 0.8 * r), (cx - r, cy + 0.8 * r)]
-    if t.shape == "hình thoi":
-        return [(cx, cy - r), (cx + 0.8 * r, cy), (cx, cy + r), (cx - 0.8 * r, cy)]
-    return [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in (2 * math.pi * i / 32 for i in range(32))]
 
 
 def draw_scene(scene: Scene, rng: random.Random):
@@ -205,8 +248,6 @@ def draw_scene(scene: Scene, rng: random.Random):
     ink = (25, 25, 25) if scene.background == "trắng" else (245, 245, 245)  # stripes and dots
     for t in scene.things:
         fill = tuple(min(255, max(0, c + rng.randint(-15, 15))) for c in COLOURS[t.colour])
-        mask = Image.new("L", (SIZE, SIZE), 0)
-        ImageDraw.Draw(mask).polygon(_outline(t), fill=255)
         layer = Image.new("RGB", (SIZE, SIZE), fill)
         pattern = ImageDraw.Draw(layer)
         if t.texture == "kẻ sọc":
@@ -218,7 +259,7 @@ def draw_scene(scene: Scene, rng: random.Random):
             for i in range(0, SIZE, step):
                 for j in range(0, SIZE, step):
                     pattern.ellipse((i + 1, j + 1, i + 3.5, j + 3.5), fill=ink)
-        image.paste(layer, (0, 0), mask)
+        image.paste(layer, (0, 0), mask(t))
     return image
 
 
@@ -230,10 +271,6 @@ def name(t: Thing) -> str:
     return f"{t.shape} {t.colour}"
 
 
-def _texture(t: Thing) -> str:
-    return "" if t.texture == "trơn" else f" {t.texture}"
-
-
 def _join(parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " và " + parts[-1]
 
@@ -242,10 +279,16 @@ def _capital(s: str) -> str:
     return s[0].upper() + s[1:]
 
 
+def _pair_names(scene: Scene, rng: random.Random) -> tuple[Thing, Thing]:
+    """The related pair in either order (word-order variation)."""
+    x, y = scene.things[scene.a], scene.things[scene.b]
+    return (x, y) if rng.random() < 0.5 else (y, x)
+
+
 def _background(scene: Scene, rng: random.Random) -> str:
     bg = f"nền {scene.background}"
     if scene.clutter:
-        return bg + rng.choice((" có nhiều vệt nhỏ", " lộn xộn"))
+        return bg + rng.choice((" có nhiều vệt nhỏ", " lộn xộn", " có nhiều nét vụn"))
     return bg + rng.choice((" trơn", ""))
 
 
@@ -258,45 +301,58 @@ def _relation(scene: Scene, rng: random.Random) -> str:
 
 
 def _colours(scene: Scene, rng: random.Random) -> str:
-    x, y = scene.things[scene.a], scene.things[scene.b]
-    n, colours = NUMBERS[len(scene.things)], _join([t.colour for t in scene.things])
+    p, q = _pair_names(scene, rng)
+    n = NUMBERS[len(scene.things)]
+    colours = _join([t.colour for t in rng.sample(scene.things, len(scene.things))])
     if len(scene.things) == 2:
-        return rng.choice(("Có hai hình: {x} và {y}.", "Bức ảnh có hai hình là {x} và {y}.")).format(
-            x=name(x), y=name(y)
+        template = rng.choice(
+            (
+                "Có hai hình: {p} và {q}.",
+                "Bức ảnh có hai hình là {p} và {q}.",
+                "Chỉ có hai hình là {p} và {q}.",
+            )
         )
-    return rng.choice(
-        (
-            "Có {n} hình màu {c}, trong đó có {x} và {y}.",
-            "Bức ảnh có {n} hình với các màu {c}, gồm {x} và {y}.",
+    else:
+        template = rng.choice(
+            (
+                "Có {n} hình màu {c}, trong đó có {p} và {q}.",
+                "Bức ảnh có {n} hình với các màu {c}, gồm cả {p} và {q}.",
+                "{P} và {q} là hai trong {n} hình màu {c}.",
+            )
         )
-    ).format(n=n, c=colours, x=name(x), y=name(y))
+    return template.format(n=n, c=colours, p=name(p), P=_capital(name(p)), q=name(q))
 
 
 def _scene_background(scene: Scene, rng: random.Random) -> str:
-    x, y = scene.things[scene.a], scene.things[scene.b]
+    p, q = _pair_names(scene, rng)
     return rng.choice(
-        (
-            "Trên {bg} là {x} và {y}.",
-            "{X} và {y} nằm trên {bg}.",
-            "Bức ảnh có {x} và {y} trên {bg}.",
-        )
-    ).format(bg=_background(scene, rng), x=name(x), X=_capital(name(x)), y=name(y))
+        ("Trên {bg} là {p} và {q}.", "{P} và {q} nằm trên {bg}.", "Bức ảnh có {p} và {q} trên {bg}.")
+    ).format(bg=_background(scene, rng), p=name(p), P=_capital(name(p)), q=name(q))
+
+
+def _list(parts: list[str], rng: random.Random) -> str:
+    """A caption that lists things: "Có ...", "Bức ảnh có ..." or the bare list."""
+    return rng.choice(("Có {l}.", "Bức ảnh có {l}.", "{L}.")).format(l=_join(parts), L=_capital(_join(parts)))
 
 
 def _textures(scene: Scene, rng: random.Random) -> str:
-    x, y = scene.things[scene.a], scene.things[scene.b]
-    parts = [f"một {name(t)}{_texture(t)}" for t in (x, y)]
-    return rng.choice(("Có {p}.", "Bức ảnh có {p}.", "{P}.")).format(p=_join(parts), P=_capital(_join(parts)))
+    def texture(t: Thing) -> str:
+        if t.texture == "trơn":
+            return rng.choice(("", " trơn", " không có hoa văn"))
+        return rng.choice((f" {t.texture}", f" có hoa văn {t.texture}"))
+
+    return _list([f"một {name(t)}{texture(t)}" for t in _pair_names(scene, rng)], rng)
 
 
 def _sizes(scene: Scene, rng: random.Random) -> str:
-    x, y = scene.things[scene.a], scene.things[scene.b]
-    parts = [f"một {t.shape} {t.size} màu {t.colour}" for t in (x, y)]
-    return rng.choice(("Có {p}.", "Bức ảnh có {p}.", "{P}.")).format(p=_join(parts), P=_capital(_join(parts)))
+    words = ("một {s} {z} màu {c}", "một {s} {c} cỡ {z}")
+    return _list(
+        [rng.choice(words).format(s=t.shape, z=t.size, c=t.colour) for t in _pair_names(scene, rng)], rng
+    )
 
 
 def _all(scene: Scene, rng: random.Random) -> str:
-    parts = _join([f"một {name(t)}" for t in scene.things])
+    parts = _join([f"một {name(t)}" for t in rng.sample(scene.things, len(scene.things))])
     return rng.choice(("Bức ảnh có {p}.", "Hình ảnh gồm {p}.", "{P} trên {bg}.")).format(
         p=parts, P=_capital(parts), bg=_background(scene, rng)
     )
@@ -306,8 +362,10 @@ ASPECTS = (_colours, _scene_background, _textures, _sizes, _all)
 
 
 def captions_for(scene: Scene, rng: random.Random) -> list[str]:
-    """Five captions, each saying a different part of the scene: the relation and four others."""
-    return [_capital(f(scene, rng)) for f in (_relation, *rng.sample(ASPECTS, 4))]
+    """Five captions, each saying a different part of the scene, all naming the related pair: the
+    relation and four of the others (in random order)."""
+    captions = [_capital(f(scene, rng)) for f in (_relation, *rng.sample(ASPECTS, 4))]
+    return rng.sample(captions, 5)
 
 
 def scene_example(rng: random.Random):
