@@ -9,12 +9,13 @@ the demo builds its own: KTVIC's layout read through the `ktvic` adapter, a tiny
 contrastively on the training pairs and a tiny GPT-2 with its own BPE (`vicap.demo.build_demo_inputs`).
 
 It builds the data and stand-ins once (`build`), then trains and evaluates the shipped recipe
-`demo_vi_scenes` once per seed (`run_once`: cross-entropy, MLP mapper + the tiny LM tuned), and prints,
-at syllable and word level, the model (each seed, mean and spread) beside the most-frequent-caption
-floor and human agreement (leave-one-out), with the gaps in units of the seeds' spread, and the wall
-time of every stage. Everything goes under --out (default: a temp dir), with quality.json. More stages
-(another training objective, checkpoint selection) are more calls of `run_once` with their own
-overrides and run names, scored by the same `summarize`.
+`demo_vi_scenes` once per seed (`run_once`: cross-entropy, MLP mapper + the tiny LM tuned, the
+checkpoint that train.select chose on the validation split), and prints, at syllable and word level,
+the model (each seed, mean ± sd) beside the most-frequent-caption floor and human agreement
+(leave-one-out), with the mean as a multiple of each; which checkpoint each run used; and the wall time
+of every stage. Everything goes under --out (default: a temp dir), with quality.json. More stages
+(another training objective, say) are more calls of `run_once` with their own overrides and run
+names, scored by the same `summarize` and `table`.
 
 Data and stand-ins are reused from --out when they are there and were built with the same --images.
 """
@@ -54,8 +55,17 @@ def build(out: Path, *, images: int | None = None, progress: bool = False) -> di
 def run_once(
     out: Path, *, seed: int, overrides: tuple[str, ...] = (), name: str = "ce", progress: bool = False
 ) -> tuple[dict, dict]:
-    """Train the shipped hard-set recipe with `train.seed=seed` and `overrides` into
-    OUT/runs/NAME-seedSEED, caption the held-out split and score it; returns (report, stage seconds)."""
+    """One trained and scored run on what `build(out)` made: the shipped recipe `demo_vi_scenes` with
+    `train.seed=seed`, then `overrides` (recipe overrides, KEY=VALUE as `--set` takes them; they come
+    last, so they win), trained afresh into OUT/runs/NAME-seedSEED (replaced if there), its selected
+    checkpoint used to caption and score the held-out split.
+
+    Returns (the evaluation report of `vicap.evaluate.evaluate_run`: scores per level beside the floor
+    and the human row, "checkpoint" saying which was used; the seconds of its "train" and
+    "caption + evaluate" stages). A second training stage (another objective starting from this run's
+    weights, say) is another call with its own `name` and `overrides`; `summarize` and `table` score
+    any list of reports of the same held-out split. This signature is kept stable for such callers.
+    """
     from vicap.demo import demo_overrides, demo_recipe_path, train_and_evaluate
     from vicap.recipe import load_recipe
 
@@ -84,34 +94,44 @@ def summarize(reports: list[dict]) -> dict:
         out[level] = {}
         for m in COLUMNS:
             model = [row["vicap"][m] for row in rows]
-            spread = statistics.stdev(model) if len(model) > 1 else 0.0
             out[level][m] = {
                 "floor": rows[0][FLOOR][m],
                 "human": rows[0][HUMAN][m],
                 "model": model,
                 "mean": statistics.fmean(model),
-                "sd": spread,
+                "sd": statistics.stdev(model) if len(model) > 1 else 0.0,
             }
     return out
 
 
-def table(summary: dict, seeds: list[int]) -> str:
+def table(summary: dict, runs: list[str]) -> str:
+    """Markdown tables, one per level: each metric's floor, each run, their mean ± sd, human agreement,
+    and the mean as a multiple of the floor and of the human row."""
     lines = []
     for level, metrics in summary.items():
         lines += [
             f"\n{level}-level tokens",
-            "| metric | floor | model (seeds " + " ".join(map(str, seeds)) + ") | model mean ± sd | human |"
-            " model - floor | human - model |",
-            "|---|---|---|---|---|---|---|",
+            "| metric | floor | " + " | ".join(runs) + " | mean ± sd | human | mean / floor | mean / human |",
+            "|---|---|" + "---|" * len(runs) + "---|---|---|---|",
         ]
         for m, s in metrics.items():
-            per_seed = " ".join(f"{v:.3f}" for v in s["model"])
-            sd = f" ({(s['mean'] - s['floor']) / s['sd']:.0f} sd)" if s["sd"] else ""
-            sd2 = f" ({(s['human'] - s['mean']) / s['sd']:.0f} sd)" if s["sd"] else ""
+            per_run = " | ".join(f"{v:.3f}" for v in s["model"])
             lines.append(
-                f"| {m} | {s['floor']:.3f} | {per_seed} | {s['mean']:.3f} ± {s['sd']:.3f} | {s['human']:.3f} |"
-                f" {s['mean'] - s['floor']:+.3f}{sd} | {s['human'] - s['mean']:+.3f}{sd2} |"
+                f"| {m} | {s['floor']:.3f} | {per_run} | {s['mean']:.3f} ± {s['sd']:.3f} | {s['human']:.3f} |"
+                f" {s['mean'] / max(s['floor'], 1e-9):.2f}x | {s['mean'] / max(s['human'], 1e-9):.2f}x |"
             )
+    return "\n".join(lines)
+
+
+def stage_table(timings: dict) -> str:
+    """Seconds of every stage: one column per part of the bench (the build, each run)."""
+    stages = list(dict.fromkeys(k for t in timings.values() for k in t))
+    lines = [
+        "| stage | " + " | ".join(timings) + " |",
+        "|---|" + "---|" * len(timings),
+    ]
+    for stage in stages:
+        lines.append(f"| {stage} | " + " | ".join(str(t.get(stage, "")) for t in timings.values()) + " |")
     return "\n".join(lines)
 
 
@@ -139,11 +159,23 @@ def main() -> None:
     wall = round(time.perf_counter() - t0, 1)
     r = reports[0]
     print(f"\nhard set: {r['images']} held-out images, {r['references']} reference captions; {out}")
-    print(f'floor caption: "{r["baseline_caption"]}"' if "baseline_caption" in r else "", end="")
-    print(table(summary, args.seeds))
-    print("\nwall time (s): " + "; ".join(f"{k}: {v}" for k, v in timings.items()) + f"; total {wall}")
+    print(f'floor: always the most frequent training caption, "{r["baseline_caption"]}"')
+    print(table(summary, [f"seed {s}" for s in args.seeds]))
+    print("\ncheckpoints scored (train.select):")
+    for seed, report in zip(args.seeds, reports, strict=True):
+        print(f"  seed {seed}: {report['checkpoint'] or 'step ' + str(report['step'])}")
+    print("\nwall time (s):\n" + stage_table(timings) + f"\ntotal {wall} s")
     (out / "quality.json").write_text(
-        json.dumps({"seeds": args.seeds, "summary": summary, "timings_s": timings, "wall_s": wall}, indent=1),
+        json.dumps(
+            {
+                "seeds": args.seeds,
+                "summary": summary,
+                "checkpoints": [r["checkpoint"] for r in reports],
+                "timings_s": timings,
+                "wall_s": wall,
+            },
+            indent=1,
+        ),
         encoding="utf-8",
     )
     print(f"written: {out / 'quality.json'}")

@@ -12,6 +12,10 @@ Nothing is downloaded. The demo
 3. trains the mapper together with the tiny LM (ClipCap's "MLP + fine-tuned LM" setting: a randomly
    initialised LM has nothing useful to keep frozen), captions the held-out images and scores them
    beside the most-frequent-training-caption floor.
+
+`vicap demo --dataset hard` does the same on a harder set (`vicap.scenes`: 2-4 related shapes per
+image, five captions that say different things; its own recipe `demo_vi_scenes`), whose scores stay
+clearly between that floor and human agreement; `DEMO_SETS` holds each set's sizes and folders.
 """
 
 from __future__ import annotations

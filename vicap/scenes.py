@@ -35,7 +35,8 @@ COLOURS = {  # Vietnamese colour name -> RGB
     "nâu": (130, 80, 35),
 }
 BACKGROUNDS = {"trắng": (244, 244, 244), "xám": (128, 128, 128), "đen": (20, 20, 20)}
-SHAPES = ("hình tròn", "hình vuông", "hình tam giác", "hình thoi")
+# the pentagon and hexagon are near circles at the small size: a fine distinction a tiny encoder misses
+SHAPES = ("hình tròn", "hình vuông", "hình tam giác", "hình thoi", "hình ngũ giác", "hình lục giác")
 TEXTURES = ("trơn", "kẻ sọc", "chấm bi")  # trơn: plain
 SIZES = {"lớn": (0.15, 0.19), "nhỏ": (0.075, 0.095)}  # radius as a fraction of the image side
 NUMBERS = ("không", "một", "hai", "ba", "bốn")
@@ -63,6 +64,8 @@ COMPOUNDS = (
     "hình tròn",
     "hình vuông",
     "hình thoi",
+    "hình ngũ giác",
+    "hình lục giác",
     "xanh lá",
     "xanh dương",
     "bức ảnh",
@@ -122,7 +125,9 @@ def _outline(t: Thing) -> list[tuple[float, float]]:
         return [(cx, cy - r), (cx + r, cy + 0.8 * r), (cx - r, cy + 0.8 * r)]
     if t.shape == "hình thoi":
         return [(cx, cy - r), (cx + 0.8 * r, cy), (cx, cy + r), (cx - 0.8 * r, cy)]
-    return [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in (2 * math.pi * i / 32 for i in range(32))]
+    # regular polygons, a corner at the top: 32 corners draw the circle
+    n = {"hình ngũ giác": 5, "hình lục giác": 6}.get(t.shape, 32)
+    return [(cx + r * math.sin(a), cy - r * math.cos(a)) for a in (2 * math.pi * i / n for i in range(n))]
 
 
 def mask(t: Thing):
