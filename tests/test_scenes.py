@@ -237,3 +237,19 @@ def test_demo_dataset_bad_names(tmp_path: Path, case: str, args: list[str], mess
     assert f"error: {message}" in res.stderr and "Traceback" not in res.output
     assert not (tmp_path / "out").exists()  # nothing was built or printed before the check
     assert "vicap demo:" not in res.stdout
+
+
+def test_demo_inputs_of_other_sizes_are_an_error(tmp_path: Path, tiny_hard) -> None:
+    """A folder whose hard-set inputs were built at other sizes is not reused for this run's sizes."""
+    out = tmp_path / "out"
+    record = out / "data" / "ktvic-scenes.settings.json"
+    record.parent.mkdir(parents=True)
+    record.write_text(json.dumps({"dataset": "hard", "n_train": 3000, "n_test": 300, "clip_steps": 300}))
+    res = CliRunner().invoke(app, ["demo", "--out", str(out), "--dataset", "hard"])
+    assert res.exit_code == 2, res.output
+    assert (
+        f"error: {record}: the demo inputs there were built with n_train=3000, n_test=300, clip_steps=300, "
+        "not n_train=20, n_test=4, clip_steps=3" in res.stderr
+    )
+    assert "Traceback" not in res.output
+    assert sorted(p.name for p in out.rglob("*")) == ["data", "ktvic-scenes.settings.json"]  # nothing built

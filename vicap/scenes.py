@@ -35,7 +35,7 @@ COLOURS = {  # Vietnamese colour name -> RGB
     "nâu": (130, 80, 35),
 }
 BACKGROUNDS = {"trắng": (244, 244, 244), "xám": (128, 128, 128), "đen": (20, 20, 20)}
-# the pentagon and hexagon are near circles at the small size: a fine distinction a tiny encoder misses
+# the pentagon and hexagon are near circles at the small size: a fine distinction to see
 SHAPES = ("hình tròn", "hình vuông", "hình tam giác", "hình thoi", "hình ngũ giác", "hình lục giác")
 TEXTURES = ("trơn", "kẻ sọc", "chấm bi")  # trơn: plain
 SIZES = {"lớn": (0.15, 0.19), "nhỏ": (0.075, 0.095)}  # radius as a fraction of the image side
@@ -58,7 +58,7 @@ PHRASES = {
     "covers": ("{x} che một phần {y}", "{x} nằm đè lên {y}", "{y} bị {x} che một phần", "{y} bị {x} đè lên"),
 }
 # Word lists kept together so the caption vocabulary is closed; KTVIC ships underthesea-style word
-# segmentation beside each caption, so its compounds are listed (longest first) instead of running it.
+# segmentation beside each caption, so its compounds are listed instead of running it.
 COMPOUNDS = (
     "hình tam giác",
     "hình tròn",
