@@ -12,6 +12,10 @@ Nothing is downloaded. The demo
 3. trains the mapper together with the tiny LM (ClipCap's "MLP + fine-tuned LM" setting: a randomly
    initialised LM has nothing useful to keep frozen), captions the held-out images and scores them
    beside the most-frequent-training-caption floor.
+
+`vicap demo --dataset hard` does the same on a harder set (`vicap.scenes`: 2-4 related shapes per
+image, five captions that say different things; its own recipe `demo_vi_scenes`), whose scores stay
+clearly between that floor and human agreement; `DEMO_SETS` holds each set's sizes and folders.
 """
 
 from __future__ import annotations
@@ -22,8 +26,10 @@ import math
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -85,8 +91,9 @@ class Scene:
     bg: str
 
 
-def segment_caption(caption: str) -> str:
-    for c in COMPOUNDS:
+def segment_caption(caption: str, compounds: tuple[str, ...] = COMPOUNDS) -> str:
+    """KTVIC's `segment_caption` for a closed vocabulary: the listed compounds joined by '_'."""
+    for c in compounds:
         caption = caption.replace(c, c.replace(" ", "_")).replace(
             c.capitalize(), c.capitalize().replace(" ", "_")
         )
@@ -141,8 +148,31 @@ def random_scene(rng: random.Random) -> Scene:
     )
 
 
+def shapes_example(rng: random.Random):
+    """One image of the demo's shapes and its five captions."""
+    scene = random_scene(rng)
+    return draw_scene(scene, rng), captions_for(scene, rng)
+
+
 def write_synthetic_ktvic(root: Path, n_train: int = 1500, n_test: int = 200, seed: int = 0) -> Path:
     """Write the synthetic set in KTVIC's layout: {train,test}_data.json + train-images/, public-test-images/."""
+    return write_ktvic_layout(
+        root, n_train, n_test, seed=seed, example=shapes_example, segment=segment_caption
+    )
+
+
+def write_ktvic_layout(
+    root: Path,
+    n_train: int,
+    n_test: int,
+    *,
+    seed: int,
+    example: Callable[[random.Random], tuple[Any, list[str]]],
+    segment: Callable[[str], str],
+) -> Path:
+    """Write a synthetic set in KTVIC's layout from `example(rng) -> (PIL image, captions)`: one random
+    stream (seeded by `seed`) draws the training images, then the test images, in order; `segment`
+    gives each caption's `segment_caption`."""
     rng = random.Random(seed)
     root.mkdir(parents=True, exist_ok=True)
     ann_id = 0
@@ -154,17 +184,17 @@ def write_synthetic_ktvic(root: Path, n_train: int = 1500, n_test: int = 200, se
         images, annotations = [], []
         for i in range(n):
             image_id = first_id + i
-            scene = random_scene(rng)
+            image, captions = example(rng)
             filename = f"{image_id:06d}.jpg"
-            draw_scene(scene, rng).save(root / folder / filename, quality=95)
+            image.save(root / folder / filename, quality=95)
             images.append({"id": image_id, "filename": filename})
-            for caption in captions_for(scene, rng):
+            for caption in captions:
                 annotations.append(
                     {
                         "id": ann_id,
                         "image_id": image_id,
                         "caption": caption,
-                        "segment_caption": segment_caption(caption),
+                        "segment_caption": segment(caption),
                     }
                 )
                 ann_id += 1
@@ -279,22 +309,78 @@ def build_tiny_clip(
 DEMO_RECIPE = "demo_vi_synthetic"
 
 
-def demo_recipe_path() -> Path:
-    """The shipped demo recipe (package data: installed wheels and checkouts alike have it)."""
+@dataclass(frozen=True)
+class DemoSet:
+    """One synthetic set of `vicap demo --dataset NAME`: how it is drawn, its default sizes, the shipped
+    recipe that trains on it and where its inputs go under the demo's output folder."""
+
+    recipe: str  # shipped recipe name
+    data: str  # folder under OUT/data
+    models: str  # folder under OUT for the two stand-ins
+    run: str  # folder under OUT/runs
+    write: Callable[[Path, int, int], Path]  # (root, n_train, n_test) -> root, KTVIC layout
+    n_train: int
+    n_test: int
+    clip_steps: int
+    blurb: str  # what `vicap demo` says about the data
+
+
+def _write_scenes(root: Path, n_train: int, n_test: int) -> Path:
+    from vicap.scenes import write_scenes_ktvic  # vicap.scenes builds on this module's writer
+
+    return write_scenes_ktvic(root, n_train, n_test)
+
+
+DEMO_SETS = {
+    "shapes": DemoSet(
+        DEMO_RECIPE,
+        "ktvic-synthetic",
+        "models",
+        "demo",
+        write_synthetic_ktvic,
+        1500,
+        200,
+        300,
+        "synthetic shapes with 5 Vietnamese captions each",
+    ),
+    "hard": DemoSet(
+        "demo_vi_scenes",
+        "ktvic-scenes",
+        "models/scenes",
+        "hard",
+        _write_scenes,
+        3000,
+        300,
+        300,
+        "scenes of 2-4 shapes with relations, textures and clutter, 5 captions each saying different things",
+    ),
+}
+
+
+def demo_set(dataset: str) -> DemoSet:
+    from vicap.errors import UsageError
+
+    if dataset not in DEMO_SETS:
+        raise UsageError(f"--dataset {dataset!r}: no such demo set; choose one of {', '.join(DEMO_SETS)}")
+    return DEMO_SETS[dataset]
+
+
+def demo_recipe_path(dataset: str = "shapes") -> Path:
+    """The shipped recipe of a demo set (package data: installed wheels and checkouts alike have it)."""
     from vicap.recipe import find_recipe
 
-    return find_recipe(DEMO_RECIPE)
+    return find_recipe(demo_set(dataset).recipe)
 
 
-def demo_overrides(out: Path) -> list[str]:
-    """Recipe overrides that point the demo recipe at the data, stand-ins, features and run under `out`."""
-    out = Path(out)
+def demo_overrides(out: Path, dataset: str = "shapes") -> list[str]:
+    """Recipe overrides that point a demo set's recipe at its data, stand-ins, features and run under `out`."""
+    out, spec = Path(out), demo_set(dataset)
     return [
-        f"encoder.model=local-dir:{out / 'models' / 'tiny-clip'}",
-        f"decoder.model={out / 'models' / 'tiny-gpt2-vi'}",
-        f"data.source={out / 'data' / 'ktvic-synthetic'}",
+        f"encoder.model=local-dir:{out / spec.models / 'tiny-clip'}",
+        f"decoder.model={out / spec.models / 'tiny-gpt2-vi'}",
+        f"data.source={out / 'data' / spec.data}",
         f"data.features_dir={out / 'features'}",
-        f"train.output_dir={out / 'runs' / 'demo'}",
+        f"train.output_dir={out / 'runs' / spec.run}",
     ]
 
 
@@ -308,26 +394,52 @@ def _stage(timings: dict, name: str, done: bool, fn) -> None:
     timings[name] = round(time.time() - t, 1)
 
 
+def _check_settings(path: Path, settings: dict, built: bool) -> None:
+    """Inputs on disk are reused only when built with the same settings (recorded in `path` when first
+    built); other settings are an error rather than a run on data of another size."""
+    from vicap.errors import UsageError
+
+    if path.is_file():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        if diff := {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}:
+            raise UsageError(
+                f"{path}: the demo inputs there were built with "
+                + ", ".join(f"{k}={was}" for k, (was, _) in diff.items())
+                + ", not "
+                + ", ".join(f"{k}={now}" for k, (_, now) in diff.items())
+                + f"; use another output folder or delete {path.parent.parent}"
+            )
+    elif not built:  # inputs of a demo older than this record are reused as they are
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(settings, indent=1) + "\n", encoding="utf-8")
+
+
 def build_demo_inputs(
     out: Path,
     *,
-    n_train: int = 1500,
-    n_test: int = 200,
-    clip_steps: int = 300,
+    dataset: str = "shapes",
+    n_train: int | None = None,
+    n_test: int | None = None,
+    clip_steps: int | None = None,
     progress: bool = True,
     timings: dict | None = None,
 ) -> None:
-    """The synthetic data and the two stand-in models under `out`, each built only if it is missing
-    (the layout `demo_overrides(out)` points at); stage seconds go into `timings` when given."""
-    out = Path(out)
+    """A demo set's data and its two stand-in models under `out`, each built only if it is missing
+    (the layout `demo_overrides(out, dataset)` points at); sizes default to the set's; stage seconds go
+    into `timings` when given."""
+    out, spec = Path(out), demo_set(dataset)
+    n_train, n_test = n_train or spec.n_train, n_test or spec.n_test
+    clip_steps = clip_steps or spec.clip_steps
     timings = {} if timings is None else timings
-    data = out / "data" / "ktvic-synthetic"
-    lm_dir, clip_dir = out / "models" / "tiny-gpt2-vi", out / "models" / "tiny-clip"
+    data = out / "data" / spec.data
+    lm_dir, clip_dir = out / spec.models / "tiny-gpt2-vi", out / spec.models / "tiny-clip"
+    settings = {"dataset": dataset, "n_train": n_train, "n_test": n_test, "clip_steps": clip_steps}
+    _check_settings(out / "data" / f"{spec.data}.settings.json", settings, (data / "test_data.json").exists())
     _stage(
         timings,
         "synthetic data",
         (data / "test_data.json").exists(),
-        lambda: write_synthetic_ktvic(data, n_train, n_test),
+        lambda: spec.write(data, n_train, n_test),
     )
     images, captions = read_train_pairs(data)
     _stage(
@@ -344,37 +456,55 @@ def build_demo_inputs(
     )
 
 
-def run_demo(
-    out: Path,
-    *,
-    recipe_path: str | Path | None = None,
-    overrides: tuple[str, ...] = (),
-    progress: bool = True,
-    n_train: int = 1500,
-    n_test: int = 200,
-    clip_steps: int = 300,
-) -> dict:
-    """Build everything under `out`, train, evaluate; returns the evaluation report.
-
-    The sizes (training and test images, tiny-CLIP steps) default to the demo's; smaller ones give the
-    same pipeline in seconds, with worse captions (the web-page test serves such a run)."""
+def train_and_evaluate(recipe, *, progress: bool = True, timings: dict | None = None) -> dict:
+    """Train `recipe` afresh (its run folder is replaced), caption its held-out split and score it;
+    returns the evaluation report. Stage seconds go into `timings` when given."""
     from vicap.evaluate import evaluate_run
-    from vicap.recipe import load_recipe
     from vicap.train import train
 
-    t0 = time.time()
-    recipe = load_recipe(recipe_path or demo_recipe_path(), [*demo_overrides(out), *overrides])
+    timings = {} if timings is None else timings
     run_dir = Path(recipe.train.output_dir)
-    timings: dict = {}
-    build_demo_inputs(
-        out, n_train=n_train, n_test=n_test, clip_steps=clip_steps, progress=progress, timings=timings
-    )
     shutil.rmtree(run_dir, ignore_errors=True)
     _stage(timings, "train", False, lambda: train(recipe, progress=progress))
     report: dict = {}
     _stage(
         timings, "caption + evaluate", False, lambda: report.update(evaluate_run(run_dir, progress=progress))
     )
+    return report
+
+
+def run_demo(
+    out: Path,
+    *,
+    dataset: str = "shapes",
+    recipe_path: str | Path | None = None,
+    overrides: tuple[str, ...] = (),
+    progress: bool = True,
+    n_train: int | None = None,
+    n_test: int | None = None,
+    clip_steps: int | None = None,
+) -> dict:
+    """Build a demo set's inputs under `out`, train, evaluate; returns the evaluation report.
+
+    The sizes (training and test images, tiny-CLIP steps) default to the set's; smaller ones give the
+    same pipeline in seconds, with worse captions (the web-page test serves such a run)."""
+    from vicap.recipe import load_recipe
+
+    t0 = time.time()
+    recipe = load_recipe(
+        recipe_path or demo_recipe_path(dataset), [*demo_overrides(out, dataset), *overrides]
+    )
+    timings: dict = {}
+    build_demo_inputs(
+        out,
+        dataset=dataset,
+        n_train=n_train,
+        n_test=n_test,
+        clip_steps=clip_steps,
+        progress=progress,
+        timings=timings,
+    )
+    report = train_and_evaluate(recipe, progress=progress, timings=timings)
     report["timings_s"] = timings
     report["wall_s"] = round(time.time() - t0, 1)
     return report
