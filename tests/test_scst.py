@@ -134,6 +134,31 @@ def test_frozen_lm_scst_changes_only_the_mapper(tiny_recipe, tmp_path, ktvic_dir
     assert any(not torch.equal(start[k], end[k]) for k in end)
 
 
+@pytest.mark.parametrize(
+    "model",
+    [
+        {"decoder.tuning": "lora", "decoder.lora_rank": "4"},
+        {
+            "decoder.tuning": "frozen",
+            "mapper.type": "transformer",
+            "mapper.num_layers": "1",
+            "mapper.num_heads": "4",
+        },
+    ],
+    ids=["mlp+lora", "transformer+frozen"],
+)
+def test_every_mapper_and_tuning_mode_trains_what_it_trains(tiny_recipe, tmp_path, model) -> None:
+    one = {**model, "train.epochs": "1"}
+    ce = train(tiny_recipe(**one, **{"train.output_dir": str(tmp_path / "ce")}), progress=False)
+    run = train(_scst(tiny_recipe, ce, tmp_path, **one), progress=False)
+    start = load_file(str(list_checkpoints(ce)[-1] / "model.safetensors"))
+    end = load_file(str(list_checkpoints(run)[-1] / "model.safetensors"))
+    assert start.keys() == end.keys()  # LoRA: adapters + mapper; frozen: the mapper only
+    changed = {k.split(".")[0] for k in end if not torch.equal(start[k], end[k])}
+    assert "mapper" in changed and (changed == {"mapper"}) == (model["decoder.tuning"] == "frozen")
+    assert load_run(run).model.tuning == model["decoder.tuning"]
+
+
 def test_scst_resumes_exactly(tiny_recipe, ce_run, tmp_path) -> None:
     run = train(_scst(tiny_recipe, ce_run, tmp_path, **{"train.save_every": "2"}), progress=False)
     other = tmp_path / "again"
