@@ -296,4 +296,7 @@ def test_shards_to_run_evaluation_and_captions(tiny_recipe, tmp_path, ktvic_dir)
     assert res.exit_code == 0, res.output
     captioned = [json.loads(line) for line in res.stdout.splitlines()]
     assert len(captioned) == 24 and all(".tar/" in r["image"] and "caption" in r for r in captioned)
+    res = CliRunner().invoke(app, ["compare", str(run), "--out", str(tmp_path / "cmp")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "cmp" / "gallery.html").read_text().count("data:image/jpeg;base64,") == 6
     assert sorted(p.name for p in shards.iterdir()) == ["00000.tar", "00001.tar", "00002.tar"]
