@@ -78,6 +78,7 @@ BAD = [
     ("duplicate key", _mutate(2, __key__="000000000"), None, {}, {"duplicate_image_id": 1, "duplicate_caption_id": 1}, [0, 1, 3]),
     ("json caption", _mutate(1, json={"caption": "From the JSON ."}), None, {"caption_key": "caption"}, {"no_captions": 3}, [1]),
     ("json without the key", _mutate(1, json={"text": "x"}), None, {"caption_key": "caption"}, {"bad_entry": 1, "no_captions": 4}, []),
+    ("json caption list", _mutate(1, json={"caption": ["One .", "", "Two ."]}), None, {"caption_key": "caption"}, {"empty_caption": 1, "no_captions": 3}, [1]),
     ("json not JSON", _mutate(1, json=b"{"), None, {"caption_key": "caption"}, {"bad_entry": 1, "no_captions": 4}, []),
     ("compressed shard", None, _gzip_second_shard, {}, {"unreadable_shard": 1}, [0, 1]),
     ("shard cut short", None, _cut_second_shard, {}, {"unreadable_shard": 1}, [0, 1, 2]),
@@ -113,12 +114,17 @@ def test_bad_members_are_counted_and_named(tmp_path, change, damage, options, pr
 
 def test_json_caption_and_split_options(tmp_path) -> None:
     samples = [s | {"json": {"caption": f"JSON caption {s['__key__']} ."}} for s in _samples(2)]
+    samples[1]["json"]["caption"] = ["JSON caption 000000001 .", "A second caption ."]
     write_shards(tmp_path / "s", samples, per_shard=2)
     prepare(
         "webdataset", tmp_path / "s" / "00000.tar", tmp_path / "m.jsonl", caption_key="caption", split="dev"
     )
     m = read_manifest(tmp_path / "m.jsonl")
-    assert [r.captions for r in m.records] == [("JSON caption 000000000 .",), ("JSON caption 000000001 .",)]
+    assert [r.captions for r in m.records] == [
+        ("JSON caption 000000000 .",),
+        ("JSON caption 000000001 .", "A second caption ."),
+    ]
+    assert m.records[1].caption_ids == ("000000001#0", "000000001#1")
     assert m.splits == {"val": 2}
 
 

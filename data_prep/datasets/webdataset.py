@@ -8,7 +8,7 @@ The source is one shard, a folder of shards (every ``*.tar`` in it) or a brace p
 (``data/{00000..00127}.tar``). Shards are streamed with the `webdataset` package; the images stay in
 them: each manifest record names its shard and the image's member, and every later stage reads that
 member's bytes in place (`data_prep.images.TarMember`). Captions come from the ``.txt`` member, or with
-``--option caption_key=NAME`` from that key of the ``.json`` member. All samples go to split ``train``
+``--option caption_key=NAME`` from that key of the ``.json`` member (a list there is several captions of the image). All samples go to split ``train``
 (``--option split=test`` for a held-out set; ``--val-fraction`` carves a validation split).
 
 Reported by name: a shard that is missing, compressed or cut short; a sample without an image; a caption
@@ -70,12 +70,12 @@ def _suffix_is(suffix: str, *wanted: str) -> bool:
     return suffix.rsplit(".", 1)[-1].lower() in wanted
 
 
-def _caption(sample: dict, key: str, caption_key: str | None, file: str, out: AdapterOutput):
-    """The sample's caption (any JSON value: build_records judges it), or None when it has none."""
+def _captions(sample: dict, key: str, caption_key: str | None, file: str, out: AdapterOutput) -> list:
+    """The sample's captions (any JSON values: build_records judges them); none when it has none."""
     kind = "json" if caption_key else "txt"
     member = next((s for s in sample if not s.startswith("__") and s.lower() == kind), None)
     if member is None:
-        return None  # the image is then skipped as no_captions
+        return []  # the image is then skipped as no_captions
     name = f"{key}.{member}"
     try:
         text = sample[member].decode("utf-8")
@@ -83,19 +83,20 @@ def _caption(sample: dict, key: str, caption_key: str | None, file: str, out: Ad
         out.problem(
             "invalid_text", file, key, f"{name} is not UTF-8 text (byte {err.start + 1}: {err.reason})"
         )
-        return None
+        return []
     if not caption_key:
-        return text
+        return [text]
     try:
         meta = json.loads(text)
     except json.JSONDecodeError as err:
         out.problem("bad_entry", file, key, f"{name}: invalid JSON ({err.msg})")
-        return None
+        return []
     if not isinstance(meta, dict) or caption_key not in meta:
         keys = sorted(meta) if isinstance(meta, dict) else type(meta).__name__
         out.problem("bad_entry", file, key, f"{name} has no {caption_key!r} key ({keys})")
-        return None
-    return meta[caption_key]
+        return []
+    value = meta[caption_key]
+    return value if isinstance(value, list) else [value]  # a list: several captions of the image
 
 
 @register_adapter("webdataset", language="generic", patterns=True)
@@ -127,7 +128,8 @@ def read_webdataset(source: Path, *, caption_key: str | None = None, split: str 
             out.images.append(
                 RawImage(key, TarMember(absolute, f"{key}.{images[0]}"), split, shard.name, key)
             )
-            text = _caption(sample, key, caption_key, shard.name, out)
-            if text is not None:
-                out.captions.append(RawCaption(key, key, text, shard.name, key))
+            captions = _captions(sample, key, caption_key, shard.name, out)
+            for i, text in enumerate(captions):
+                caption_id = key if len(captions) == 1 else f"{key}#{i}"
+                out.captions.append(RawCaption(caption_id, key, text, shard.name, key))
     return out
