@@ -1,5 +1,9 @@
 """Image files: which ones a folder holds, and whether each can be used. Decoded with PIL, in threads.
 
+An image is a file (a `Path`) or a member of a tar shard (a `TarMember`, as webdataset and img2dataset
+write them), read in place: its bytes come from the tar, nothing is unpacked to disk. `image_key` is
+the one name of either, `file_problem` checks either, `image_source` opens either for PIL.
+
 vicap's image loader (`vicap/images.py`) applies the same file and size checks, so `vicap prepare`
 keeps exactly the images that `vicap features` and `vicap caption` can use.
 """
@@ -7,9 +11,12 @@ keeps exactly the images that `vicap features` and `vicap caption` can use.
 from __future__ import annotations
 
 import errno
+import functools
+import io
 import logging
 import os
 import stat
+import tarfile
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +35,121 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".
 MAX_PIXELS = 100_000_000
 
 
+@dataclass(frozen=True)
+class TarMember:
+    """An image stored as member `name` of the uncompressed tar file `shard`."""
+
+    shard: Path
+    name: str
+
+    def __str__(self) -> str:
+        # The convention Python uses for files inside zip archives: the archive's path, then the member.
+        return f"{self.shard}/{self.name}"
+
+
+ImageRef = Path | TarMember
+
+
+def _resolved(path: str | os.PathLike) -> str:
+    try:
+        return str(Path(path).resolve())
+    except (OSError, RuntimeError):  # a symlink loop: keep the name, it will fail to load and be named
+        return str(Path(path).absolute())
+
+
+def image_key(ref: str | os.PathLike | TarMember) -> str:
+    """The one name of an image: its absolute path with links resolved, or for a tar member the
+    shard's such path, "/", and the member's name. No file can have a member's key: its "folder" is a
+    regular file. Feature-store rows and de-duplication go by this key."""
+    if isinstance(ref, TarMember):
+        return f"{_resolved(ref.shard)}/{ref.name}"
+    return _resolved(ref)
+
+
+def stat_path(ref: str | os.PathLike | TarMember) -> Path:
+    """The file whose size and modification time say whether `ref` changed (a member: its shard)."""
+    return ref.shard if isinstance(ref, TarMember) else Path(ref)
+
+
+@dataclass(frozen=True)
+class _ShardIndex:
+    members: dict[str, tuple[int, int]]  # name -> (offset of its data, size)
+    cut: str  # why reading the member list stopped early ("" when the shard is whole)
+
+
+@functools.lru_cache(maxsize=8)  # a few shards at a time: readers go through a manifest in order
+def _shard_index(shard: str, size: int, mtime_ns: int) -> _ShardIndex:
+    """Where each member's bytes are, from one pass over the tar headers (stdlib `tarfile`; data
+    blocks are skipped, not read). Keyed by size and mtime, so a rewritten shard is read again."""
+    members: dict[str, tuple[int, int]] = {}
+    cut = ""
+    with tarfile.open(shard, "r:") as tar:  # "r:": uncompressed only, where members can be read in place
+        try:
+            while (m := tar.next()) is not None:
+                if m.isreg():
+                    members[m.name] = (m.offset_data, m.size)
+                tar.members.clear()  # the index is all that is kept
+        except tarfile.ReadError as e:
+            cut = str(e) or "unexpected end of data"
+    return _ShardIndex(members, cut)
+
+
+def shard_problem(shard: Path) -> tuple[str, str] | None:
+    """Why the images of `shard` cannot be read in place (missing, compressed, not a tar) as
+    (kind, reason), or None. Reads the first header only."""
+    problem = file_problem(shard)
+    if problem is not None:
+        reason = "file not found" if problem[1] == "image file not found" else problem[1]
+        return problem[0], f"tar shard {shard}: {reason}"
+    try:
+        with tarfile.open(shard, "r:"):  # "r:": uncompressed only, where members can be read in place
+            return None
+    except tarfile.ReadError as e:
+        return "unreadable_image", (
+            f"{shard} is not an uncompressed tar file ({e}); images are read in place, so shards "
+            "must be plain .tar files, as img2dataset writes them"
+        )
+    except OSError as e:
+        return "unreadable_image", f"cannot read tar shard {shard} ({e.strerror or e})"
+
+
+def _index(shard: Path) -> _ShardIndex | tuple[str, str]:
+    """The shard's member index, or (kind, reason) when it cannot be read in place."""
+    try:
+        st = os.stat(shard)
+        return _shard_index(str(shard), st.st_size, st.st_mtime_ns)
+    except (OSError, tarfile.ReadError):
+        return shard_problem(shard) or ("unreadable_image", f"cannot read tar shard {shard}")
+
+
+def _member(ref: TarMember) -> tuple[int, int] | tuple[str, str]:
+    """(offset, size) of the member, or (kind, reason) when it cannot be read."""
+    index = _index(ref.shard)
+    if isinstance(index, tuple):
+        return index
+    if ref.name in index.members:
+        return index.members[ref.name]
+    cut = f" (the shard is cut short: {index.cut})" if index.cut else ""
+    return "missing_image", f"no member {ref.name!r} in tar shard {ref.shard}{cut}"
+
+
+def image_source(ref: str | os.PathLike | TarMember) -> Path | io.BytesIO:
+    """What PIL opens for `ref`: the file's path, or the member's bytes read from its shard. Call it
+    after `file_problem(ref)` found nothing; a member whose bytes the shard cuts short raises OSError."""
+    if not isinstance(ref, TarMember):
+        return Path(ref)
+    where = _member(ref)
+    if isinstance(where[0], str):
+        raise OSError(where[1])
+    offset, size = where
+    with open(ref.shard, "rb") as f:
+        f.seek(offset)
+        data = f.read(size)
+    if len(data) < size:
+        raise OSError(f"image file is truncated: the shard ends {size - len(data)} bytes into this member")
+    return io.BytesIO(data)
+
+
 def _stat_error(path: Path, err: OSError) -> tuple[str, str]:
     """(kind, reason) for a path that `os.stat` refused."""
     if err.errno == errno.ELOOP:
@@ -39,9 +161,13 @@ def _stat_error(path: Path, err: OSError) -> tuple[str, str]:
     return "unreadable_image", f"cannot read ({err.strerror})"
 
 
-def file_problem(path: Path) -> tuple[str, str] | None:
+def file_problem(path: Path | TarMember) -> tuple[str, str] | None:
     """None when `path` is a regular file (links followed), else (kind, reason) with kind in
-    missing_image / symlink_loop / unreadable_image. A pipe named x.jpg would block a reader forever."""
+    missing_image / symlink_loop / unreadable_image. A pipe named x.jpg would block a reader forever.
+    A tar member: its shard is such a file, a tar that holds it."""
+    if isinstance(path, TarMember):
+        where = _member(path)
+        return where if isinstance(where[0], str) else None
     try:
         st = os.stat(path)
     except OSError as err:
@@ -60,19 +186,19 @@ def pixel_problem(width: int, height: int) -> str | None:
     return None
 
 
-def _check_file(path: Path) -> tuple[str, str] | None:
+def _check_file(path: ImageRef) -> tuple[str, str] | None:
     problem = file_problem(path)
     return None if problem is None else (problem[0], f"{problem[1]} ({path})")
 
 
-def check_image(path: Path) -> tuple[str, str] | None:
+def check_image(path: ImageRef) -> tuple[str, str] | None:
     """None when `path` decodes fully, else (kind, message) with kind in missing_image / symlink_loop /
     unreadable_image / truncated_image / oversized_image."""
     bad = _check_file(path)
     if bad is not None:
         return bad
     try:
-        with Image.open(path) as im:
+        with Image.open(image_source(path)) as im:
             too_big = pixel_problem(im.width, im.height)
             if too_big:
                 return "oversized_image", f"{too_big} ({path})"
@@ -92,7 +218,9 @@ def check_image(path: Path) -> tuple[str, str] | None:
     return None
 
 
-def check_images(paths: Sequence[Path], workers: int = 8, decode: bool = True) -> dict[Path, tuple[str, str]]:
+def check_images(
+    paths: Sequence[ImageRef], workers: int = 8, decode: bool = True
+) -> dict[ImageRef, tuple[str, str]]:
     """Check many images; returns only the bad ones. `decode=False` checks the files only."""
     if not decode:
         return {p: bad for p in paths if (bad := _check_file(p)) is not None}

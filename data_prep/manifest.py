@@ -9,6 +9,9 @@ every later line is one image::
     {"image_id": "42", "image": "train-images/00042.jpg", "split": "train",
      "captions": ["..."], "caption_ids": ["7"]}
 
+An image kept inside a tar shard (webdataset) names the shard and, under "member", its name in the
+shard: ``{"image": "shards/00003.tar", "member": "000030042.jpg", ...}``.
+
 `image` is relative to the manifest's directory (absolute when no relative path
 exists, e.g. another drive), so a dataset folder can be moved with its manifest.
 A file name that is not valid UTF-8 is written with `\\udcXX` JSON escapes (see
@@ -27,6 +30,7 @@ from data_prep.errors import (
     ManifestError,  # noqa: F401  (raised here; importable from here too)
     SourceNotFoundError,
 )
+from data_prep.images import TarMember
 from data_prep.textio import json_text, text_lines, write_atomic
 
 FORMAT_VERSION = 1
@@ -42,6 +46,7 @@ class Record:
     split: str
     captions: tuple[str, ...]
     caption_ids: tuple[str, ...]
+    member: str | None = None  # the image's name inside the tar shard `image`, when it is in one
 
     def __post_init__(self) -> None:
         if len(self.captions) != len(self.caption_ids):
@@ -50,9 +55,10 @@ class Record:
             )
 
     def to_dict(self) -> dict:
-        return {
-            "image_id": self.image_id,
-            "image": self.image,
+        row = {"image_id": self.image_id, "image": self.image}
+        if self.member is not None:
+            row["member"] = self.member
+        return row | {
             "split": self.split,
             "captions": list(self.captions),
             "caption_ids": list(self.caption_ids),
@@ -75,10 +81,12 @@ class Manifest:
     def dataset(self) -> str:
         return self.meta["dataset"]
 
-    def resolve_image(self, record: Record) -> Path:
+    def resolve_image(self, record: Record) -> Path | TarMember:
         """The record's image as an absolute path (links resolved where they resolve: a link loop is
-        left for the image loader to report, not raised here)."""
-        return Path(os.path.realpath(self.path.parent / record.image))
+        left for the image loader to report, not raised here), or the member of such a tar shard.
+        Every stage reads images through this and `vicap.images.load_image`."""
+        path = Path(os.path.realpath(self.path.parent / record.image))
+        return path if record.member is None else TarMember(path, record.member)
 
     def split(self, name: str) -> list[Record]:
         """Records of split `name` (e.g. "train", "val", "test")."""
@@ -135,8 +143,16 @@ def _record_from(obj: object, where: str) -> Record:
         raise ManifestError(
             f"{where}: {len(obj['captions'])} captions but {len(obj['caption_ids'])} caption_ids"
         )
+    member = obj.get("member")
+    if member is not None and (not isinstance(member, str) or not member):
+        raise ManifestError(f"{where}: 'member' must be a member's name in the tar shard, got {member!r}")
     return Record(
-        obj["image_id"], obj["image"], obj["split"], tuple(obj["captions"]), tuple(obj["caption_ids"])
+        obj["image_id"],
+        obj["image"],
+        obj["split"],
+        tuple(obj["captions"]),
+        tuple(obj["caption_ids"]),
+        member,
     )
 
 

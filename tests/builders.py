@@ -78,3 +78,47 @@ def build_gpt2(out: Path, texts: list[str], *, seed: int = 0) -> Path:
     from vicap.decoders import save_tiny_gpt2
 
     return save_tiny_gpt2(out, texts, vocab_size=300, seed=seed)
+
+
+def _member_bytes(value: bytes | str | dict) -> bytes:
+    if isinstance(value, dict):
+        return json.dumps(value, ensure_ascii=False).encode()
+    return value.encode() if isinstance(value, str) else value
+
+
+def write_shards(folder: Path, samples: list[dict], per_shard: int) -> list[Path]:
+    """img2dataset's output layout: `00000.tar`, `00001.tar` ... of `per_shard` samples each, written
+    with webdataset's TarWriter. A sample is {"__key__": key, "jpg": bytes, "txt": str, "json": dict, ...};
+    str and dict values are written as UTF-8 text and JSON, bytes as they are."""
+    from webdataset import TarWriter
+
+    folder.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for n, start in enumerate(range(0, len(samples), per_shard)):
+        shards.append(folder / f"{n:05d}.tar")
+        with open(shards[-1], "wb") as f, TarWriter(f, encoder=False) as tar:
+            for sample in samples[start : start + per_shard]:
+                tar.write({k: v if k == "__key__" else _member_bytes(v) for k, v in sample.items()})
+    return shards
+
+
+def ktvic_samples(root: Path, split: str = "train") -> list[dict]:
+    """The images of a `write_ktvic` dataset as img2dataset samples: key, jpg, txt (the image's first
+    caption) and json (all of its captions)."""
+    file, folder = {
+        "train": ("train_data.json", "train-images"),
+        "test": ("test_data.json", "public-test-images"),
+    }[split]
+    data = json.loads((root / file).read_text(encoding="utf-8"))
+    captions: dict[int, list[str]] = {}
+    for a in data["annotations"]:
+        captions.setdefault(a["image_id"], []).append(a["caption"])
+    return [
+        {
+            "__key__": f"{im['id']:09d}",
+            "jpg": (root / folder / im["filename"]).read_bytes(),
+            "txt": captions[im["id"]][0],
+            "json": {"caption": captions[im["id"]][0], "captions": captions[im["id"]], "status": "success"},
+        }
+        for im in data["images"]
+    ]

@@ -12,7 +12,7 @@ from PIL import Image
 
 from data_prep.datasets import ADAPTERS, prepare
 from data_prep.datasets.jsonio import SourceError
-from data_prep.images import walk_images
+from data_prep.images import file_problem, walk_images
 from data_prep.manifest import read_manifest
 
 
@@ -129,6 +129,25 @@ def make_folder(tmp):
     return folder, {}
 
 
+def make_webdataset(tmp):
+    """img2dataset's shards: <key>.jpg, <key>.txt and <key>.json members, named by a brace pattern."""
+    from io import BytesIO
+
+    from tests.builders import write_shards
+
+    def jpeg():
+        out = BytesIO()
+        Image.new("RGB", (16, 16), (10, 120, 200)).save(out, format="JPEG")
+        return out.getvalue()
+
+    samples = [
+        {"__key__": f"{k:09d}", "jpg": jpeg(), "txt": f"A bus number {k} .", "json": {"status": "success"}}
+        for k in range(3)
+    ]
+    write_shards(tmp / "shards", samples, per_shard=2)
+    return tmp / "shards" / "{00000..00001}.tar", {}
+
+
 FIXTURES = {
     "ktvic": None,  # tested in test_data_prep_ktvic.py
     "uitviic": make_uitviic,
@@ -137,6 +156,7 @@ FIXTURES = {
     "flickr8k": make_flickr8k,
     "table": make_table,
     "folder": make_folder,
+    "webdataset": make_webdataset,
 }
 
 
@@ -153,7 +173,7 @@ def _run(tmp_path, name, **kw):
     assert c["images_read"] == c["images"] + c["images_skipped"], report.format()
     m = read_manifest(out)
     for r in m.records:
-        assert m.resolve_image(r).is_file()
+        assert file_problem(m.resolve_image(r)) is None
     return report, m
 
 
@@ -296,6 +316,16 @@ def test_folder(tmp_path):
     )  # generic: no punctuation rules
     assert report.problem_counts() == {"no_captions": 1}
     assert report.problems[0].file == "uncaptioned.jpg"
+
+
+def test_webdataset(tmp_path):
+    report, m = _run(tmp_path, "webdataset")
+    assert report.ok, report.format()
+    assert [(r.image, r.member, r.captions) for r in m.records] == [
+        ("../shards/00000.tar", "000000000.jpg", ("A bus number 0 .",)),
+        ("../shards/00000.tar", "000000001.jpg", ("A bus number 1 .",)),
+        ("../shards/00001.tar", "000000002.jpg", ("A bus number 2 .",)),
+    ]
 
 
 def test_folder_without_captions_file(tmp_path):

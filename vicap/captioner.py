@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from typing import TextIO
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data_prep.images import walk_images
+from data_prep.images import TarMember, image_key, walk_images
 from data_prep.manifest import read_manifest
 from data_prep.textio import json_text, safe_text
 from vicap.encoders import load_encoder
@@ -33,15 +32,17 @@ from vicap.runs import load_run
 log = logging.getLogger(__name__)
 
 
-def collect_images(paths: Iterable[str | Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
+def collect_images(
+    paths: Iterable[str | Path],
+) -> tuple[list[Path | TarMember], list[tuple[Path, str]]]:
     """Image files from files, folders and manifests (`.jsonl` written by `vicap prepare`: every
-    record's image), without duplicates; and what a folder walk could not read, as (path, message).
+    record's image, a file or a member of a tar shard), without duplicates; and what a folder walk could not read, as (path, message).
 
     Folders are walked by `data_prep.images.walk_images` (recursive, by suffix, sorted, hidden
     entries skipped, links followed, unreadable folders and link loops returned by name). A named
     file that does not exist or cannot be opened is kept: captioning reports it like any bad file.
     """
-    found: list[Path] = []
+    found: list[Path | TarMember] = []
     unwalkable: list[tuple[Path, str]] = []
     for raw in paths:
         path = Path(raw)
@@ -54,9 +55,9 @@ def collect_images(paths: Iterable[str | Path]) -> tuple[list[Path], list[tuple[
             found += [manifest.resolve_image(r) for r in manifest.records]
         else:
             found.append(path)
-    unique: dict[str, Path] = {}
+    unique: dict[str, Path | TarMember] = {}
     for p in found:
-        unique.setdefault(os.path.realpath(p), p)  # not Path.resolve(): it raises on a link loop
+        unique.setdefault(image_key(p), p)
     return list(unique.values()), unwalkable
 
 

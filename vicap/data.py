@@ -1,7 +1,13 @@
 """Caption pairs for training: (feature row, token ids) built once from a manifest and a feature store.
 
-Tokenization happens once per run, up front, with the LM's own (fast) tokenizer. Batches are padded
-dynamically to their longest caption, so no step pays for the longest caption in the dataset.
+Tokenization happens once per (manifest captions, tokenizer, segmentation, max_tokens), with the LM's
+own (fast) tokenizer, into a memory-mapped cache beside the feature store:
+`<features_dir>/captions/<key>/` holds every caption's ids end to end (`ids.bin`, int32), where each
+caption starts (`offsets.npy`) and where each record's captions start (`first.npy`), and `meta.json`,
+written last. The key hashes all of what the ids depend on, so a run with the same captions and
+tokenizer reuses the cache and any change builds a new one; training never holds a Python object per
+caption. Batches are padded dynamically to their longest caption, so no step pays for the longest
+caption in the dataset.
 
 `GlobalBatches` decides which captions each process sees: one seeded shuffle of all captions, cut
 into global batches of `train.batch_size`, each split into contiguous per-process slices. A run on
@@ -10,10 +16,16 @@ N processes therefore trains on exactly the batches a one-process run does.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import os
+import shutil
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,11 +33,15 @@ from torch.utils.data import Dataset, Sampler
 
 from data_prep.languages import get_language
 from data_prep.manifest import Manifest, Record
+from data_prep.textio import json_text, write_atomic
 from vicap.decoders import Decoder
 from vicap.errors import RecipeError
 from vicap.features import FeatureStore
 
 log = logging.getLogger(__name__)
+
+CAPTIONS_FORMAT = "vicap-captions-1"
+_CHUNK = 8192  # captions segmented and tokenized at a time while a cache is built
 
 
 def lm_text(caption: str, language: str, segment: str) -> str:
@@ -40,22 +56,176 @@ def encode_captions(texts: list[str], decoder: Decoder, max_tokens: int) -> list
 
 
 @dataclass
+class CaptionTokens:
+    """Every caption of a manifest as token ids, memory-mapped: caption c is
+    `ids[offsets[c]:offsets[c + 1]]`, and record r's captions are `first[r]` to `first[r + 1]`."""
+
+    folder: Path
+    ids: np.ndarray  # int32
+    offsets: np.ndarray  # int64, captions + 1
+    first: np.ndarray  # int64, records + 1
+
+    def __getitem__(self, c: int) -> list[int]:
+        return self.ids[self.offsets[c] : self.offsets[c + 1]].tolist()
+
+
+def _tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of what decides a tokenizer's ids: a fast tokenizer's full state (vocabulary, merges,
+    normalizer, added tokens), else its vocabulary and model files."""
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        h.update(json_text(sorted(tokenizer.get_vocab().items())).encode())
+        for name in ("vocab_file", "merges_file"):
+            path = getattr(tokenizer, name, None)
+            if isinstance(path, str) and os.path.isfile(path):
+                h.update(Path(path).read_bytes())
+    return h.hexdigest()
+
+
+def caption_cache_key(manifest: Manifest, decoder: Decoder, *, segment: str, max_tokens: int) -> str:
+    """The hash that names a manifest's caption cache: its captions (per record, in order), the
+    language and segmentation (with the segmenter's version), the tokenizer, EOS and max_tokens."""
+    lang = get_language(manifest.language)
+    identity = {
+        "format": CAPTIONS_FORMAT,
+        "language": lang.code,
+        "segment": segment,
+        "segmenter": lang.segmenter_version() if segment != "none" else "",
+        "tokenizer": _tokenizer_fingerprint(decoder.tokenizer),
+        "eos": decoder.eos_token_id,
+        "max_tokens": max_tokens,
+    }
+    h = hashlib.sha256(json_text(identity, sort_keys=True).encode())
+    for rec in manifest.records:
+        h.update(json_text(rec.captions).encode() + b"\n")
+    return h.hexdigest()[:32]
+
+
+def _open_cache(folder: Path) -> CaptionTokens | None:
+    """The cache in `folder`, or None when there is none or it does not hold what its meta.json says."""
+    meta_file = folder / "meta.json"
+    if not meta_file.is_file():
+        return None
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        offsets = np.load(folder / "offsets.npy", mmap_mode="r", allow_pickle=False)
+        first = np.load(folder / "first.npy", mmap_mode="r", allow_pickle=False)
+        n_ids = (folder / "ids.bin").stat().st_size // 4
+        # np.memmap refuses an empty file: a manifest without captions has no ids
+        ids = np.memmap(folder / "ids.bin", dtype=np.int32, mode="r") if n_ids else np.zeros(0, np.int32)
+        ok = (
+            meta.get("format") == CAPTIONS_FORMAT
+            and len(first) == meta["records"] + 1
+            and len(offsets) == meta["captions"] + 1
+            and first[-1] == meta["captions"]
+            and offsets[-1] == n_ids == meta["tokens"]
+        )
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        ok, why = False, str(e)
+    else:
+        why = "its files do not match its meta.json"
+    if not ok:
+        log.warning("caption cache %s is unreadable (%s); tokenizing again", folder, why)
+        return None
+    return CaptionTokens(folder, ids, offsets, first)
+
+
+def _build_cache(
+    folder: Path, manifest: Manifest, decoder: Decoder, *, segment: str, max_tokens: int
+) -> None:
+    """Tokenize every caption of the manifest into `folder`, a chunk at a time; the folder appears
+    complete or not at all (built beside it, renamed into place)."""
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}-{socket.gethostname()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    counts = np.fromiter((len(r.captions) for r in manifest.records), np.int64, len(manifest.records))
+    first = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    offsets = np.zeros(int(first[-1]) + 1, dtype=np.int64)
+    done = 0
+
+    def flush(texts: list[str], f) -> None:
+        nonlocal done
+        ids = encode_captions(texts, decoder, max_tokens)
+        lengths = np.fromiter((len(t) for t in ids), np.int64, len(ids))
+        offsets[done + 1 : done + 1 + len(ids)] = offsets[done] + np.cumsum(lengths)
+        f.write(np.fromiter((i for t in ids for i in t), np.int32, int(lengths.sum())).tobytes())
+        done += len(ids)
+
+    with open(tmp / "ids.bin", "wb") as f:
+        texts: list[str] = []
+        for rec in manifest.records:
+            for caption in rec.captions:
+                texts.append(lm_text(caption, manifest.language, segment))
+                if len(texts) == _CHUNK:
+                    flush(texts, f)
+                    texts = []
+        flush(texts, f)
+        f.flush()
+        os.fsync(f.fileno())
+    np.save(tmp / "offsets.npy", offsets)
+    np.save(tmp / "first.npy", first)
+    meta = {
+        "format": CAPTIONS_FORMAT,
+        "manifest": str(manifest.path),
+        "records": len(manifest.records),
+        "captions": int(first[-1]),
+        "tokens": int(offsets[-1]),
+        "segment": segment,
+        "max_tokens": max_tokens,
+        "tokenizer": getattr(decoder.tokenizer, "name_or_path", ""),
+    }
+    write_atomic(tmp / "meta.json", json_text(meta, indent=1), durable=True)
+    try:
+        os.rename(tmp, folder)
+    except OSError:  # there already: another process built it first, or a broken one is in the way
+        if _open_cache(folder) is None:
+            shutil.rmtree(folder, ignore_errors=True)
+            os.rename(tmp, folder)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def caption_tokens(
+    manifest: Manifest, decoder: Decoder, cache_root: str | Path, *, segment: str, max_tokens: int
+) -> CaptionTokens:
+    """Every caption of `manifest` tokenized (see `encode_captions`), from the cache under
+    `cache_root` when it holds them, else tokenized once into it."""
+    key = caption_cache_key(manifest, decoder, segment=segment, max_tokens=max_tokens)
+    folder = Path(cache_root) / key
+    tokens = _open_cache(folder)
+    if tokens is not None:
+        log.info("caption tokens of %s: reused %s", manifest.path, folder)
+        return tokens
+    n = sum(len(r.captions) for r in manifest.records)
+    log.info("caption tokens of %s: tokenizing %d captions into %s", manifest.path, n, folder)
+    _build_cache(folder, manifest, decoder, segment=segment, max_tokens=max_tokens)
+    tokens = _open_cache(folder)
+    if tokens is None:
+        raise OSError(f"caption cache {folder} could not be read back after it was written")
+    return tokens
+
+
+@dataclass
 class CaptionPairs(Dataset):
     features: FeatureStore
     rows: np.ndarray  # feature-store row per pair
-    tokens: list[list[int]]
+    captions: np.ndarray  # per pair, its caption's index in `tokens`
+    tokens: CaptionTokens
     skipped_images: int = 0
 
     def __len__(self) -> int:
-        return len(self.tokens)
+        return len(self.rows)
 
     def __getitem__(self, i: int) -> tuple[int, list[int]]:
-        return int(self.rows[i]), self.tokens[i]
+        return int(self.rows[i]), self.tokens[int(self.captions[i])]
 
     @property
     def lengths(self) -> np.ndarray:
-        """Tokens per caption (EOS included): what a batch is padded by."""
-        return np.fromiter((len(t) for t in self.tokens), dtype=np.int64, count=len(self.tokens))
+        """Tokens per pair's caption (EOS included): what a batch is padded by."""
+        return np.diff(self.tokens.offsets)[self.captions]
 
 
 def build_pairs(
@@ -67,22 +237,35 @@ def build_pairs(
     segment: str,
     max_tokens: int,
 ) -> CaptionPairs:
-    rows, texts, skipped = [], [], 0
+    """One pair per caption of `records` (the manifest's own, e.g. one split) whose image has features,
+    in record order. Token ids come from the manifest's caption cache beside the feature store
+    (`<features_dir>/captions/`); per pair only two integers are held."""
+    tokens = caption_tokens(
+        manifest, decoder, store.root.parent / "captions", segment=segment, max_tokens=max_tokens
+    )
+    position = {id(r): i for i, r in enumerate(manifest.records)}
+    picked, image_rows, skipped = [], [], 0
     for rec in records:
         path = manifest.resolve_image(rec)
         if not store.has(path):
             skipped += 1  # unreadable image: reported when features were extracted
             continue
-        r = store.row(path)
-        for caption in rec.captions:
-            rows.append(r)
-            texts.append(lm_text(caption, manifest.language, segment))
+        if id(rec) not in position:
+            raise ValueError(f"record {rec.image_id!r} is not one of {manifest.path}'s records")
+        picked.append(position[id(rec)])
+        image_rows.append(store.row(path))
     if skipped:
         log.warning(
             "%d image(s) have no features and are left out of training (see the feature report)", skipped
         )
-    tokens = encode_captions(texts, decoder, max_tokens)
-    return CaptionPairs(store, np.asarray(rows, dtype=np.int64), tokens, skipped)
+    picked_a = np.asarray(picked, dtype=np.int64)
+    start = np.asarray(tokens.first[picked_a])
+    count = np.asarray(tokens.first[picked_a + 1]) - start
+    # Record j's captions start[j] .. start[j] + count[j] - 1, laid end to end in record order.
+    before = np.cumsum(count) - count
+    captions = np.repeat(start - before, count) + np.arange(int(count.sum()), dtype=np.int64)
+    rows = np.repeat(np.asarray(image_rows, dtype=np.int64), count)
+    return CaptionPairs(store, rows, captions, tokens, skipped)
 
 
 class Collator:

@@ -170,6 +170,9 @@ def write_report(
         {
             "image_id": r.image_id,
             "image": r.image,
+            **(
+                {"member": r.member} if r.member is not None else {}
+            ),  # the image inside the tar shard `image`
             "path": str(manifest.resolve_image(r)),
             "caption": c,
             "references": list(r.captions),

@@ -5,7 +5,7 @@ Layout of `<features_dir>/<encoder key>/`:
   shards/<name>.npy         float32 rows (n, D), or (n, 1 + T, D) with `encoder.patch_tokens = true`
                             (each image's pooled vector, then its T patch tokens), written as they are
                             encoded and read back memory-mapped
-  shards/<name>.json        the shard's index, written last: row -> image path, size and mtime, plus
+  shards/<name>.json        the shard's index, written last: row -> image key, size and mtime, plus
                             the images that could not be encoded and why. A shard exists once its
                             index does; a shard whose rows file no longer matches its index (size,
                             fingerprint, shape) is ignored and its images are encoded again.
@@ -35,6 +35,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from data_prep.images import ImageRef, TarMember, image_key, stat_path
 from data_prep.textio import json_text, write_atomic
 from vicap.encoders import Encoder
 from vicap.images import ImageError, load_image
@@ -46,19 +47,16 @@ SHARD_FORMAT = "vicap-features-shard-1"
 _FINGERPRINT_BYTES = 1 << 20  # the first and last MiB of a rows file are hashed into its index
 
 
-def _stat(path: Path) -> list[int] | None:
+def _stat(ref: ImageRef) -> list[int] | None:
+    """Size and mtime of the image's file (of its shard, for a tar member): a change re-encodes it."""
     try:
-        st = path.stat()
+        st = stat_path(ref).stat()
     except OSError:
         return None
     return [st.st_size, st.st_mtime_ns]
 
 
-def _resolve(path: str | Path) -> str:
-    try:
-        return str(Path(path).resolve())
-    except (OSError, RuntimeError):  # a symlink loop: keep the name, it will fail to load and be named
-        return str(Path(path).absolute())
+_resolve = image_key  # a row's key: the image's absolute path, or its shard's and its member name
 
 
 def _fingerprint(path: Path) -> str:
@@ -115,7 +113,7 @@ class StoreRows:
 class FeatureStore:
     root: Path
     features: StoreRows  # (N, D) or (N, 1 + T, D) float32, memory-mapped shard by shard
-    rows: dict[str, int]  # absolute image path -> row
+    rows: dict[str, int]  # image key (`data_prep.images.image_key`) -> row
     failures: dict[str, str] = field(default_factory=dict)  # requested images that could not be encoded
 
     @property
@@ -128,13 +126,13 @@ class FeatureStore:
         """Whether rows hold patch tokens after the pooled vector."""
         return self.features.ndim == 3
 
-    def row(self, path: str | Path) -> int:
+    def row(self, path: str | ImageRef) -> int:
         return self.rows[_resolve(path)]
 
-    def has(self, path: str | Path) -> bool:
+    def has(self, path: str | ImageRef) -> bool:
         return _resolve(path) in self.rows
 
-    def get(self, paths: list[str | Path]) -> torch.Tensor:
+    def get(self, paths: list[str | ImageRef]) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(self.features[[self.row(p) for p in paths]]))
 
 
@@ -219,7 +217,7 @@ def open_store(encoder: Encoder, store_root: str | Path) -> FeatureStore | None:
 
 
 class _Images(Dataset):
-    def __init__(self, paths: list[Path], preprocess) -> None:
+    def __init__(self, paths: list[ImageRef], preprocess) -> None:
         self.paths, self.preprocess = paths, preprocess
 
     def __len__(self) -> int:
@@ -251,12 +249,12 @@ class _ShardWriter:
         self.entries: list[dict] = []
         self.failures: list[dict] = []
 
-    def add(self, path: Path, row: np.ndarray) -> None:
+    def add(self, key: str, ref: ImageRef, row: np.ndarray) -> None:
         self.array[len(self.entries)] = row
-        self.entries.append({"path": str(path), "stat": _stat(path), "row": len(self.entries)})
+        self.entries.append({"path": key, "stat": _stat(ref), "row": len(self.entries)})
 
-    def fail(self, path: Path, error: str) -> None:
-        self.failures.append({"path": str(path), "stat": _stat(path), "error": error})
+    def fail(self, key: str, ref: ImageRef, error: str) -> None:
+        self.failures.append({"path": key, "stat": _stat(ref), "error": error})
 
     def commit(self) -> None:
         self.array.flush()
@@ -366,7 +364,7 @@ def _prepare_folder(encoder: Encoder, store_root: Path) -> Path:
 
 def extract_features(
     encoder: Encoder,
-    image_paths: list[str | Path],
+    image_paths: list[str | ImageRef],
     store_root: str | Path,
     *,
     batch_size: int = 64,
@@ -392,15 +390,18 @@ def extract_features(
         _remove_dead_writers_files(folder)
     barrier()
     state = _read_state(folder, row_shape)
-    wanted = list(dict.fromkeys(_resolve(p) for p in image_paths))
-    todo: list[Path] = []
-    for p in wanted:
-        stat = _stat(Path(p))
+    wanted: dict[str, ImageRef] = {}  # key -> the image to read: its resolved path, or a shard's member
+    for p in image_paths:
+        key = _resolve(p)
+        wanted.setdefault(key, p if isinstance(p, TarMember) else Path(key))
+    todo: list[tuple[str, ImageRef]] = []
+    for p, ref in wanted.items():
+        stat = _stat(ref)
         if p in state.rows and stat is not None and state.rows[p][2] == stat:
             continue  # encoded, unchanged
         if p in state.failed and state.failed[p][1] == stat:
             continue  # failed before, unchanged: not retried
-        todo.append(Path(p))
+        todo.append((p, ref))
     mine = todo[rank::world]
     if todo:
         log.info(
@@ -421,18 +422,18 @@ def extract_features(
             paths = mine[start : start + shard_images]
             writer = _ShardWriter(_shards_dir(folder), _shard_name(seq, chunk), len(paths), row_shape)
             loader = DataLoader(
-                _Images(paths, encoder.preprocess),
+                _Images([ref for _, ref in paths], encoder.preprocess),
                 batch_size=batch_size,
                 num_workers=num_workers,
                 collate_fn=_collate,
             )
             for ids, pixels, bad in loader:
                 for i, err in bad:
-                    writer.fail(paths[i], err)
+                    writer.fail(*paths[i], err)
                 if pixels is not None:
                     feats = encoder.encode(pixels.to(device)).float().cpu().numpy()
                     for i, row in zip(ids, feats, strict=True):
-                        writer.add(paths[i], row)
+                        writer.add(*paths[i], row)
                 bar.update(len(ids) + len(bad))
             writer.commit()
         bar.close()

@@ -9,8 +9,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 # One set of file and size checks (missing, link loop, not a regular file, the 100 MP limit) for
-# `vicap prepare` and every stage that loads images.
-from data_prep.images import file_problem, pixel_problem
+# `vicap prepare` and every stage that loads images, and one way to open a file or a tar member.
+from data_prep.images import TarMember, file_problem, image_source, pixel_problem
 from vicap.errors import ImageError  # noqa: F401  (raised here; importable from here too)
 
 
@@ -26,8 +26,10 @@ def _high_bit_depth_to_l(im: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
 
 
-def load_image(path: str | Path) -> Image.Image:
-    path = Path(path)
+def load_image(path: str | Path | TarMember) -> Image.Image:
+    """The image at `path` (a file, or a member of a tar shard read in place) as RGB; ImageError names
+    the file and what is wrong with it."""
+    path = path if isinstance(path, TarMember) else Path(path)
     problem = file_problem(path)
     if problem is not None:
         raise ImageError(f"{path}: {problem[1]}")
@@ -35,7 +37,7 @@ def load_image(path: str | Path) -> Image.Image:
         with warnings.catch_warnings():
             # vicap refuses over-limit images itself (below), with the file's name; PIL's warning is noise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(path)
+            im = Image.open(image_source(path))
         with im:
             too_big = pixel_problem(im.width, im.height)
             if too_big:

@@ -12,6 +12,8 @@ import json
 import logging
 from pathlib import Path
 
+from data_prep.images import TarMember
+
 log = logging.getLogger(__name__)
 
 CHART_METRICS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D", "SPICE", "chrF")
@@ -103,7 +105,7 @@ def metric_bars(rows: list[dict], out: Path, *, title: str = "") -> Path:
     return out
 
 
-def _thumbnail(path: Path, size: int = 224) -> str | None:
+def _thumbnail(path: Path | TarMember, size: int = 224) -> str | None:
     """A small JPEG of the image as a data: URI, so the gallery is one self-contained file."""
     from vicap.images import ImageError, load_image
 
@@ -141,7 +143,14 @@ def gallery(runs, out: Path, *, max_images: int = 24) -> Path | None:
     cards = []
     for image_id in ids:
         row = first[image_id]
-        src = _thumbnail(Path(row["path"]))
+        path = row["path"]
+        # an image inside a tar shard: its path is the shard's, "/", and the member's name
+        ref = (
+            TarMember(Path(path[: -len(row["member"]) - 1]), row["member"])
+            if row.get("member")
+            else Path(path)
+        )
+        src = _thumbnail(ref)
         img = (
             f'<img src="{src}" alt="{html.escape(image_id)}">'
             if src

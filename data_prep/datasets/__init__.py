@@ -48,14 +48,19 @@ __all__ = [
 ]
 
 
-def register_adapter(name: str, *, language: str = "generic") -> Callable[[AdapterFn], AdapterFn]:
-    """Decorator: register `fn` as adapter `name`; `language` is used when the user names none."""
+def register_adapter(
+    name: str, *, language: str = "generic", patterns: bool = False
+) -> Callable[[AdapterFn], AdapterFn]:
+    """Decorator: register `fn` as adapter `name`; `language` is used when the user names none;
+    `patterns`: the source may be a pattern (`data/{00000..00127}.tar`) that `fn` expands and checks."""
 
     def deco(fn: AdapterFn) -> AdapterFn:
         if name in ADAPTERS:
             raise ValueError(f"adapter {name!r} is already registered")
         doc = inspect.getdoc(fn) or ""
-        ADAPTERS[name] = Adapter(name=name, fn=fn, language=language, doc=doc.splitlines()[0] if doc else "")
+        ADAPTERS[name] = Adapter(
+            name=name, fn=fn, language=language, doc=doc.splitlines()[0] if doc else "", patterns=patterns
+        )
         return fn
 
     return deco
@@ -130,7 +135,8 @@ def prepare(
     options = {k: v for k, v in options.items() if v is not None}
     _check_options(ad, options)
     source, out = Path(source), Path(out)
-    _check_source(source)
+    if not ad.patterns:
+        _check_source(source)
     lang = get_language(language or ad.language)
 
     raw = ad.fn(source, **options)
@@ -196,4 +202,4 @@ def _split_counts(records) -> dict[str, dict[str, int]]:
 
 
 # Importing the adapter modules registers them.
-from data_prep.datasets import coco, flickr8k, karpathy, ktvic, table  # noqa: E402,F401
+from data_prep.datasets import coco, flickr8k, karpathy, ktvic, table, webdataset  # noqa: E402,F401

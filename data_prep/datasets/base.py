@@ -17,7 +17,7 @@ from pathlib import Path
 
 from data_prep import text as T
 from data_prep.errors import SettingError
-from data_prep.images import check_images
+from data_prep.images import TarMember, check_images
 from data_prep.languages import Language
 from data_prep.manifest import Record, relative_image_path
 from data_prep.report import Problem
@@ -32,7 +32,7 @@ MAX_CAPTION_CHARS = 500
 @dataclass
 class RawImage:
     image_id: str
-    path: Path
+    path: Path | TarMember  # a file, or a member of a tar shard (webdataset)
     split: str | None  # None: the dataset's split files do not list it (reported, skipped)
     file: str  # the source file that named this image, for reports
     where: str  # line number or id inside that file
@@ -70,6 +70,7 @@ class Adapter:
     fn: AdapterFn
     language: str  # the dataset's language when the user names none
     doc: str
+    patterns: bool = False  # the source may be a brace pattern of files, which the adapter expands and checks
 
 
 # Split names datasets use for the same thing; manifests use train / val / test.
@@ -235,10 +236,13 @@ def build_records(
     records = [
         Record(
             image_id=im.image_id,
-            image=relative_image_path(im.path, manifest_path),
+            image=relative_image_path(
+                im.path.shard if isinstance(im.path, TarMember) else im.path, manifest_path
+            ),
             split="val" if im.image_id in val else im.split,
             captions=tuple(t for _, t in caps[im.image_id]),
             caption_ids=tuple(i for i, _ in caps[im.image_id]),
+            member=im.path.name if isinstance(im.path, TarMember) else None,
         )
         for im in kept
     ]
