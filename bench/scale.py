@@ -6,9 +6,10 @@ their captions in a .json list, as img2dataset would, then runs, each in a child
 its peak RSS (`os.wait4`'s ru_maxrss) is its own:
 
 - `vicap prepare webdataset SHARDS --option caption_key=captions` (printed, no target);
-- `vicap features RECIPE` over that manifest: once with an empty store (encodes every image), once
-  more with nothing left to encode. Extraction images/s = N / (first wall time - second wall time),
-  so start-up, imports and model loading are not counted; the peak RSS is the first run's;
+- `vicap features RECIPE` over that manifest: --repeats times with an empty store (encodes every
+  image), then as often with nothing left to encode. Extraction images/s = N / (median wall time of
+  the first - median of the second), so start-up, imports and model loading are not counted; the peak
+  RSS is the median of the first runs' (one run's varies by a few percent);
 - training setup, `vicap.train.clipcap_job` (what `vicap train` does before its first step: manifest,
   feature store, caption token cache, LM, caption model): once building the caption cache, once
   reusing it;
@@ -22,10 +23,10 @@ whole command, reported without a target.
 
 The models are stand-ins with the demo's shapes and random weights (speed and memory do not depend on
 their values): the demo's tiny ResNet CLIP (64 px) and a 2-layer GPT-2 with a BPE trained on the
-captions. On a 2-core machine the defaults take about five minutes.
+captions. On a 2-core machine the defaults take about six minutes.
 
     python bench/scale.py [--sizes 2000 16000] [--captions 5] [--image-size 64] [--parallel 16000]
-                          [--out DIR] [--threads 1]
+                          [--repeats 3] [--out DIR] [--threads 1]
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import os
 import random
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -219,8 +221,19 @@ def measure(n: int, args, models: tuple[Path, Path], root: Path, env: dict) -> d
             clip=models[0], lm=models[1], manifest=manifest, features=folder / "features", run=folder / "run"
         )
     )
-    cold, feat_rss, _ = run([*vicap, "features", str(recipe)], env, "features")
-    warm, warm_rss, _ = run([*vicap, "features", str(recipe)], env, "features (nothing to encode)")
+    # The peak RSS of one run varies by a few percent (~480-505 MiB at 2,000 images on the machine this
+    # was written on): each measurement of `vicap features` is the median of --repeats runs.
+    colds, rsss = [], []
+    for _ in range(args.repeats):
+        shutil.rmtree(folder / "features", ignore_errors=True)
+        wall, rss, _ = run([*vicap, "features", str(recipe)], env, "features")
+        colds.append(wall)
+        rsss.append(rss)
+    warms = [
+        run([*vicap, "features", str(recipe)], env, "features (nothing to encode)")[0]
+        for _ in range(args.repeats)
+    ]
+    cold, feat_rss, warm = statistics.median(colds), statistics.median(rsss), statistics.median(warms)
     setup_wall, setup_rss, out = run([sys.executable, "-c", SETUP, str(recipe)], env, "training setup")
     captions = json.loads(out.splitlines()[-1])["captions"]
     setup2_wall, setup2_rss, _ = run(
@@ -235,6 +248,7 @@ def measure(n: int, args, models: tuple[Path, Path], root: Path, env: dict) -> d
         "prepare_rss": prep_rss,
         "features_s": cold,
         "features_rss": feat_rss,
+        "features_rss_range": f"{min(rsss):.0f}-{max(rsss):.0f}",
         "features_rerun_s": warm,
         "images_per_s": n / max(cold - warm, 1e-9),
         "setup_s": setup_wall,
@@ -280,6 +294,7 @@ def main() -> None:
     ap.add_argument(
         "--parallel", type=int, default=16000, help="size of the 1- vs 2-process run (one of --sizes)"
     )
+    ap.add_argument("--repeats", type=int, default=3, help="runs of `vicap features` per size (median)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process (OMP_NUM_THREADS)")
     ap.add_argument("--out", type=Path, default=None, help="work folder (default: a temporary one, removed)")
     args = ap.parse_args()
@@ -308,9 +323,9 @@ def main() -> None:
 
     print(
         f"python bench/scale.py --sizes {args.sizes[0]} {args.sizes[1]} --captions {args.captions} "
-        f"--image-size {args.image_size} --parallel {args.parallel} --threads {args.threads}"
+        f"--image-size {args.image_size} --parallel {args.parallel} --repeats {args.repeats} --threads {args.threads}"
     )
-    print(f"{'':38}{small['images']:>12,}{large['images']:>12,}  growth")
+    print(f"{'':42}{small['images']:>12,}{large['images']:>12,}  growth")
     lines = [
         ("captions", "captions", "{:,}"),
         ("writing the shards (s)", "shards_written_s", "{:.1f}"),
@@ -319,7 +334,7 @@ def main() -> None:
         ("vicap features, all to encode (s)", "features_s", "{:.1f}"),
         ("vicap features, none to encode (s)", "features_rerun_s", "{:.1f}"),
         ("extraction images/s", "images_per_s", "{:.0f}"),
-        ("vicap features peak RSS (MiB)", "features_rss", "{:.0f}"),
+        ("vicap features peak RSS (MiB), median", "features_rss", "{:.0f}"),
         ("training setup, caption cache built (s)", "setup_s", "{:.1f}"),
         ("training setup peak RSS (MiB)", "setup_rss", "{:.0f}"),
         ("training setup, cache reused (s)", "setup_cached_s", "{:.1f}"),
@@ -327,7 +342,10 @@ def main() -> None:
         ("models only peak RSS (MiB)", "models_only_rss", "{:.0f}"),
     ]
     for label, key, fmt in lines:
-        print(f"{label:38}{fmt.format(small[key]):>12}{fmt.format(large[key]):>12}  {growth(key)}")
+        print(f"{label:42}{fmt.format(small[key]):>12}{fmt.format(large[key]):>12}  {growth(key)}")
+    print(
+        f"vicap features peak RSS, min-max of {args.repeats} runs: {small['features_rss_range']} -> {large['features_rss_range']}"
+    )
     for label, key in (("training setup", "setup_rss"), ("training setup, cache reused", "setup_cached_rss")):
         data = [r[key] - r["models_only_rss"] for r in rows]
         print(f"{label} beyond models only (MiB): {data[0]:.0f} -> {data[1]:.0f}")

@@ -35,7 +35,7 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".
 MAX_PIXELS = 100_000_000
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TarMember:
     """An image stored as member `name` of the uncompressed tar file `shard`."""
 

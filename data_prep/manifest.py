@@ -37,7 +37,7 @@ FORMAT_VERSION = 1
 _RECORD_KEYS = ("image_id", "image", "split", "captions", "caption_ids")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: one per image, millions of them in a large manifest
 class Record:
     """One image with its captions."""
 
@@ -72,6 +72,8 @@ class Manifest:
     path: Path
     meta: dict
     records: list[Record] = field(default_factory=list)
+    # tar shard as named in records -> its resolved path: one Path per shard, not one per image
+    _shards: dict[str, Path] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def language(self) -> str:
@@ -85,8 +87,12 @@ class Manifest:
         """The record's image as an absolute path (links resolved where they resolve: a link loop is
         left for the image loader to report, not raised here), or the member of such a tar shard.
         Every stage reads images through this and `vicap.images.load_image`."""
-        path = Path(os.path.realpath(self.path.parent / record.image))
-        return path if record.member is None else TarMember(path, record.member)
+        if record.member is None:
+            return Path(os.path.realpath(self.path.parent / record.image))
+        shard = self._shards.get(record.image)
+        if shard is None:
+            shard = self._shards[record.image] = Path(os.path.realpath(self.path.parent / record.image))
+        return TarMember(shard, record.member)
 
     def split(self, name: str) -> list[Record]:
         """Records of split `name` (e.g. "train", "val", "test")."""

@@ -326,6 +326,8 @@ def test_webdataset(tmp_path):
         ("../shards/00000.tar", "000000001.jpg", ("A bus number 1 .",)),
         ("../shards/00001.tar", "000000002.jpg", ("A bus number 2 .",)),
     ]
+    first, second = (m.resolve_image(r) for r in m.records[:2])
+    assert first.shard is second.shard  # one resolved path per shard, not one per image
 
 
 def test_folder_without_captions_file(tmp_path):

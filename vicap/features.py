@@ -439,6 +439,7 @@ def extract_features(
         bar.close()
     barrier()
     if todo:
+        del todo, mine, state  # per-image lists: not held while the new state is read
         state = _read_state(folder, row_shape)
     store = _open(folder, state, row_shape)
     store.failures = {p: state.failed[p][0] for p in wanted if p in state.failed}
