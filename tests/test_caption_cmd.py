@@ -303,3 +303,22 @@ def test_any_file_name_is_written(run_dir: Path, odd_folder: Path, tmp_path: Pat
         assert [os.fsencode(i) for i in images] == [
             os.fsencode(odd_folder) + b"/" + n for n in (b"a.jpg", b"caf\xe9.jpg")
         ]
+
+
+# (case, --out or other option, expected message): the user's path or value, named; exit 2, no traceback
+BAD_OUTPUTS = [
+    ("folder missing", ["--out", "{tmp}/no/such/folder/caps.jsonl"], "cannot write the output file"),
+    ("a directory", ["--out", "{tmp}/adir.jsonl"], "cannot write the output file"),
+    ("negative workers", ["--workers", "-1"], "--workers"),
+]
+
+
+@pytest.mark.parametrize(("case", "args", "message"), BAD_OUTPUTS, ids=[c[0] for c in BAD_OUTPUTS])
+def test_bad_output_options_are_clear_errors(
+    run_dir: Path, odd_folder: Path, tmp_path: Path, case, args, message
+) -> None:
+    (tmp_path / "adir.jsonl").mkdir()
+    args = [a.format(tmp=tmp_path) for a in args]
+    res = CliRunner().invoke(app, ["caption", str(run_dir), str(odd_folder), *GREEDY, *args])
+    assert res.exit_code == 2, res.output
+    assert message in res.output and "Traceback" not in res.output

@@ -201,7 +201,10 @@ def caption_to_file(
     if out is not None and out.suffix.lower() not in OUTPUT_SUFFIXES:
         raise UsageError(f"{out}: the output file must end in {' or '.join(OUTPUT_SUFFIXES)}")
     summary = CaptionSummary()
-    f = open(out, "w", encoding="utf-8", newline="") if out is not None else sys.stdout  # noqa: SIM115
+    try:
+        f = open(out, "w", encoding="utf-8", newline="") if out is not None else sys.stdout  # noqa: SIM115
+    except OSError as e:  # a missing folder, a directory, no permission: the user's path, not a bug
+        raise UsageError(f"{out}: cannot write the output file ({e.strerror})") from None
     try:
         rows = _CsvRows(f) if out is not None and out.suffix.lower() == ".csv" else _JsonRows(f)
         for row in caption_images(

@@ -207,7 +207,9 @@ def caption(
     n_best: int = typer.Option(None, "--n-best", help="also list the K best captions (generate.n_best=K)"),
     batch_size: int = typer.Option(None, "--batch-size", help="images per batch (generate.batch_size=N)"),
     strict: bool = typer.Option(False, "--strict", help="stop with exit code 1 at the first unusable file"),
-    workers: int = typer.Option(1, "--workers", help="image-decoding processes (0: decode in this one)"),
+    workers: int = typer.Option(
+        1, "--workers", min=0, help="image-decoding processes (0: decode in this one)"
+    ),
     sets: list[str] = Sets,
     device: str = DeviceOption,
     checkpoint: str = CheckpointOption,
