@@ -197,6 +197,7 @@ def test_greedy_baseline_and_validation_selection(tiny_recipe, ce_run, tmp_path)
         ({"scst.baseline": "max"}, "scst.baseline"),
         ({"scst.init_checkpoint": "first"}, "scst.init_checkpoint"),
         ({"scst.level": "char"}, "scst.level"),
+        ({"scst.samples": "8"}, "applies only to a self-critical stage"),  # no init_from: not ignored
     ],
 )
 def test_bad_scst_settings_name_the_key(tiny_recipe, override, message) -> None:

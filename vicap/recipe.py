@@ -621,6 +621,18 @@ class Recipe(RecipeSchema):
 
     OPTIONAL = ("scst",)
 
+    def check(self) -> None:
+        if not self.scst.init_from:  # no SCST stage: its other keys would be accepted and ignored
+            default = ScstConfig()
+            for f in dataclasses.fields(ScstConfig):
+                value = getattr(self.scst, f.name)
+                check(
+                    value == getattr(default, f.name),
+                    f"scst.{f.name}",
+                    value,
+                    "applies only to a self-critical stage: set scst.init_from to the run to start from",
+                )
+
     def summary(self) -> str:
         line = f"{self.encoder.model} -> {self.mapper.type} -> {self.decoder.model}, tuning={self.decoder.tuning}"
         if self.scst.init_from:

@@ -132,11 +132,11 @@ class Selection:
     def for_job(cls, job: TrainJob) -> Selection:
         cfg = job.recipe.train
         if job.val_captions is None:
-            if cfg.select not in ("", "last") or cfg.patience or cfg.val_every:
+            if cfg.select not in ("", "last") or cfg.patience or cfg.val_every or cfg.val_max_images:
                 raise RecipeError(
                     f"train.select = {cfg.select!r}, train.patience = {cfg.patience}, train.val_every = "
-                    f"{cfg.val_every}: these need a validation split (set data.val_fraction, or give the "
-                    "manifest a 'val' split)"
+                    f"{cfg.val_every}, train.val_max_images = {cfg.val_max_images}: these need a validation "
+                    "split (set data.val_fraction, or give the manifest a 'val' split)"
                 )
             return cls("last")
         if cfg.select == "loss" and job.val_set is None:
