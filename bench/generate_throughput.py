@@ -82,13 +82,9 @@ def vicap_captions(model, features, beams: int, batch: int) -> list[list[int]]:
     from vicap.generate import decode_batch
     from vicap.recipe import GenerateConfig
 
-    strategy = "beam" if beams > 1 else "greedy"
+    beam = {"strategy": "beam", "beam_size": beams, "length_penalty": LENGTH_PENALTY}
     cfg = GenerateConfig(
-        strategy=strategy,
-        beam_size=beams,
-        max_new_tokens=MAX_NEW,
-        length_penalty=LENGTH_PENALTY,
-        batch_size=batch,
+        **(beam if beams > 1 else {"strategy": "greedy"}), max_new_tokens=MAX_NEW, batch_size=batch
     )
     out: list[list[int]] = []
     for start in range(0, features.shape[0], batch):

@@ -63,6 +63,11 @@ def _cfg(**kw) -> GenerateConfig:
     return GenerateConfig(**{"max_new_tokens": MAX_NEW, **kw})
 
 
+def _beams(strategy: str, n: int = 3) -> dict:
+    """strategy, with beam_size = n when it is beam search (other strategies refuse a beam_size)."""
+    return {"strategy": strategy, **({"beam_size": n} if strategy == "beam" else {})}
+
+
 @contextmanager
 def forced_logits(model: CaptionModel, plan) -> Iterator[None]:
     """Make the LM emit plan(call, row) (a token id, or None to leave the row alone) at each step."""
@@ -252,7 +257,7 @@ def test_every_mapper_and_lm_tuning_generates(gpt2_decoder, strategy: str, mappe
     m = CaptionModel(MapperConfig(type=mapper, prefix_length=2), ENCODER_DIM, gpt2_decoder, "full").eval()
     uses_tokens = getattr(m.mapper, "uses_tokens", False)
     feats = torch.randn(3, 5, ENCODER_DIM) if uses_tokens else torch.randn(3, ENCODER_DIM)
-    caps = generate(m, feats, _cfg(strategy=strategy, beam_size=2), language="vi")
+    caps = generate(m, feats, _cfg(**_beams(strategy, 2)), language="vi")
     assert len(caps) == 3 and all(len(c) == 1 and isinstance(c[0].text, str) for c in caps)
 
 
@@ -271,7 +276,7 @@ def test_lora_wrapped_lm_generates(tiny_lm_dir: Path, features) -> None:
 @pytest.mark.parametrize("strategy", ["greedy", "beam", "sample"])
 def test_returned_ids_never_hold_eos(model, features, strategy: str) -> None:
     eos = model.decoder.eos_token_id
-    for hyps in decode_batch(model, features, _cfg(strategy=strategy, beam_size=3)):
+    for hyps in decode_batch(model, features, _cfg(**_beams(strategy))):
         for h in hyps:
             assert eos not in h.ids and len(h.ids) <= MAX_NEW
 
@@ -281,7 +286,7 @@ def test_eos_first_gives_an_empty_finished_caption(model, features, strategy: st
     eos = model.decoder.eos_token_id
     with forced_logits(model, lambda call, row: eos):
         caps = generate(
-            model, features, _cfg(strategy=strategy, beam_size=3), language="vi", share_prefix=False
+            model, features, _cfg(**_beams(strategy)), language="vi", share_prefix=False
         )
     assert [(c[0].text, c[0].token_ids, c[0].finished) for c in caps] == [("", (), True)] * 5
     assert all(c[0].score > -1e-3 for c in caps)  # log p(EOS) ~ 0 when EOS is forced
@@ -307,7 +312,7 @@ def test_min_new_tokens_holds_eos_back(model, features, strategy: str) -> None:
     eos = model.decoder.eos_token_id
     with forced_logits(model, lambda call, row: eos):
         hyps = decode_batch(
-            model, features, _cfg(strategy=strategy, beam_size=2, min_new_tokens=3), share_prefix=False
+            model, features, _cfg(**_beams(strategy, 2), min_new_tokens=3), share_prefix=False
         )
     assert [len(h[0].ids) for h in hyps] == [3] * 5
     assert all(h[0].finished for h in hyps)
@@ -318,7 +323,7 @@ def test_min_new_tokens_holds_eos_back(model, features, strategy: str) -> None:
 def test_no_repeat_ngram_size(model, features, strategy: str, n: int) -> None:
     plain = generate_ids(model, features, _cfg(strategy="greedy", max_new_tokens=10))
     assert any(_repeats(ids, n) for ids in plain)  # the tiny random LM loves repeating itself
-    cfg = _cfg(strategy=strategy, beam_size=3, max_new_tokens=10, no_repeat_ngram_size=n)
+    cfg = _cfg(**_beams(strategy, 3), max_new_tokens=10, no_repeat_ngram_size=n)
     for ids in generate_ids(model, features, cfg):
         assert not _repeats(ids, n), ids
 
@@ -341,7 +346,7 @@ def test_stop_string_ends_the_caption(model, features, strategy: str) -> None:
         caps = generate(
             model,
             features[:2],
-            _cfg(strategy=strategy, beam_size=2, max_new_tokens=20, stop="."),
+            _cfg(**_beams(strategy, 2), max_new_tokens=20, stop="."),
             language="vi",
             share_prefix=False,
         )
@@ -359,7 +364,7 @@ def test_a_caption_cut_by_the_length_limit_loses_its_fragment(model, features, s
         caps = generate(
             model,
             features[:2],
-            _cfg(strategy=strategy, beam_size=2, max_new_tokens=len(path)),
+            _cfg(**_beams(strategy, 2), max_new_tokens=len(path)),
             language="vi",
             share_prefix=False,
         )
@@ -371,10 +376,10 @@ def test_a_caption_cut_by_the_length_limit_loses_its_fragment(model, features, s
 def test_small_batches_give_the_same_captions(model, features) -> None:
     for strategy in ("greedy", "beam"):
         one = generate_captions(
-            model, features, _cfg(strategy=strategy, beam_size=2, batch_size=32), language="vi"
+            model, features, _cfg(**_beams(strategy, 2), batch_size=32), language="vi"
         )
         two = generate_captions(
-            model, features, _cfg(strategy=strategy, beam_size=2, batch_size=2), language="vi"
+            model, features, _cfg(**_beams(strategy, 2), batch_size=2), language="vi"
         )
         assert len(one) == 5 and one == two
 

@@ -146,6 +146,27 @@ def test_find_recipe(tmp_path: Path, monkeypatch, case: str, spec: str, expected
             ["data.language=vi-VN"],
             "data.language = 'vi-VN': would get the generic fallback, not the rules registered for 'vi'; write 'vi'",
         ),
+        # [generate] keys the chosen strategy does not read (the demo recipe decodes with beam)
+        (
+            "sampling keys under beam",
+            ["generate.temperature=50.0"],
+            "generate.temperature = 50.0: only strategy 'sample' uses it, and this recipe decodes with 'beam'",
+        ),
+        (
+            "beam keys set with greedy",
+            ["generate.strategy=greedy", "generate.beam_size=8"],
+            "generate.beam_size = 8: only strategy 'beam' uses it, and this recipe decodes with 'greedy'",
+        ),
+        (
+            "length penalty set with sample",
+            ["generate.strategy=sample", "generate.length_penalty=5.0"],
+            "generate.length_penalty = 5.0: only strategy 'beam' uses it",
+        ),
+        (
+            "top_p set with greedy",
+            ["generate.strategy=greedy", "generate.top_p=0.01"],
+            "generate.top_p = 0.01: only strategy 'sample' uses it",
+        ),
         (
             "word segments for a language without a segmenter",
             ["data.language=fr", "data.segment=word"],
@@ -158,6 +179,22 @@ def test_bad_values_name_file_and_key(case: str, overrides: list[str], message: 
         load_recipe("demo_vi_synthetic", overrides)
     assert str(err.value).startswith(str(DEMO))
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        # the file's beam_size = 3 belongs to its beam strategy: switching strategy drops it
+        (["generate.strategy=greedy"], {"strategy": "greedy", "beam_size": 5}),
+        (["generate.strategy=sample", "generate.top_k=20"], {"strategy": "sample", "top_k": 20, "beam_size": 5}),
+        (["generate.beam_size=4"], {"strategy": "beam", "beam_size": 4}),
+        (["generate.strategy=beam", "generate.beam_size=2"], {"strategy": "beam", "beam_size": 2}),
+    ],
+)
+def test_switching_strategy_drops_the_recipes_keys_of_the_old_one(overrides, expected) -> None:
+    assert load_recipe(DEMO).generate.beam_size == 3
+    gen = load_recipe(DEMO, overrides).generate
+    assert {k: getattr(gen, k) for k in expected} == expected
 
 
 def test_close_registry_names_are_suggested() -> None:
@@ -366,6 +403,12 @@ def bad_files(tmp_path: Path) -> Path:
             ["validate", "vi_ktvic_lora", "--set", "mapper.type=mpl"],
             1,
             "mapper.type = 'mpl'",
+        ),
+        (
+            "validate: sampling under beam",
+            ["validate", "demo_vi_synthetic", "--set", "generate.top_k=2"],
+            1,
+            "generate.top_k = 2: only strategy 'sample' uses it",
         ),
         ("features: mapper", ["features", "vi_ktvic_lora", "mapper.type=mpl"], 2, "mapper.type = 'mpl'"),
         ("train: encoder", ["train", "vi_ktvic_lora", "encoder.name=clip"], 2, "encoder.name = 'clip'"),

@@ -426,6 +426,17 @@ class GenerateConfig(Section):
         check(self.top_k >= 0, "generate.top_k", self.top_k, "must be >= 0")
         check_seed("generate.seed", self.seed)
         check(0.0 < self.top_p <= 1.0, "generate.top_p", self.top_p, "must be in (0, 1]")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for strategy, keys in STRATEGY_KEYS.items():
+            for key in keys if strategy != self.strategy else ():
+                value = getattr(self, key)
+                check(
+                    value == defaults[key],
+                    f"generate.{key}",
+                    value,
+                    f"only strategy {strategy!r} uses it, and this recipe decodes with {self.strategy!r}; "
+                    f"remove it or set the default {defaults[key]!r}",
+                )
         check(
             self.repetition_penalty > 0, "generate.repetition_penalty", self.repetition_penalty, "must be > 0"
         )
@@ -435,6 +446,12 @@ class GenerateConfig(Section):
             self.no_repeat_ngram_size,
             "must be >= 0",
         )
+
+
+# The [generate] keys only one strategy reads. Under another strategy they must keep their defaults;
+# an override that changes generate.strategy drops the recipe's values of the keys the new strategy
+# does not read (a beam recipe run with `--set generate.strategy=greedy` needs no beam_size reset).
+STRATEGY_KEYS = {"beam": ("beam_size", "length_penalty"), "sample": ("temperature", "top_k", "top_p", "seed")}
 
 
 @dataclass(frozen=True)
@@ -775,6 +792,13 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if not isinstance(node, dict):
                 raise RecipeError(f"override {text!r}: {part!r} is not a section")
         node[path[-1]] = value
+    overridden = [parse_override(text)[0] for text in overrides]
+    if ["generate", "strategy"] in overridden and isinstance(data.get("generate"), dict):
+        section = data["generate"]
+        for strategy, keys in STRATEGY_KEYS.items():
+            for key in keys if strategy != section["strategy"] else ():
+                if ["generate", key] not in overridden:
+                    section.pop(key, None)
     return data
 
 
