@@ -146,6 +146,22 @@ def test_find_recipe(tmp_path: Path, monkeypatch, case: str, spec: str, expected
             ["data.language=vi-VN"],
             "data.language = 'vi-VN': would get the generic fallback, not the rules registered for 'vi'; write 'vi'",
         ),
+        # encoder.pretrained where the model carries its own weights
+        (
+            "pretrained with a local folder",
+            ["encoder.model=local-dir:/models/clip", "encoder.pretrained=/tmp/other.pth"],
+            "encoder.pretrained = '/tmp/other.pth': encoder.model = 'local-dir:/models/clip' carries its own",
+        ),
+        (
+            "pretrained with a hub repo",
+            ["encoder.model=hf-hub:org/clip", "encoder.pretrained=laion2b_s34b_b79k"],
+            "encoder.pretrained = 'laion2b_s34b_b79k': encoder.model = 'hf-hub:org/clip' carries its own",
+        ),
+        (
+            "pretrained with hf_clip",
+            ["encoder.name=hf_clip", "encoder.model=openai/clip-vit-base-patch32", "encoder.pretrained=x.pt"],
+            "encoder.pretrained = 'x.pt': hf_clip models carry their own weights",
+        ),
         # [generate] keys the chosen strategy does not read (the demo recipe decodes with beam)
         (
             "sampling keys under beam",

@@ -117,7 +117,7 @@ class EncoderConfig(Section):
     pretrained: str = option(
         "open_clip pretrained tag ('openai', 'laion2b_s34b_b79k', ...) or a local weights file (.safetensors, "
         "or .pt/.pth/.bin read with torch.load(weights_only=True)); "
-        "ignored for local-dir:/hf-hub: models",
+        "refused for local-dir:/hf-hub: models and folders, which carry their own weights",
         "openai",
     )
     batch_size: int = option("images per batch during feature extraction", 64)
@@ -130,9 +130,26 @@ class EncoderConfig(Section):
 
     def validate(self) -> None:
         from vicap.encoders import ENCODERS  # imported here: vicap.encoders imports this module
+        from vicap.resolve import looks_like_path
 
         one_of("encoder.name", self.name, ENCODERS.names())
         check(bool(self.model), "encoder.model", self.model, "must name a model")
+        # Only an open_clip model name reads encoder.pretrained; folders and hub repos carry their own
+        # weights. The default tag is tolerated there, any other value would be accepted and ignored.
+        if self.pretrained not in ("", "openai"):
+            check(
+                self.name == "open_clip",
+                "encoder.pretrained",
+                self.pretrained,
+                f"{self.name} models carry their own weights (encoder.model); remove encoder.pretrained",
+            )
+            check(
+                not (self.model.startswith(("local-dir:", "hf-hub:")) or looks_like_path(self.model)),
+                "encoder.pretrained",
+                self.pretrained,
+                f"encoder.model = {self.model!r} carries its own weights; encoder.pretrained applies to "
+                "open_clip model names (ViT-B-32) only: remove it",
+            )
         check(self.batch_size > 0, "encoder.batch_size", self.batch_size, "must be > 0")
 
 
