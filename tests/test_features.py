@@ -270,25 +270,36 @@ def test_a_killed_extraction_is_completed_by_the_next_run(encoder, images, tmp_p
     _check_rows(store, encoder, images)
 
 
+@pytest.mark.parametrize(
+    ("case", "rows_order", "index_age_s", "kept"),
+    [
+        ("a good store", [0, 1, 2, 3], 0, 4),
+        ("index longer than the rows", [0, 1, 2], 0, 0),
+        # the old code's crash: new rows (reordered) beside the previous run's index, written earlier
+        ("index older than its rows", [1, 0, 3, 2], -60, 0),
+    ],
+)
 def test_a_store_in_the_old_single_file_layout_is_moved_once(
-    encoder, images, tmp_path: Path, counted
+    encoder, images, tmp_path: Path, counted, case: str, rows_order: list[int], index_age_s: int, kept: int
 ) -> None:
     root = tmp_path / "store"
     folder = root / encoder.key
     folder.mkdir(parents=True)
-    rows = np.stack([_direct(encoder, p).numpy() for p in images])
-    np.save(folder / "features.npy", rows)
     (folder / "index.json").write_text(
         json.dumps(
             [{"path": str(p.resolve()), "stat": [p.stat().st_size, p.stat().st_mtime_ns]} for p in images]
         )
     )
+    rows = np.stack([_direct(encoder, images[i]).numpy() for i in rows_order])
+    np.save(folder / "features.npy", rows)
+    now = (folder / "features.npy").stat().st_mtime
+    os.utime(folder / "index.json", (now + index_age_s, now + index_age_s))
     (folder / "meta.json").write_text(json.dumps({"identity": encoder.identity}))
     counted.clear()
     store = open_store(encoder, root)
-    assert len(store.rows) == 4 and not (folder / "features.npy").exists()
+    assert len(store.rows) == kept
     store = extract_features(encoder, images, root, progress=False)
-    assert counted == []
+    assert sum(counted) == 4 - kept  # what the old store could not vouch for is encoded again
     _check_rows(store, encoder, images)
 
 

@@ -316,7 +316,10 @@ def _migrate_single_file_store(folder: Path) -> None:
     try:
         index = json.loads(old_index.read_text(encoding="utf-8"))
         array = np.load(old_npy, mmap_mode="r", allow_pickle=False)
-        ok = array.shape[0] == len(index)
+        # vicap 0.1 replaced features.npy, then wrote index.json: an index older than the rows is the
+        # previous run's, left by a process that died between the two (a copy that reordered the
+        # mtimes is re-encoded too, which costs time but never serves a wrong row).
+        ok = array.shape[0] == len(index) and old_index.stat().st_mtime_ns >= old_npy.stat().st_mtime_ns
     except (OSError, ValueError) as e:
         ok, index = False, []
         log.warning("feature store %s: unreadable single-file store (%s)", folder, e)
@@ -324,7 +327,8 @@ def _migrate_single_file_store(folder: Path) -> None:
     shards.mkdir()
     if not ok:
         log.warning(
-            "feature store %s: the old index does not match its rows; the images will be encoded again",
+            "feature store %s: the old index does not match its rows (or is older than them); the images "
+            "will be encoded again",
             folder,
         )
         return
