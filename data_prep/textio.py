@@ -13,7 +13,9 @@ import json
 import os
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TextIO
 
 # Lone surrogates: what a str holds for bytes that were not UTF-8 (or a JSON "\udXXX" escape).
 SURROGATES = re.compile("[\ud800-\udfff]")
@@ -34,21 +36,35 @@ def write_atomic(path: str | os.PathLike, chunks, *, durable: bool = False) -> P
     temporary file renamed into place: readers see the old file or the new one, never a part. A write
     that fails leaves the old file as it was. `durable` also flushes the data to disk before the
     rename (for files that commit other files' contents, like a feature shard's index)."""
+    with atomic_writer(path, durable=durable) as f:
+        for chunk in [chunks] if isinstance(chunks, str) else chunks:
+            f.write(chunk)
+    return Path(path)
+
+
+@contextmanager
+def atomic_writer(
+    path: str | os.PathLike, *, durable: bool = False, partial: Path | None = None
+) -> Iterator[TextIO]:
+    """A UTF-8 text file that replaces `path` only when the block ends without an error (see
+    write_atomic). If the block fails, the old `path` is left as it was and what was written is
+    deleted, or kept as `partial` when one is named (rows already computed are not thrown away)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "w", encoding="utf-8", newline="") as f:
-            for chunk in [chunks] if isinstance(chunks, str) else chunks:
-                f.write(chunk)
+            yield f
             if durable:
                 f.flush()
                 os.fsync(f.fileno())
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if partial is not None and tmp.exists():
+            os.replace(tmp, partial)
+        else:
+            tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, path)
-    return path
 
 
 def safe_text(text: str) -> str:

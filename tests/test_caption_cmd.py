@@ -307,7 +307,7 @@ def test_any_file_name_is_written(run_dir: Path, odd_folder: Path, tmp_path: Pat
 
 # (case, --out or other option, expected message): the user's path or value, named; exit 2, no traceback
 BAD_OUTPUTS = [
-    ("folder missing", ["--out", "{tmp}/no/such/folder/caps.jsonl"], "cannot write the output file"),
+    ("folder is a file", ["--out", "{tmp}/afile.txt/caps.jsonl"], "cannot write the output file"),
     ("a directory", ["--out", "{tmp}/adir.jsonl"], "cannot write the output file"),
     ("negative workers", ["--workers", "-1"], "--workers"),
 ]
@@ -318,7 +318,34 @@ def test_bad_output_options_are_clear_errors(
     run_dir: Path, odd_folder: Path, tmp_path: Path, case, args, message
 ) -> None:
     (tmp_path / "adir.jsonl").mkdir()
+    (tmp_path / "afile.txt").write_text("")
     args = [a.format(tmp=tmp_path) for a in args]
     res = CliRunner().invoke(app, ["caption", str(run_dir), str(odd_folder), *GREEDY, *args])
     assert res.exit_code == 2, res.output
     assert message in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_a_stopped_run_never_empties_the_output_file(
+    run_dir: Path, folder, tmp_path: Path, suffix: str
+) -> None:
+    root, _, _ = folder
+    out = tmp_path / "new" / f"caps{suffix}"  # a missing folder is created
+    res = CliRunner().invoke(app, ["caption", str(run_dir), str(root / "a.jpg"), "--out", str(out), *GREEDY])
+    assert res.exit_code == 0, res.output
+    before = out.read_bytes()
+    assert before
+    # --strict stops at a missing file before anything is captioned, or after a.jpg was: out is left
+    # as it was either time, and the caption already made is kept beside it
+    partial = out.with_name(f"caps.partial{suffix}")
+    for names, kept in ((["missing.jpg", "a.jpg"], False), (["a.jpg", "missing.jpg"], True)):
+        args = [*(str(root / n) for n in names), "--strict", "--out", str(out), *GREEDY]
+        res = CliRunner().invoke(app, ["caption", str(run_dir), *args, "--set", "generate.batch_size=1"])
+        assert res.exit_code == 1
+        assert out.read_bytes() == before
+        assert partial.exists() == kept and (str(partial) in res.stderr) == kept
+    assert "a.jpg" in partial.read_text()
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted([out.name, partial.name])
+    # a later complete run replaces out and removes the stopped run's file
+    res = CliRunner().invoke(app, ["caption", str(run_dir), str(root / "a.jpg"), "--out", str(out), *GREEDY])
+    assert res.exit_code == 0 and out.read_bytes() == before and not partial.exists()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from tqdm import tqdm
 
 from data_prep.images import TarMember, image_key, walk_images
 from data_prep.manifest import read_manifest
-from data_prep.textio import json_text, safe_text
+from data_prep.textio import atomic_writer, json_text, safe_text
 from vicap.encoders import load_encoder
 from vicap.errors import UsageError
 from vicap.features import _collate, _Images
@@ -201,12 +202,8 @@ def caption_to_file(
     if out is not None and out.suffix.lower() not in OUTPUT_SUFFIXES:
         raise UsageError(f"{out}: the output file must end in {' or '.join(OUTPUT_SUFFIXES)}")
     summary = CaptionSummary()
-    try:
-        f = open(out, "w", encoding="utf-8", newline="") if out is not None else sys.stdout  # noqa: SIM115
-    except OSError as e:  # a missing folder, a directory, no permission: the user's path, not a bug
-        raise UsageError(f"{out}: cannot write the output file ({e.strerror})") from None
-    try:
-        rows = _CsvRows(f) if out is not None and out.suffix.lower() == ".csv" else _JsonRows(f)
+
+    def write(f: TextIO, rows: _CsvRows | _JsonRows) -> None:
         for row in caption_images(
             run_dir,
             paths,
@@ -225,7 +222,43 @@ def caption_to_file(
             rows.write(row)
             summary.captioned += 1
             f.flush()
-    finally:
-        if out is not None:
-            f.close()
+
+    if out is None:
+        write(sys.stdout, _JsonRows(sys.stdout))
+        return summary
+    _check_writable(out)
+    # The rows go to a temporary file that replaces `out` only once every image is done: a run that
+    # stops early never empties an existing file, and what it captioned is kept beside it.
+    partial = out.with_name(f"{out.stem}.partial{out.suffix}")
+    try:
+        with atomic_writer(out, partial=partial) as f:
+            write(f, _CsvRows(f) if out.suffix.lower() == ".csv" else _JsonRows(f))
+    except BaseException:
+        if partial.exists() and not summary.captioned:
+            partial.unlink()
+        if partial.exists():
+            log.warning(
+                "%s: left as it was; the %d caption(s) written before the stop are in %s",
+                out,
+                summary.captioned,
+                partial,
+            )
+        raise
+    partial.unlink(missing_ok=True)  # an earlier stopped run's, now superseded
     return summary
+
+
+def _check_writable(out: Path) -> None:
+    """A UsageError naming `out` when it cannot be written; a missing folder is created (as prepare does)."""
+    problem = "a folder" if out.is_dir() else None
+    if problem is None:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            problem = e.strerror
+    if problem is None and not os.access(out.parent, os.W_OK):
+        problem = f"no permission to write in {out.parent}"
+    if problem is None and out.exists() and not os.access(out, os.W_OK):
+        problem = "the file is read-only"
+    if problem is not None:
+        raise UsageError(f"{out}: cannot write the output file ({problem})")
