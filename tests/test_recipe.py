@@ -345,6 +345,32 @@ def test_lengths_beyond_the_lm_positions(
     assert message in str(e.value) and "has 64 positions" in str(e.value)
 
 
+@pytest.mark.parametrize(
+    ("sets", "code", "message"),
+    [
+        ([], 0, "lengths fit the LM's 64 positions"),
+        (["generate.max_new_tokens=200"], 1, "generate.max_new_tokens = 200: the prefix (2) + start tokens (0)"),
+        (["data.max_tokens=63"], 1, "data.max_tokens = 63: the prefix (2)"),
+        (["decoder.model=gpt2-not-downloaded"], 0, "LM not on this machine: lengths are checked when it loads"),
+    ],
+)
+def test_validate_checks_lengths_against_the_lm_without_its_weights(
+    tmp_path, ktvic_dir, tiny_lm_dir, tiny_clip_dir, sets, code, message
+) -> None:
+    from tests.conftest import tiny_recipe_overrides
+
+    overrides = tiny_recipe_overrides(tmp_path, ktvic_dir, tiny_lm_dir, tiny_clip_dir)
+    weights = next(tiny_lm_dir.glob("*.safetensors"))
+    weights.rename(weights.with_suffix(".away"))  # no weights: validate reads config and tokenizer only
+    try:
+        args = [a for o in [*overrides, *sets] for a in ("--set", o)]
+        res = CliRunner().invoke(app, ["validate", "demo_vi_synthetic", *args])
+    finally:
+        weights.with_suffix(".away").rename(weights)
+    assert res.exit_code == code, res.output
+    assert message in res.output and "Traceback" not in res.output
+
+
 def test_generation_checks_its_own_settings(tiny_recipe) -> None:
     """Settings handed to generation directly (the web page, notebooks) are checked before decoding."""
     import torch

@@ -129,12 +129,24 @@ def validate(
 ) -> None:
     """Check recipes: unknown keys, wrong types, unknown registry names and bad values are reported with
     file and key (exit code 1)."""
-    from vicap.recipe import RecipeError, load_any_recipe
+    from vicap.errors import ModelLoadError
+    from vicap.model import check_recipe_lengths
+    from vicap.recipe import Recipe, RecipeError, find_recipe, load_any_recipe
 
     bad = 0
     for spec in recipes:
         try:
-            typer.echo(f"ok    {spec}  ({load_any_recipe(spec, sets).summary()})")
+            recipe = load_any_recipe(spec, sets)
+            lengths = ""
+            if isinstance(recipe, Recipe):  # caption lengths against the LM's positions, from its config
+                try:
+                    limit = check_recipe_lengths(recipe)
+                    lengths = f"; lengths fit the LM's {limit} positions" if limit else ""
+                except ModelLoadError:
+                    lengths = "; LM not on this machine: lengths are checked when it loads"
+                except RecipeError as e:
+                    raise RecipeError(f"{find_recipe(spec)}: {e}") from None
+            typer.echo(f"ok    {spec}  ({recipe.summary()}{lengths})")
         except RecipeError as e:
             bad += 1
             typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)

@@ -43,6 +43,45 @@ def position_limit(lm: nn.Module) -> int | None:
     return limit if any(m.num_embeddings >= limit for m in tables) else None
 
 
+def _check_length(key: str, tokens: int, k: int, start: int, limit: int | None, name: str) -> None:
+    if limit is None or k + start + tokens <= limit:
+        return
+    room = limit - k - start
+    fix = f"set {key} to at most {room}" if room >= 1 else "lower mapper.prefix_length"
+    raise RecipeError(
+        f"{key} = {tokens}: the prefix ({k}) + start tokens ({start}) + {tokens} caption tokens need "
+        f"{k + start + tokens} positions, but the LM {name} has {limit} positions; {fix}"
+    )
+
+
+def check_recipe_lengths(recipe: Recipe) -> int | None:
+    """The length checks of `CaptionModel.from_recipe` without loading weights (for `vicap validate`):
+    the LM is built from its config on the meta device and the tokenizer gives the start tokens.
+    Returns the LM's position limit (None: no hard limit); raises ModelLoadError when the LM's files are
+    not on this machine, RecipeError when a length does not fit."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from vicap.decoders import _start_tokens
+    from vicap.errors import ModelLoadError
+    from vicap.resolve import resolve
+
+    ref = resolve(recipe.decoder.model, "decoder.model")
+    try:
+        config = AutoConfig.from_pretrained(ref.target, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(ref.target, local_files_only=True)
+    except Exception as e:  # a hub model not downloaded here: checked when it loads
+        raise ModelLoadError(f"decoder.model = {recipe.decoder.model!r}: not on this machine ({e})") from None
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(config)
+    limit, start = position_limit(lm), len(_start_tokens(tokenizer))
+    for key, tokens in (
+        ("data.max_tokens", recipe.data.max_tokens),
+        ("generate.max_new_tokens", recipe.generate.max_new_tokens),
+    ):
+        _check_length(key, tokens, recipe.mapper.prefix_length, start, limit, recipe.decoder.model)
+    return limit
+
+
 class CaptionModel(nn.Module):
     def __init__(
         self,
@@ -87,18 +126,8 @@ class CaptionModel(nn.Module):
     def check_length(self, key: str, tokens: int) -> None:
         """RecipeError naming `key` when the prefix, the start tokens and `tokens` caption tokens need more
         positions than the LM has (`position_limit`); LMs without a hard limit accept any length."""
-        if self.max_positions is None:
-            return
-        k, start = self.prefix_length, int(self.prompt_ids.numel())
-        if k + start + tokens <= self.max_positions:
-            return
         name = getattr(self.lm.config, "name_or_path", "") or type(self.lm).__name__
-        room = self.max_positions - k - start
-        fix = f"set {key} to at most {room}" if room >= 1 else "lower mapper.prefix_length"
-        raise RecipeError(
-            f"{key} = {tokens}: the prefix ({k}) + start tokens ({start}) + {tokens} caption tokens need "
-            f"{k + start + tokens} positions, but the LM {name} has {self.max_positions} positions; {fix}"
-        )
+        _check_length(key, tokens, self.prefix_length, int(self.prompt_ids.numel()), self.max_positions, name)
 
     def train(self, mode: bool = True) -> CaptionModel:
         super().train(mode)
