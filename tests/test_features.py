@@ -229,7 +229,7 @@ BAD_SHARDS = [
 
 @pytest.mark.parametrize(("case", "damage", "again"), BAD_SHARDS, ids=[c[0] for c in BAD_SHARDS])
 def test_a_shard_that_does_not_match_its_index_is_never_used(
-    encoder, images, tmp_path: Path, counted, case, damage, again
+    encoder, images, tmp_path: Path, counted, caplog, case, damage, again
 ) -> None:
     root = tmp_path / "store"
     extract_features(encoder, images, root, shard_images=3, progress=False)
@@ -238,6 +238,13 @@ def test_a_shard_that_does_not_match_its_index_is_never_used(
     counted.clear()
     store = extract_features(encoder, images, root, shard_images=3, progress=False)
     assert sum(counted) == again  # the damaged shard's images, encoded again
+    _check_rows(store, encoder, images)
+    # set aside, not deleted: the next run neither reads it nor warns again
+    assert (root / encoder.key / "damaged" / idx.name).is_file()
+    caplog.clear()
+    counted.clear()
+    store = extract_features(encoder, images, root, shard_images=3, progress=False)
+    assert counted == [] and not [r for r in caplog.records if r.levelname == "WARNING"]
     _check_rows(store, encoder, images)
 
 

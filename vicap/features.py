@@ -144,6 +144,7 @@ class _State:
     rows: dict[str, tuple[int, int, list | None]] = field(default_factory=dict)  # path -> shard, row, stat
     failed: dict[str, tuple[str, list | None]] = field(default_factory=dict)  # path -> error, stat
     last_seq: int = -1
+    damaged: list[Path] = field(default_factory=list)  # index files of shards that were ignored
 
 
 def _shards_dir(folder: Path) -> Path:
@@ -176,6 +177,7 @@ def _read_state(folder: Path, row_shape: tuple[int, ...]) -> _State:
                 index_file.name,
                 e,
             )
+            state.damaged.append(index_file)
             continue
         state.last_seq = max(state.last_seq, seq)
         s = len(state.arrays)
@@ -276,6 +278,25 @@ class _ShardWriter:
             "failures": self.failures,
         }
         _write_json_atomic(self.folder / f"{self.name}.json", index)
+
+
+def _set_aside_damaged(folder: Path, index_files: list[Path]) -> None:
+    """Move ignored shards (index and rows) out of the store, into `damaged/`: their images are encoded
+    again by this extraction, and the next run neither reads nor warns about them again."""
+    if not index_files:
+        return
+    aside = folder / "damaged"
+    aside.mkdir(exist_ok=True)
+    for index_file in index_files:
+        for p in (index_file, index_file.with_suffix(".npy")):
+            if p.exists():
+                os.replace(p, aside / p.name)
+    log.warning(
+        "feature store %s: moved %d damaged shard(s) to %s; delete that folder when you no longer need it",
+        folder,
+        len(index_files),
+        aside,
+    )
 
 
 def _shard_name(seq: int, chunk: int) -> str:
@@ -390,10 +411,13 @@ def extract_features(
     barrier = barrier or (lambda: None)
     row_shape = _row_shape(encoder)
     folder = _prepare_folder(encoder, Path(store_root)) if rank == 0 else Path(store_root) / encoder.key
+    state = None
     if rank == 0:
         _remove_dead_writers_files(folder)
+        state = _read_state(folder, row_shape)
+        _set_aside_damaged(folder, state.damaged)
     barrier()
-    state = _read_state(folder, row_shape)
+    state = state or _read_state(folder, row_shape)
     wanted: dict[str, ImageRef] = {}  # key -> the image to read: its resolved path, or a shard's member
     for p in image_paths:
         key = _resolve(p)
