@@ -21,9 +21,10 @@ A file name that is not valid UTF-8 is written with `\\udcXX` JSON escapes (see
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from data_prep.errors import (
@@ -32,6 +33,8 @@ from data_prep.errors import (
 )
 from data_prep.images import TarMember
 from data_prep.textio import json_text, text_lines, write_atomic
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 _RECORD_KEYS = ("image_id", "image", "split", "captions", "caption_ids")
@@ -128,7 +131,14 @@ def write_manifest(path: str | os.PathLike, records: Iterable[Record], meta: dic
     for key in ("dataset", "language"):
         if not isinstance(meta.get(key), str):
             raise ValueError(f"manifest meta needs a string {key!r}, got {meta.get(key)!r}")
-    header = {"vicap_manifest": FORMAT_VERSION, **{k: v for k, v in meta.items() if k != "vicap_manifest"}}
+    # written_in: the folder relative image paths were written against, so a copy of the manifest
+    # moved without its images (a run folder copied elsewhere) still finds them
+    skip = ("vicap_manifest", "written_in")
+    header = {
+        "vicap_manifest": FORMAT_VERSION,
+        **{k: v for k, v in meta.items() if k not in skip},
+        "written_in": str(Path(path).absolute().parent),
+    }
     lines = (json_text(row) + "\n" for row in [header, *(r.to_dict() for r in records)])
     write_atomic(path, lines)  # the old manifest, if any, stays as it was until the new one is complete
 
@@ -190,4 +200,23 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
         records.append(_record_from(obj, where))
     if meta is None:
         raise ManifestError(f"{path}: empty file, header missing")
-    return Manifest(path=path, meta=meta, records=records)
+    return Manifest(path=path, meta=meta, records=_follow_images(path, meta, records))
+
+
+def _follow_images(path: Path, meta: dict, records: list[Record]) -> list[Record]:
+    """The records, with relative image paths made relative to where the manifest is now when it was
+    moved without its images (a run folder copied elsewhere): the first relative image is missing from
+    here but present where the manifest was written (`written_in`)."""
+    written = meta.get("written_in")
+    first = next((r.image for r in records if not Path(r.image).is_absolute()), None)
+    if not isinstance(written, str) or first is None or Path(written) == path.absolute().parent:
+        return records
+    if (path.parent / first).exists() or not (Path(written) / first).exists():
+        return records
+    log.warning("%s: moved away from its images; its relative image paths are read from %s", path, written)
+    return [
+        r
+        if Path(r.image).is_absolute()
+        else replace(r, image=relative_image_path(Path(written) / r.image, path))
+        for r in records
+    ]

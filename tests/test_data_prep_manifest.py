@@ -152,3 +152,40 @@ def test_a_failed_write_leaves_the_old_manifest_and_no_temp_file(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         write_manifest(path, records(), META)
     assert read_manifest(path).records == old and list(tmp_path.iterdir()) == [path]
+
+
+def _copy_tree(src, dst) -> None:
+    import shutil
+
+    shutil.copytree(src, dst)
+
+
+# (case, what is copied where, the folder the image is expected in, warned)
+MOVES = [
+    ("not moved", None, "project", False),
+    ("moved with its images", lambda t: _copy_tree(t / "project", t / "copy"), "copy", False),
+    # a run folder copied elsewhere: its manifest's "../data/a.jpg" no longer leads to the images
+    ("moved without its images", lambda t: _copy_tree(t / "project" / "run", t / "else" / "deep" / "run"), "project", True),
+    ("moved, images gone everywhere", lambda t: _copy_tree(t / "project" / "run", t / "else" / "deep" / "run") or (t / "project" / "data" / "a.jpg").unlink(), "else/deep", False),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("case", "move", "expected", "warned"), MOVES, ids=[m[0] for m in MOVES])
+def test_a_moved_manifest_still_finds_its_images(tmp_path, caplog, case, move, expected, warned):
+    (tmp_path / "project" / "data").mkdir(parents=True)
+    (tmp_path / "project" / "data" / "a.jpg").write_bytes(b"x")
+    path = tmp_path / "project" / "run" / "manifest.jsonl"
+    write_manifest(path, [Record("1", "../data/a.jpg", "train", ("một",), ("1",))], META)
+    if move is not None:
+        move(tmp_path)
+        path = {"copy": tmp_path / "copy" / "run", "project": tmp_path / "else" / "deep" / "run"}.get(
+            expected, tmp_path / "else" / "deep" / "run"
+        ) / "manifest.jsonl"
+    m = read_manifest(path)
+    assert m.resolve_image(m.records[0]) == (tmp_path / expected / "data" / "a.jpg").resolve()
+    assert ("moved away from its images" in caplog.text) == warned
+    # written again where it now is, it records the new folder and still leads to the same image
+    write_manifest(path, m.records, m.meta)
+    again = read_manifest(path)
+    assert again.meta["written_in"] == str(path.parent)
+    assert again.resolve_image(again.records[0]) == m.resolve_image(m.records[0])

@@ -148,7 +148,11 @@ def test_resume_mid_epoch_with_dropout_is_exact(tiny_recipe, tmp_path: Path) -> 
         if int(p.name[5:]) > 4:
             shutil.rmtree(p)
     assert [p.name for p in list_checkpoints(half)] == ["step_00000002", "step_00000004"]
-    train(half_recipe, resume=True, progress=False)
+    # ... and the run folder was copied elsewhere before it was resumed: its manifest's relative image
+    # paths lead nowhere from there, and are followed back to where they were written
+    moved = tmp_path / "elsewhere" / "deeper" / "half"
+    shutil.copytree(half, moved)
+    half = train(tiny_recipe(**common, **{"train.output_dir": str(moved)}), resume=True, progress=False)
     _assert_same_weights(full, half)
     assert _losses(half) == _losses(full)
     vals = [r["val_loss"] for r in read_log(full) if "val_loss" in r]
