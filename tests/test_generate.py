@@ -285,9 +285,7 @@ def test_returned_ids_never_hold_eos(model, features, strategy: str) -> None:
 def test_eos_first_gives_an_empty_finished_caption(model, features, strategy: str) -> None:
     eos = model.decoder.eos_token_id
     with forced_logits(model, lambda call, row: eos):
-        caps = generate(
-            model, features, _cfg(**_beams(strategy)), language="vi", share_prefix=False
-        )
+        caps = generate(model, features, _cfg(**_beams(strategy)), language="vi", share_prefix=False)
     assert [(c[0].text, c[0].token_ids, c[0].finished) for c in caps] == [("", (), True)] * 5
     assert all(c[0].score > -1e-3 for c in caps)  # log p(EOS) ~ 0 when EOS is forced
 
@@ -375,12 +373,8 @@ def test_a_caption_cut_by_the_length_limit_loses_its_fragment(model, features, s
 
 def test_small_batches_give_the_same_captions(model, features) -> None:
     for strategy in ("greedy", "beam"):
-        one = generate_captions(
-            model, features, _cfg(**_beams(strategy, 2), batch_size=32), language="vi"
-        )
-        two = generate_captions(
-            model, features, _cfg(**_beams(strategy, 2), batch_size=2), language="vi"
-        )
+        one = generate_captions(model, features, _cfg(**_beams(strategy, 2), batch_size=32), language="vi")
+        two = generate_captions(model, features, _cfg(**_beams(strategy, 2), batch_size=2), language="vi")
         assert len(one) == 5 and one == two
 
 

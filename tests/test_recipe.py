@@ -202,7 +202,10 @@ def test_bad_values_name_file_and_key(case: str, overrides: list[str], message: 
     [
         # the file's beam_size = 3 belongs to its beam strategy: switching strategy drops it
         (["generate.strategy=greedy"], {"strategy": "greedy", "beam_size": 5}),
-        (["generate.strategy=sample", "generate.top_k=20"], {"strategy": "sample", "top_k": 20, "beam_size": 5}),
+        (
+            ["generate.strategy=sample", "generate.top_k=20"],
+            {"strategy": "sample", "top_k": 20, "beam_size": 5},
+        ),
         (["generate.beam_size=4"], {"strategy": "beam", "beam_size": 4}),
         (["generate.strategy=beam", "generate.beam_size=2"], {"strategy": "beam", "beam_size": 2}),
     ],
@@ -349,9 +352,17 @@ def test_lengths_beyond_the_lm_positions(
     ("sets", "code", "message"),
     [
         ([], 0, "lengths fit the LM's 64 positions"),
-        (["generate.max_new_tokens=200"], 1, "generate.max_new_tokens = 200: the prefix (2) + start tokens (0)"),
+        (
+            ["generate.max_new_tokens=200"],
+            1,
+            "generate.max_new_tokens = 200: the prefix (2) + start tokens (0)",
+        ),
         (["data.max_tokens=63"], 1, "data.max_tokens = 63: the prefix (2)"),
-        (["decoder.model=gpt2-not-downloaded"], 0, "LM not on this machine: lengths are checked when it loads"),
+        (
+            ["decoder.model=gpt2-not-downloaded"],
+            0,
+            "LM not on this machine: lengths are checked when it loads",
+        ),
     ],
 )
 def test_validate_checks_lengths_against_the_lm_without_its_weights(
