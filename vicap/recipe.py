@@ -444,16 +444,23 @@ class GenerateConfig(Section):
         check_seed("generate.seed", self.seed)
         check(0.0 < self.top_p <= 1.0, "generate.top_p", self.top_p, "must be in (0, 1]")
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        for strategy, keys in STRATEGY_KEYS.items():
-            for key in keys if strategy != self.strategy else ():
-                value = getattr(self, key)
-                check(
-                    value == defaults[key],
-                    f"generate.{key}",
-                    value,
-                    f"only strategy {strategy!r} uses it, and this recipe decodes with {self.strategy!r}; "
-                    f"remove it or set the default {defaults[key]!r}",
-                )
+        for key in unused_generate_keys(self.strategy):
+            value = getattr(self, key)
+            reader = next(s for s, keys in STRATEGY_KEYS.items() if key in keys)
+            check(
+                value == defaults[key],
+                f"generate.{key}",
+                value,
+                f"only strategy {reader!r} uses it, and this recipe decodes with {self.strategy!r}; "
+                f"remove it or set the default {defaults[key]!r}",
+            )
+
+    def switched(self, strategy: str, **changes: Any) -> GenerateConfig:
+        """These settings decoding with `strategy`, as `--set generate.strategy=...` gives them: the keys
+        only other strategies read go back to their defaults, then `changes` apply."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        reset = {key: defaults[key] for key in unused_generate_keys(strategy)}
+        return dataclasses.replace(self, **{**reset, "strategy": strategy, **changes})
         check(
             self.repetition_penalty > 0, "generate.repetition_penalty", self.repetition_penalty, "must be > 0"
         )
@@ -812,11 +819,15 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     overridden = [parse_override(text)[0] for text in overrides]
     if ["generate", "strategy"] in overridden and isinstance(data.get("generate"), dict):
         section = data["generate"]
-        for strategy, keys in STRATEGY_KEYS.items():
-            for key in keys if strategy != section["strategy"] else ():
-                if ["generate", key] not in overridden:
-                    section.pop(key, None)
+        for key in unused_generate_keys(section["strategy"]):
+            if ["generate", key] not in overridden:
+                section.pop(key, None)
     return data
+
+
+def unused_generate_keys(strategy: str) -> list[str]:
+    """The [generate] keys that only strategies other than `strategy` read (see STRATEGY_KEYS)."""
+    return [key for other, keys in STRATEGY_KEYS.items() if other != strategy for key in keys]
 
 
 # --------------------------------------------------------------------------- files and shipped recipes

@@ -170,15 +170,12 @@ def decoding_config(
         raise RequestError(f"beam size must be between 1 and 16, not {beam_size}")
     if strategy == "sample" and not (float(temperature) > 0 and 0 < float(top_p) <= 1):
         raise RequestError("sampling needs temperature > 0 and 0 < top-p <= 1")
-    return dataclasses.replace(
-        base,
-        strategy=strategy,
-        beam_size=beam_size if strategy == "beam" else base.beam_size,
-        temperature=float(temperature),
-        top_p=float(top_p),
-        n_best=1,
-        batch_size=1,
-    )
+    # the page's controls for the chosen strategy only: the others are not read, so not set
+    controls = {
+        "beam": {"beam_size": beam_size},
+        "sample": {"temperature": float(temperature), "top_p": float(top_p)},
+    }
+    return base.switched(strategy, **controls.get(strategy, {}), n_best=1, batch_size=1)
 
 
 def check_upload(path: str | Path | None, max_bytes: int = Limits.upload_bytes) -> Path:
