@@ -358,9 +358,8 @@ class GlobalBatches(Sampler[list[int]]):
             return order if self.lengths is None else length_grouped(order, self.lengths, self.batch_size)
         starts, counts = self._starts, self._counts
         order = torch.randperm(len(starts), generator=g).tolist()
-        if self.lengths is not None and len(
-            starts
-        ):  # images by their longest caption, in runs of ~50 global batches
+        if self.lengths is not None and len(starts):
+            # images by their longest caption, in runs of ~50 global batches
             longest = np.maximum.reduceat(self.lengths[self._by_image], starts)
             order = length_grouped(order, longest, max(1, round(self.batch_size * len(starts) / self.n)))
         # the images' items end to end, each image's as a run (the index arithmetic of build_pairs)

@@ -358,11 +358,10 @@ class TrainConfig(TrainSettings):
         0.0,
     )
     group_by_image: bool = option(
-        "form each global batch from whole images with all their captions, and run each image's mapper "
-        "and LM prefix once for all of them (the same loss and gradients; the shuffle is of images, and "
-        "dropout in the mapper and prefix and train.feature_noise are drawn once per image). "
-        "train.batch_size still counts captions: make it a multiple of captions per image (and of the "
-        "process count) so no image is split at a batch's edge",
+        "form each global batch from whole images with all their captions and run each image's mapper "
+        "and LM prefix once for them: the same loss and gradients, less work. The shuffle is of images; "
+        "mapper dropout and train.feature_noise are drawn once per image. train.batch_size still counts "
+        "captions: make it a multiple of captions per image x processes, or edge images are split",
         False,
     )
 
