@@ -1,7 +1,7 @@
-"""ClipCap's transformer mapper as the original code computes it, for the equivalence test and the benchmarks.
+"""ClipCap's mappers as the original code computes them, for the equivalence test and the benchmarks.
 
 A faithful re-implementation of CLIP_prefix_caption's train.py `MlpTransformer`, `MultiHeadAttention`,
-`TransformerLayer`, `Transformer` and `TransformerMapper` (einsum attention, no query/key-value bias,
+`TransformerLayer`, `Transformer`, `TransformerMapper` and `MLP` (einsum attention, no query/key-value bias,
 dropout defined and applied where the original applies it): tests/test_mappers.py checks that vicap's
 transformer mapper has the same parameter names and computes the same values, and
 bench/train_throughput.py trains it as the reference side. One copy, so both compare against the same
@@ -93,3 +93,20 @@ class OriginalTransformerMapper(nn.Module):
         prefix = self.prefix_const.unsqueeze(0).expand(x.shape[0], *self.prefix_const.shape)
         prefix = torch.cat((x, prefix), dim=1)
         return self.transformer(prefix)[:, self.clip_length :]
+
+
+class OriginalMLP(nn.Module):
+    """CLIP_prefix_caption's `MLP` (its MLP-mapper setting: sizes (d_clip, d_lm * k // 2, d_lm * k)),
+    as written: Linear layers with Tanh between them, in `self.model`."""
+
+    def forward(self, x):
+        return self.model(x)
+
+    def __init__(self, sizes, bias=True, act=nn.Tanh):
+        super().__init__()
+        layers = []
+        for i in range(len(sizes) - 1):
+            layers.append(nn.Linear(sizes[i], sizes[i + 1], bias=bias))
+            if i < len(sizes) - 2:
+                layers.append(act())
+        self.model = nn.Sequential(*layers)

@@ -1,42 +1,51 @@
 """Training throughput on CPU: vicap's training step against a straightforward copy of ClipCap's loop.
 
-Setting: ClipCap's "transformer mapper, GPT-2 frozen" recipe -- ViT-B/32-sized image features (512),
-transformer mapper with prefix 40 / clip length 40 / 8 layers / 8 heads, a GPT-2-small-shaped LM
-(12 layers, 768 wide, vocabulary 50,257; random weights: speed does not depend on their values), AdamW
-with no weight decay and no clipping (ClipCap has neither), batch 40.
+Settings (--setting), ClipCap's two recipes, ViT-B/32-sized image features (512), a GPT-2-small-shaped
+LM (12 layers, 768 wide, vocabulary 50,257; random weights: speed does not depend on their values),
+AdamW with no weight decay and no clipping (ClipCap has neither), batch 40:
+- `transformer`: transformer mapper (prefix 40, clip length 40, 8 layers, 8 heads), GPT-2 frozen.
+- `mlp`: MLP mapper (prefix 10), GPT-2 trained with it. GPT-2's dropout is set to 0 on both sides,
+  so their losses can be compared (dropout would cost both sides the same).
 
-The two sides:
+The sides:
 - reference: CLIP_prefix_caption's train.py loop re-implemented as written -- its TransformerMapper
-  (einsum attention), GPT-2 parameters left requiring gradients (its ClipCaptionPrefix only hides them
-  from the optimizer, so autograd still computes and accumulates their gradients), every caption padded
-  with 0 to the dataset's `max_seq_len = min(mean + 10 * std, max)` of caption lengths, logits computed
-  at every position, then `cross_entropy(..., ignore_index=0)` over the caption positions.
+  (einsum attention) or MLP, GPT-2 parameters left requiring gradients when frozen (its
+  ClipCaptionPrefix only hides them from the optimizer, so autograd still computes and accumulates
+  their gradients), every caption padded with 0 to the dataset's `max_seq_len = min(mean + 10 * std,
+  max)` of caption lengths, logits computed at every position, then `cross_entropy(...,
+  ignore_index=0)` over the caption positions.
 - vicap: `CaptionModel`, `vicap.train.build_optimizer` and `vicap.train.optimizer_step` -- the code
   `vicap train` runs -- with batches from vicap's `Collator` (padded to the batch's own longest
   caption, pad id = EOS, labels -100 on padding). Where its time goes: the LM frozen (requires_grad
   off, so no GPT-2 weight gradients), logits only at caption positions, GPT-2's GELU as one fused
   kernel (`vicap.decoders.fuse_activations`), the mapper's last layer computing only the prefix rows,
   and fused AdamW.
+- vicap-grouped: the same with `train.group_by_image = true`: the Collator gives each image's
+  features once and `CaptionModel.forward` runs each image's mapper and LM prefix once for its five
+  captions (the KV cache of the prefix copied to each caption).
 
-Equal loss, exactly what is compared: both sides start from the same weights (the same GPT-2 init;
-the reference mapper's state_dict loaded into vicap's mapper -- the names match), see the same
-captions in the same batches in the same order, and each reports its per-step training loss: the mean
-cross-entropy over every caption token including the final EOS. Caption token ids are drawn from
-1..50255 (never 0, never EOS inside a caption), so the reference's ignore_index=0 masks exactly its
-padding and the two losses are the same quantity. Per-step losses must agree to 1e-4 relative over
-all steps (the warm-up step included, so the later steps also check that the updates were equal).
+Equal loss, exactly what is compared: all sides start from the same weights (the same GPT-2 init;
+the reference mapper's state_dict loaded into vicap's mapper), see the same captions in the same
+batches in the same order, and each reports its per-step training loss: the mean cross-entropy over
+every caption token including the final EOS. Caption token ids are drawn from 1..50255 (never 0,
+never EOS inside a caption), so the reference's ignore_index=0 masks exactly its padding and the
+losses are the same quantity. Per-step losses must agree to 1e-4 relative over all steps (the
+warm-up step included, so the later steps also check that the updates were equal).
 
-Caption lengths (tokens, with EOS) are drawn from a log-normal shaped like COCO captions under GPT-2's
+Captions (--captions): five per image (as COCO and Flickr8k have), consecutive, so a batch of 40 is
+8 whole images. `flickr8k`: lengths (words + EOS, about one GPT-2 token per word of Flickr8k's common
+English, pre-split punctuation included) drawn from ../shared/data/flickr8k-mini/captions.tsv, as many
+as Flickr8k's 30,000 training captions; `coco`: a log-normal shaped like COCO captions under GPT-2's
 tokenizer (median 12, std about 3, a long tail), as many as COCO's Karpathy training captions
-(566,747): the reference computes its max_seq_len over all of them, as the original does over COCO.
-The timed batches are the first of them.
+(566,747). The reference computes its max_seq_len over all of them, as the original does. The timed
+batches are the first of them.
 
-Each side runs in its own child process (so peak memory is its own), alternating reference / vicap
-for --rounds rounds on a possibly busy machine; steps/s is the median over rounds of
-(timed steps / their wall time), after one untimed warm-up step, and the speed-up is the median of
-the rounds' ratios.
+Each side runs in its own child process (so peak memory is its own), in turn, for --rounds rounds on
+a possibly busy machine; steps/s is the median over rounds of (timed steps / their wall time), after
+one untimed warm-up step, and each speed-up is the median of the rounds' ratios.
 
-    python bench/train_throughput.py [--batch-size 40] [--steps 3] [--rounds 2] [--threads 0]
+    python bench/train_throughput.py [--setting transformer|mlp] [--captions flickr8k|coco]
+        [--batch-size 40] [--steps 3] [--rounds 2] [--threads 0] [--no-grouped] [--bf16]
 """
 
 from __future__ import annotations
@@ -56,48 +65,82 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import vicap  # noqa: E402,F401  (the torchvision guard, before transformers)
 
-D_CLIP, PREFIX, CLIP_LENGTH, LAYERS = 512, 40, 40, 8
+D_CLIP, CLIP_LENGTH, LAYERS = 512, 40, 8
 EOS = 50256
 COCO_CAPTIONS = 566_747  # Karpathy train + restval captions: the set ClipCap computes max_seq_len over
+FLICKR8K_CAPTIONS = 30_000  # 6,000 training images x 5
+PER_IMAGE = 5  # captions per image in COCO and Flickr8k
+FLICKR8K_MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k-mini" / "captions.tsv"
+# ClipCap's two settings: mapper, prefix length, whether GPT-2 trains, learning rate (large for the
+# frozen LM so steps move weights; ClipCap's 2e-5 when all of GPT-2 trains)
+SETTINGS = {
+    "transformer": {"mapper": "transformer", "prefix": 40, "tuning": "frozen", "lr": 1e-3},
+    "mlp": {"mapper": "mlp", "prefix": 10, "tuning": "full", "lr": 2e-5},
+}
 
 
 # --------------------------------------------------------------------------- the original's pieces
 
 
-def original_mapper():
-    """CLIP_prefix_caption's TransformerMapper (train.py), as written (bench/clipcap_original.py)."""
-    from bench.clipcap_original import OriginalTransformerMapper
+def original_mapper(setting: dict):
+    """CLIP_prefix_caption's TransformerMapper or MLP (train.py), as written (bench/clipcap_original.py)."""
+    from bench.clipcap_original import OriginalMLP, OriginalTransformerMapper
 
-    return OriginalTransformerMapper(D_CLIP, 768, PREFIX, CLIP_LENGTH, num_layers=LAYERS)
+    k = setting["prefix"]
+    if setting["mapper"] == "mlp":
+        return OriginalMLP((D_CLIP, (768 * k) // 2, 768 * k))
+    return OriginalTransformerMapper(D_CLIP, 768, k, CLIP_LENGTH, num_layers=LAYERS)
+
+
+def vicap_mapper_state(original, setting: dict) -> dict:
+    """The original mapper's weights under vicap's names (the transformer's names are the same; the
+    MLP's Linear layers are net.0 and net.3 in vicap, which puts a Dropout after the Tanh)."""
+    state = original.state_dict()
+    if setting["mapper"] == "mlp":
+        return {k.replace("model.2.", "net.3.").replace("model.0.", "net.0."): v for k, v in state.items()}
+    return state
 
 
 # --------------------------------------------------------------------------- data
 
 
-def make_data(batch_size: int, n_batches: int, seed: int = 0):
-    """Caption token lists (ending with EOS) and image features; the dataset's max_seq_len."""
+def caption_lengths(source: str, rng):
+    """Caption lengths in tokens (with EOS) of a whole training set shaped like `source`."""
+    import numpy as np
+
+    if source == "flickr8k":
+        rows = FLICKR8K_MINI.read_text(encoding="utf-8").splitlines()[1:]
+        pool = np.array([len(r.split("\t")[2].split()) + 1 for r in rows])
+        return rng.choice(pool, FLICKR8K_CAPTIONS)
+    return np.clip(np.round(np.exp(rng.normal(math.log(12), 0.25, COCO_CAPTIONS))), 4, 60).astype(int)
+
+
+def make_data(source: str, batch_size: int, n_batches: int, seed: int = 0):
+    """Caption token lists (ending with EOS), each caption's image (five consecutive captions an image),
+    image features, the dataset's max_seq_len and all its caption lengths."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    lengths = np.clip(np.round(np.exp(rng.normal(math.log(12), 0.25, COCO_CAPTIONS))), 4, 60).astype(int)
+    lengths = caption_lengths(source, rng)
     max_seq_len = min(int(lengths.mean() + lengths.std() * 10), int(lengths.max()))  # the original's rule
     n = batch_size * n_batches
     captions = [list(rng.integers(1, EOS, size=ln - 1)) + [EOS] for ln in lengths[:n]]  # ids never 0
-    features = rng.standard_normal((n, D_CLIP)).astype(np.float32)
-    return captions, features, max_seq_len, lengths
+    images = np.arange(n) // PER_IMAGE
+    features = rng.standard_normal((images[-1] + 1, D_CLIP)).astype(np.float32)
+    return captions, images, features, max_seq_len, lengths
 
 
-def reference_batch(captions, features, max_seq_len):
+def reference_batch(captions, features, max_seq_len, prefix: int):
     """The original dataset's __getitem__ + default collate: pad with 0 (cut) to max_seq_len."""
     import torch
 
     tokens = torch.zeros(len(captions), max_seq_len, dtype=torch.long)
-    mask = torch.zeros(len(captions), PREFIX + max_seq_len)
-    mask[:, :PREFIX] = 1
+    mask = torch.zeros(len(captions), prefix + max_seq_len)
+    mask[:, :prefix] = 1
     for i, c in enumerate(captions):
         c = c[:max_seq_len]
         tokens[i, : len(c)] = torch.tensor([int(t) for t in c])
-        mask[i, PREFIX : PREFIX + len(c)] = 1
+        mask[i, prefix : prefix + len(c)] = 1
     return tokens, mask, torch.from_numpy(features)
 
 
@@ -110,31 +153,43 @@ def _rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-def build_common(seed: int = 0):
+def build_common(setting: dict, seed: int = 0):
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    gpt = GPT2LMHeadModel(GPT2Config())  # GPT-2 small: 12 x 768, vocab 50,257
+    config = GPT2Config()  # GPT-2 small: 12 x 768, vocab 50,257
+    if setting["tuning"] == "full":  # trained in train mode: no dropout, so the sides' losses compare
+        config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = 0.0
+    gpt = GPT2LMHeadModel(config)
     torch.manual_seed(seed + 1)
-    mapper = original_mapper()
+    mapper = original_mapper(setting)
     return gpt, mapper
 
 
-def run_reference(args, captions, features, max_seq_len) -> dict:
+def run_reference(args, captions, images, features, max_seq_len) -> dict:
     import torch
     from torch.nn import functional as F
 
     from vicap.train import linear_warmup_decay
 
-    gpt, mapper = build_common()
-    gpt.eval()  # ClipCaptionPrefix.train() puts the GPT in eval mode; its parameters keep requires_grad
+    setting = SETTINGS[args.setting]
+    k = setting["prefix"]
+    gpt, mapper = build_common(setting)
     mapper.train()
-    optimizer = torch.optim.AdamW(mapper.parameters(), lr=args.lr, weight_decay=0.0)
+    if setting["tuning"] == "full":  # ClipCaptionModel: GPT-2 trains with the mapper
+        gpt.train()
+        params = list(mapper.parameters()) + list(gpt.parameters())
+    else:  # ClipCaptionPrefix.train() puts the GPT in eval mode; its parameters keep requires_grad
+        gpt.eval()
+        params = list(mapper.parameters())
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     total = args.steps + 1
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_decay(0, total))
     batches = [
-        reference_batch(captions[i : i + args.batch_size], features[i : i + args.batch_size], max_seq_len)
+        reference_batch(
+            captions[i : i + args.batch_size], features[images[i : i + args.batch_size]], max_seq_len, k
+        )
         for i in range(0, len(captions), args.batch_size)
     ]
     setup_rss = _rss_mb()
@@ -142,29 +197,29 @@ def run_reference(args, captions, features, max_seq_len) -> dict:
     for tokens, mask, prefix in batches:
         t0 = time.perf_counter()
         embedding_text = gpt.transformer.wte(tokens)
-        prefix_projections = mapper(prefix).view(-1, PREFIX, 768)
+        prefix_projections = mapper(prefix).view(-1, k, 768)
         embedding_cat = torch.cat((prefix_projections, embedding_text), dim=1)
         out = gpt(inputs_embeds=embedding_cat, attention_mask=mask)
-        logits = out.logits[:, PREFIX - 1 : -1]
+        logits = out.logits[:, k - 1 : -1]
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.flatten(), ignore_index=0)
         loss.backward()
         optimizer.step()
         scheduler.step()
-        optimizer.zero_grad()  # the mapper's gradients only; GPT-2's keep accumulating, as in the original
+        optimizer.zero_grad()  # frozen: the mapper's gradients only; GPT-2's keep accumulating, as in the original
         times.append(time.perf_counter() - t0)
         losses.append(float(loss))
     return {
         "losses": losses,
         "times": times,
         "learned_tokens": [int((t != 0).sum()) for t, _, _ in batches],
-        "positions": [int(t.numel() + PREFIX * t.shape[0]) for t, _, _ in batches],
+        "positions": [int(t.numel() + k * t.shape[0]) for t, _, _ in batches],
         "setup_rss_mb": setup_rss,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "gpt_grads_allocated": any(p.grad is not None for p in gpt.parameters()),
     }
 
 
-def run_vicap(args, captions, features, max_seq_len) -> dict:
+def run_vicap(args, captions, images, features, max_seq_len) -> dict:
     import numpy as np
     import torch
     from accelerate import Accelerator
@@ -175,13 +230,17 @@ def run_vicap(args, captions, features, max_seq_len) -> dict:
     from vicap.recipe import MapperConfig
     from vicap.train import build_optimizer, linear_warmup_decay, optimizer_step
 
-    gpt, original = build_common()
+    setting = SETTINGS[args.setting]
+    k = setting["prefix"]
+    gpt, original = build_common(setting)
     decoder = Decoder(
         lm=gpt, tokenizer=None, hidden_size=768, eos_token_id=EOS, pad_token_id=EOS, prompt_ids=[]
     )
-    cfg = MapperConfig(type="transformer", prefix_length=PREFIX, clip_length=CLIP_LENGTH, num_layers=LAYERS)
-    model = CaptionModel(cfg, D_CLIP, decoder, "frozen")
-    model.mapper.load_state_dict(original.state_dict())  # the same starting weights, names and all
+    cfg = MapperConfig(
+        type=setting["mapper"], prefix_length=k, clip_length=CLIP_LENGTH, num_layers=LAYERS, dropout=0.0
+    )
+    model = CaptionModel(cfg, D_CLIP, decoder, setting["tuning"])
+    model.mapper.load_state_dict(vicap_mapper_state(original, setting))  # the same starting weights
     del original
     accelerator = Accelerator(cpu=True, mixed_precision="bf16" if args.child == "vicap-bf16" else "no")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -195,9 +254,9 @@ def run_vicap(args, captions, features, max_seq_len) -> dict:
 
     store = Store()
     store.features = np.asarray(features)
-    collate = Collator(store, EOS)
+    collate = Collator(store, EOS, group=args.child == "vicap-grouped")  # train.group_by_image
     batches = [
-        collate([(i + j, captions[i + j]) for j in range(args.batch_size)])
+        collate([(int(images[i + j]), captions[i + j]) for j in range(args.batch_size)])
         for i in range(0, len(captions), args.batch_size)
     ]
     setup_rss = _rss_mb()
@@ -213,7 +272,8 @@ def run_vicap(args, captions, features, max_seq_len) -> dict:
         "losses": losses,
         "times": times,
         "learned_tokens": [int(b["attention_mask"].sum()) for b in batches],
-        "positions": [int(b["input_ids"].numel() + PREFIX * b["input_ids"].shape[0]) for b in batches],
+        # LM positions computed: the prefix once per caption, or once per image when grouped
+        "positions": [int(b["input_ids"].numel() + k * b["features"].shape[0]) for b in batches],
         "setup_rss_mb": setup_rss,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "gpt_grads_allocated": any(p.grad is not None for p in gpt.parameters()),
@@ -225,9 +285,9 @@ def child(args) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    captions, features, max_seq_len, _ = make_data(args.batch_size, args.steps + 1)
+    captions, images, features, max_seq_len, _ = make_data(args.captions, args.batch_size, args.steps + 1)
     run = run_reference if args.child == "reference" else run_vicap
-    result = run(args, captions, features, max_seq_len)
+    result = run(args, captions, images, features, max_seq_len)
     result["threads"] = torch.get_num_threads()
     print("RESULT " + json.dumps(result))
 
@@ -237,40 +297,55 @@ def child(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--setting", choices=sorted(SETTINGS), default="transformer", help="ClipCap's recipe")
+    p.add_argument(
+        "--captions",
+        choices=["flickr8k", "coco"],
+        default="flickr8k" if FLICKR8K_MINI.is_file() else "coco",
+        help=f"caption lengths: Flickr8k's (from {FLICKR8K_MINI}) or COCO-like",
+    )
     p.add_argument("--batch-size", type=int, default=40, help="captions per step (ClipCap: 40)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per side per round (after 1 warm-up)")
-    p.add_argument("--rounds", type=int, default=2, help="alternating reference / vicap rounds")
+    p.add_argument("--rounds", type=int, default=2, help="rounds of every side in turn")
     p.add_argument("--threads", type=int, default=0, help="torch threads per side (0: torch's default)")
-    p.add_argument(
-        "--lr", type=float, default=1e-3, help="AdamW learning rate (large, so steps move weights)"
-    )
+    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: the setting's)")
+    p.add_argument("--no-grouped", action="store_true", help="leave out vicap with train.group_by_image")
     p.add_argument(
         "--bf16",
         action="store_true",
         help="also time vicap with train.mixed_precision = bf16 (informational: bf16 rounding changes the loss)",
     )
-    p.add_argument("--child", choices=["reference", "vicap", "vicap-bf16"], help=argparse.SUPPRESS)
+    p.add_argument(
+        "--child", choices=["reference", "vicap", "vicap-grouped", "vicap-bf16"], help=argparse.SUPPRESS
+    )
     args = p.parse_args()
+    setting = SETTINGS[args.setting]
+    args.lr = setting["lr"] if args.lr is None else args.lr
     if args.child:
         child(args)
         return
 
-    _, _, max_seq_len, lengths = make_data(args.batch_size, args.steps + 1)
+    _, _, _, max_seq_len, lengths = make_data(args.captions, args.batch_size, args.steps + 1)
+    mapper = f"{setting['mapper']} mapper (prefix {setting['prefix']}"
+    mapper += f", clip length {CLIP_LENGTH}, {LAYERS} layers)" if setting["mapper"] == "transformer" else ")"
     print(
-        f"setting: ClipCap transformer mapper (prefix {PREFIX}, clip length {CLIP_LENGTH}, {LAYERS} layers), "
-        f"GPT-2-small-shaped LM (random weights) frozen, batch {args.batch_size}, "
+        f"setting: ClipCap {mapper}, GPT-2-small-shaped LM (random weights) {setting['tuning']}, "
+        f"batch {args.batch_size} ({args.batch_size // PER_IMAGE} images x {PER_IMAGE} captions), lr {args.lr}, "
         f"{args.steps} timed steps + 1 warm-up, {args.rounds} round(s)"
     )
     print(
-        f"caption lengths (tokens incl. EOS): mean {lengths.mean():.1f}, std {lengths.std():.1f}, "
-        f"max {lengths.max()}; reference pads every caption to max_seq_len = {max_seq_len}"
+        f"caption lengths ({args.captions}, tokens incl. EOS): mean {lengths.mean():.1f}, std "
+        f"{lengths.std():.1f}, max {lengths.max()}; reference pads every caption to max_seq_len = {max_seq_len}"
     )
     print(f"machine: {os.cpu_count()} CPUs visible, load average {os.getloadavg()[0]:.2f} at start")
-    sides = ("reference", "vicap", "vicap-bf16") if args.bf16 else ("reference", "vicap")
+    sides = ["reference", "vicap"] + ([] if args.no_grouped else ["vicap-grouped"])
+    sides += ["vicap-bf16"] if args.bf16 else []
     results: dict[str, list[dict]] = {side: [] for side in sides}
     for r in range(args.rounds):
         for side in sides:
             cmd = [sys.executable, __file__, "--child", side] + [
+                f"--setting={args.setting}",
+                f"--captions={args.captions}",
                 f"--batch-size={args.batch_size}",
                 f"--steps={args.steps}",
                 f"--threads={args.threads}",
@@ -286,38 +361,66 @@ def main() -> None:
             results[side].append(res)
             timed = res["times"][1:]
             print(
-                f"  round {r + 1} {side:10s}: {len(timed) / sum(timed):.4f} steps/s "
+                f"  round {r + 1} {side:13s}: {len(timed) / sum(timed):.4f} steps/s "
                 f"(step times {', '.join(f'{t:.2f}' for t in res['times'])} s, first untimed), "
                 f"{res['threads']} threads"
             )
 
+    def sps(r: dict) -> float:
+        return len(r["times"][1:]) / sum(r["times"][1:])
+
     def summary(side: str) -> dict:
         runs = results[side]
-        sps = statistics.median(len(r["times"][1:]) / sum(r["times"][1:]) for r in runs)
+        rate = statistics.median(sps(r) for r in runs)
         tokens = sum(runs[0]["learned_tokens"][1:]) / len(runs[0]["learned_tokens"][1:])
         positions = sum(runs[0]["positions"][1:]) / len(runs[0]["positions"][1:])
         return {
-            "steps_s": sps,
-            "tokens_s": sps * tokens,
-            "positions_s": sps * positions,
+            "steps_s": rate,
+            "captions_s": rate * args.batch_size,
+            "tokens_s": rate * tokens,
             "positions": positions,
             "peak": max(r["peak_rss_mb"] for r in runs),
             "step_mem": max(r["peak_rss_mb"] - r["setup_rss_mb"] for r in runs),
         }
 
-    ref, ours = summary("reference"), summary("vicap")
+    def ratio(side: str, base: str) -> tuple[float, list[float]]:
+        # Each round runs the sides back to back, so a round's ratio compares like with like on a
+        # machine whose speed drifts; the figure is the median over rounds.
+        per_round = [sps(v) / sps(b) for b, v in zip(results[base], results[side], strict=True)]
+        return statistics.median(per_round), per_round
+
+    names = {
+        "reference": "reference (ClipCap's loop)",
+        "vicap": "vicap",
+        "vicap-grouped": "vicap, train.group_by_image = true",
+        "vicap-bf16": "vicap, train.mixed_precision = bf16 (not the equal-loss comparison)",
+    }
     print()
     print(
-        "| loop | steps/s | caption tokens/s | LM positions/step | peak RSS (MB) | peak RSS above setup (MB) |"
+        "| loop | steps/s | captions/s | caption tokens/s | LM positions/step | peak RSS (MB) | "
+        "peak RSS above setup (MB) |"
     )
-    print("|---|---|---|---|---|---|")
-    for name, s in (("reference (ClipCap's loop)", ref), ("vicap", ours)):
+    print("|---|---|---|---|---|---|---|")
+    for side in sides:
+        s = summary(side)
         print(
-            f"| {name} | {s['steps_s']:.4f} | {s['tokens_s']:.1f} | {s['positions']:.0f} | "
-            f"{s['peak']:.0f} | {s['step_mem']:.0f} |"
+            f"| {names[side]} | {s['steps_s']:.4f} | {s['captions_s']:.2f} | {s['tokens_s']:.1f} | "
+            f"{s['positions']:.0f} | {s['peak']:.0f} | {s['step_mem']:.0f} |"
         )
-    a, b = results["reference"][0]["losses"], results["vicap"][0]["losses"]
-    rel = max(abs(x - y) / abs(x) for x, y in zip(a, b, strict=True))
+    print()
+    ref = results["reference"][0]["losses"]
+    print(f"per-step loss, {'reference':13s}: {', '.join(f'{x:.6f}' for x in ref)}")
+    unequal = []
+    for side in sides[1:]:
+        losses = results[side][0]["losses"]
+        rel = max(abs(x - y) / abs(x) for x, y in zip(ref, losses, strict=True))
+        verdict = "informational" if side == "vicap-bf16" else ("equal" if rel <= 1e-4 else "NOT EQUAL")
+        print(
+            f"per-step loss, {side:13s}: {', '.join(f'{x:.6f}' for x in losses)}  "
+            f"(max relative difference {rel:.2e}: {verdict})"
+        )
+        if verdict == "NOT EQUAL":
+            unequal.append(side)
 
     def round_spread(side: str) -> float:  # largest relative loss difference between rounds of one side
         first = results[side][0]["losses"]
@@ -325,43 +428,25 @@ def main() -> None:
             abs(x - y) / abs(y) for r in results[side] for x, y in zip(r["losses"], first, strict=True)
         )
 
-    spread = ", ".join(f"{side} {round_spread(side):.1e}" for side in ("reference", "vicap"))
-    if args.bf16:
-        bf = summary("vicap-bf16")
-        c = results["vicap-bf16"][0]["losses"]
-        rel_bf = max(abs(x - y) / abs(x) for x, y in zip(a, c, strict=True))
+    print(
+        f"between rounds of one side (thread scheduling): {', '.join(f'{s} {round_spread(s):.1e}' for s in sides)}"
+    )
+    print(
+        "GPT-2 gradients allocated after the steps: "
+        + ", ".join(f"{side} {results[side][0]['gpt_grads_allocated']}" for side in sides)
+    )
+    for side, base in [(s, "reference") for s in sides[1:]] + (
+        [("vicap-grouped", "vicap")] if "vicap-grouped" in sides else []
+    ):
+        median, per_round = ratio(side, base)
         print(
-            f"| vicap, train.mixed_precision = bf16 (not the equal-loss comparison) | {bf['steps_s']:.4f} | "
-            f"{bf['tokens_s']:.1f} | {bf['positions']:.0f} | {bf['peak']:.0f} | {bf['step_mem']:.0f} |"
+            f"speed-up ({side} / {base} steps/s): {median:.2f}x, median over {len(per_round)} round(s) "
+            f"({', '.join(f'{x:.2f}' for x in per_round)})"
         )
-        print(
-            f"  bf16: {bf['steps_s'] / ref['steps_s']:.2f}x the reference; loss differs by up to {rel_bf:.1e} relative"
+    if unequal:
+        sys.exit(
+            f"{', '.join(unequal)}: losses differ from the reference: the speed comparison is not of equal work"
         )
-    print()
-    print(f"per-step loss, reference: {', '.join(f'{x:.6f}' for x in a)}")
-    print(f"per-step loss, vicap    : {', '.join(f'{x:.6f}' for x in b)}")
-    print(
-        f"max relative loss difference {rel:.2e} ({'equal' if rel <= 1e-4 else 'NOT EQUAL'} at 1e-4); "
-        f"between rounds of one side (thread scheduling): {spread}"
-    )
-    print(
-        f"GPT-2 gradients allocated: reference {results['reference'][0]['gpt_grads_allocated']}, "
-        f"vicap {results['vicap'][0]['gpt_grads_allocated']}"
-    )
-
-    def sps(r: dict) -> float:
-        return len(r["times"][1:]) / sum(r["times"][1:])
-
-    # Each round runs the two sides back to back, so a round's ratio compares like with like on a
-    # machine whose speed drifts; the figure is the median over rounds.
-    per_round = [sps(v) / sps(r) for r, v in zip(results["reference"], results["vicap"], strict=True)]
-    ratio = statistics.median(per_round)
-    print(
-        f"speed-up (vicap / reference steps/s): {ratio:.2f}x, median over {len(per_round)} round(s) "
-        f"({', '.join(f'{x:.2f}' for x in per_round)})  (target >= 2x)"
-    )
-    if rel > 1e-4:
-        sys.exit("the two loops' losses differ: the speed comparison is not of equal work")
 
 
 if __name__ == "__main__":

@@ -86,10 +86,14 @@ def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
 
 
 @pytest.mark.slow
-def test_two_processes_train_like_one_and_resume(tiny_recipe, tmp_path: Path) -> None:
+@pytest.mark.parametrize("group_by_image", ["false", "true"])
+def test_two_processes_train_like_one_and_resume(tiny_recipe, tmp_path: Path, group_by_image: str) -> None:
     # 120 captions, global batch 16: 7 full batches and one of 8 per epoch, 2 epochs. The transformer
     # mapper exercises attention layers under DDP; batch 16 splits 8 + 8, and the last batch 4 + 4.
+    # With train.group_by_image, batches of whole 5-caption images are split mid-image between the
+    # processes (and between batches): each side computes that image's prefix, the step is the same.
     common = {
+        "train.group_by_image": group_by_image,
         "decoder.tuning": "frozen",
         "mapper.type": "transformer",
         "mapper.num_layers": "1",

@@ -11,7 +11,9 @@ caption in the dataset.
 
 `GlobalBatches` decides which captions each process sees: one seeded shuffle of all captions, cut
 into global batches of `train.batch_size`, each split into contiguous per-process slices. A run on
-N processes therefore trains on exactly the batches a one-process run does.
+N processes therefore trains on exactly the batches a one-process run does. With
+train.group_by_image the shuffle is of images, each image's captions kept together, and the collated
+batch holds each image's features once (see `CaptionModel.grouped_logits`).
 """
 
 from __future__ import annotations
@@ -269,13 +271,20 @@ def build_pairs(
 
 
 class Collator:
-    """Gathers features from the (memory-mapped) store and pads token ids to the batch's longest."""
+    """Gathers features from the (memory-mapped) store and pads token ids to the batch's longest.
 
-    def __init__(self, store: FeatureStore, pad_id: int) -> None:
-        self.store, self.pad_id = store, pad_id
+    With `group` (train.group_by_image), `features` holds each image of the batch once and `image`
+    gives each caption's row in it, so `CaptionModel.forward` runs each image's prefix once."""
+
+    def __init__(self, store: FeatureStore, pad_id: int, *, group: bool = False) -> None:
+        self.store, self.pad_id, self.group = store, pad_id, group
 
     def __call__(self, batch: list[tuple[int, list[int]]]) -> dict[str, torch.Tensor]:
         rows = [r for r, _ in batch]
+        out = {}
+        if self.group:
+            unique, inverse = np.unique(rows, return_inverse=True)
+            rows, out["image"] = unique.tolist(), torch.from_numpy(inverse.astype(np.int64))
         feats = torch.from_numpy(np.ascontiguousarray(self.store.features[rows]))
         width = max(len(t) for _, t in batch)
         ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
@@ -283,7 +292,7 @@ class Collator:
         for i, (_, t) in enumerate(batch):
             ids[i, : len(t)] = torch.tensor(t)
             mask[i, : len(t)] = 1
-        return {"features": feats, "input_ids": ids, "attention_mask": mask}
+        return {"features": feats, "input_ids": ids, "attention_mask": mask, **out}
 
 
 class GlobalBatches(Sampler[list[int]]):
@@ -296,6 +305,10 @@ class GlobalBatches(Sampler[list[int]]):
     process has a batch at every step; that is at most world - 1 captions an epoch, none on one
     process. `start` skips that many global batches of the current epoch (resuming mid-epoch).
     With `lengths` (train.group_by_length), the shuffled order is regrouped by length first.
+    With `images` (each item's image; train.group_by_image), the images are shuffled and each one's
+    items laid end to end, so a global batch holds whole images with all their captions; it is still
+    cut every `batch_size` items, so an image at a batch's (or a process slice's) edge is split
+    there. With both, images are grouped by their longest caption.
     """
 
     def __init__(
@@ -308,6 +321,7 @@ class GlobalBatches(Sampler[list[int]]):
         rank: int = 0,
         world: int = 1,
         lengths: np.ndarray | None = None,
+        images: np.ndarray | None = None,
     ) -> None:
         if batch_size < world:
             raise RecipeError(
@@ -318,6 +332,12 @@ class GlobalBatches(Sampler[list[int]]):
         self.rank, self.world = rank, world
         self.epoch, self.start = 0, 0
         self.lengths = lengths  # given: global batches grouped by length (see `length_grouped`)
+        self.images = images
+        if images is not None:  # items by image (stable: an image's items keep their order)
+            self._by_image = np.argsort(images, kind="stable")
+            _, self._starts, self._counts = np.unique(
+                images[self._by_image], return_index=True, return_counts=True
+            )
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
@@ -333,10 +353,19 @@ class GlobalBatches(Sampler[list[int]]):
             return list(range(self.n))
         g = torch.Generator()
         g.manual_seed(self.seed + epoch)
-        order = torch.randperm(self.n, generator=g).tolist()
-        if self.lengths is not None:
-            order = length_grouped(order, self.lengths, self.batch_size)
-        return order
+        if self.images is None:
+            order = torch.randperm(self.n, generator=g).tolist()
+            return order if self.lengths is None else length_grouped(order, self.lengths, self.batch_size)
+        starts, counts = self._starts, self._counts
+        order = torch.randperm(len(starts), generator=g).tolist()
+        if self.lengths is not None and len(starts):
+            # images by their longest caption, in runs of ~50 global batches
+            longest = np.maximum.reduceat(self.lengths[self._by_image], starts)
+            order = length_grouped(order, longest, max(1, round(self.batch_size * len(starts) / self.n)))
+        # the images' items end to end, each image's as a run (the index arithmetic of build_pairs)
+        start, count = starts[order], counts[order]
+        at = np.repeat(start - (np.cumsum(count) - count), count) + np.arange(self.n, dtype=np.int64)
+        return self._by_image[at].tolist()
 
     def slices(self, chunk: list[int]) -> list[list[int]]:
         """A global batch's per-process slices, in rank order."""

@@ -30,7 +30,6 @@ What vicap adds around it:
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import re
 import warnings
@@ -40,7 +39,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from data_prep.languages import get_language
-from vicap.model import CaptionModel
+from vicap.model import CaptionModel, cache_name
 from vicap.recipe import GenerateConfig
 
 # ---------------------------------------------------------------------------------------- results
@@ -220,20 +219,11 @@ def _prefix_cache(model: CaptionModel, prefix: torch.Tensor, mask: torch.Tensor,
     """
     kw = {"logits_to_keep": 1} if _takes(model.lm.forward, "logits_to_keep") else {}
     out = model.lm(inputs_embeds=prefix[:, :-1], attention_mask=mask[:, :-1], use_cache=True, **kw)
-    cache = getattr(out, "past_key_values", None)
+    cache = getattr(out, cache_name(), None)
     if not hasattr(cache, "batch_repeat_interleave"):
         return None
     cache.batch_repeat_interleave(copies)
     return cache
-
-
-@functools.cache
-def _cache_kwarg() -> str:
-    """generate's name for a ready KV cache: `cache` from transformers 5.24 on (which deprecates
-    `past_key_values` with a warning), `past_key_values` before."""
-    from transformers.generation import utils
-
-    return "cache" if "cache" in getattr(utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
 
 
 def _takes(fn, name: str) -> bool:
@@ -265,7 +255,7 @@ def decode_batch(
     if copies > 1 and kwargs["use_cache"] and share_prefix and prefix.shape[1] > 1:
         cache = _prefix_cache(model, prefix, mask, copies)
         if cache is not None:
-            kwargs[_cache_kwarg()] = cache
+            kwargs[cache_name()] = cache
     with warnings.catch_warnings():
         # "... with inputs_embeds ... only to newly generated tokens": exactly what captions want
         warnings.filterwarnings("ignore", message=r".*inputs_embeds.*without `input_ids`")

@@ -17,6 +17,7 @@ positions that predict a caption token (`logits_to_keep`): the prefix never need
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -28,6 +29,16 @@ from vicap.mappers import build_mapper
 from vicap.recipe import DecoderConfig, MapperConfig, Recipe, RecipeError
 
 IGNORE = -100
+
+
+@functools.cache
+def cache_name() -> str:
+    """The LM's name for its KV cache, as a forward argument, an output field and a `generate`
+    argument: `cache` from transformers 5.24 on (which deprecates `past_key_values` with a warning),
+    `past_key_values` before."""
+    from transformers.generation import utils
+
+    return "cache" if "cache" in getattr(utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
 
 
 def position_limit(lm: nn.Module) -> int | None:
@@ -160,25 +171,29 @@ class CaptionModel(nn.Module):
     def lm_dtype(self) -> torch.dtype:
         return self.lm.get_input_embeddings().weight.dtype
 
-    def forward(self, features: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+    def forward(
+        self,
+        features: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image: torch.Tensor | None = None,
+    ) -> dict:
         """Teacher-forced loss. input_ids are caption tokens + EOS, right-padded; mask marks real tokens.
 
-        Returns loss (mean over learned tokens), loss_sum and tokens (their sum and count), the
-        caption-position logits (B, L, V) and the full-sequence labels (B, n_prefix + L).
+        With `image` (train.group_by_image), `features` holds one row per image and caption i is of
+        image `image[i]`: each image's mapper and prefix run once (`grouped_logits`), for the same loss
+        and gradients. Returns loss (mean over learned tokens), loss_sum and tokens (their sum and
+        count), the caption-position logits (B, L, V) and the full-sequence labels (B, n_prefix + L).
         """
-        prefix = self.prefix(features)
-        embeds = torch.cat([prefix, self.embed(input_ids).to(prefix.dtype)], dim=1)
-        b, n_prefix = prefix.shape[0], prefix.shape[1]
-        mask = torch.cat([attention_mask.new_ones(b, n_prefix), attention_mask], dim=1)
+        if image is None:
+            prefix = self.prefix(features)
+            logits = self.sequence_logits(prefix, input_ids, attention_mask)
+            n_prefix = prefix.shape[1]
+        else:
+            logits = self.grouped_logits(features, input_ids, attention_mask, image)
+            n_prefix = self.prefix_length + int(self.prompt_ids.numel())
         targets = input_ids.masked_fill(attention_mask == 0, IGNORE)
-        labels = torch.cat([input_ids.new_full((b, n_prefix), IGNORE), targets], dim=1)
-        # Position i predicts token i + 1, so the L caption tokens are predicted by positions
-        # n_prefix - 1 .. n_prefix + L - 2: only those go through the output layer.
-        keep = torch.arange(n_prefix - 1, n_prefix - 1 + input_ids.shape[1], device=input_ids.device)
-        if self._logits_to_keep:
-            logits = self.lm(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=keep).logits
-        else:  # an LM without logits_to_keep computes every position; keep the same ones
-            logits = self.lm(inputs_embeds=embeds, attention_mask=mask).logits[:, keep]
+        labels = torch.cat([input_ids.new_full((input_ids.shape[0], n_prefix), IGNORE), targets], dim=1)
         loss_sum = F.cross_entropy(
             logits.float().reshape(-1, logits.shape[-1]),
             targets.reshape(-1),
@@ -193,6 +208,61 @@ class CaptionModel(nn.Module):
             "logits": logits,
             "labels": labels,
         }
+
+    def sequence_logits(
+        self, prefix: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """The logits predicting each caption token, from one LM pass over prefix + caption per row."""
+        embeds = torch.cat([prefix, self.embed(input_ids).to(prefix.dtype)], dim=1)
+        b, n_prefix = prefix.shape[0], prefix.shape[1]
+        mask = torch.cat([attention_mask.new_ones(b, n_prefix), attention_mask], dim=1)
+        # Position i predicts token i + 1, so the L caption tokens are predicted by positions
+        # n_prefix - 1 .. n_prefix + L - 2: only those go through the output layer.
+        keep = torch.arange(n_prefix - 1, n_prefix - 1 + input_ids.shape[1], device=input_ids.device)
+        if self._logits_to_keep:
+            return self.lm(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=keep).logits
+        return self.lm(inputs_embeds=embeds, attention_mask=mask).logits[:, keep]  # computes all; keep some
+
+    def grouped_logits(
+        self,
+        features: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image: torch.Tensor,
+    ) -> torch.Tensor:
+        """`sequence_logits` of caption i continued from image `image[i]`'s prefix, with each image's
+        mapper and prefix computed once.
+
+        The LM runs over the G prefixes once with its KV cache on; the cache keeps its autograd graph
+        and is copied to the B captions' rows (`batch_select_indices`: an index into every layer's keys
+        and values), and the captions run against it, their positions continuing after the prefix
+        (GPT-2's position table, Llama's rotary angles). The prefix pass's last position gives the
+        logits that predict each caption's first token. Causal attention makes every value the one of
+        the full sequence; in backward the copies' gradients add up in the one prefix, as the gradients
+        of B separate prefixes add up in the mapper's weights.
+        """
+        prefix = self.prefix(features)
+        kw = {"logits_to_keep": 1} if self._logits_to_keep else {}
+        out = self.lm(inputs_embeds=prefix, use_cache=True, **kw)
+        first = out.logits[:, -1:][image]
+        if input_ids.shape[1] == 1:  # every caption is its EOS alone
+            return first
+        cache = getattr(out, cache_name(), None)
+        if not hasattr(cache, "batch_select_indices"):
+            raise RecipeError(
+                f"train.group_by_image = true: {type(self.lm).__name__} returns no KV cache that can be "
+                "copied to each caption (a transformers Cache); set train.group_by_image = false"
+            )
+        cache.batch_select_indices(image)
+        ids, mask = input_ids[:, :-1], attention_mask[:, :-1]  # the last token predicts nothing
+        mask = torch.cat([mask.new_ones(len(image), prefix.shape[1]), mask], dim=1)
+        rest = self.lm(
+            inputs_embeds=self.embed(ids).to(prefix.dtype),
+            attention_mask=mask,
+            use_cache=True,
+            **{cache_name(): cache},
+        ).logits
+        return torch.cat([first, rest], dim=1)
 
     @staticmethod
     def learned_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -374,6 +374,13 @@ class TrainConfig(TrainSettings):
         "is std 0.126 on L2-normalized features); 0 disables",
         0.0,
     )
+    group_by_image: bool = option(
+        "form each global batch from whole images with all their captions and run each image's mapper "
+        "and LM prefix once for them: the same loss and gradients, less work. The shuffle is of images; "
+        "mapper dropout and train.feature_noise are drawn once per image. train.batch_size still counts "
+        "captions: make it a multiple of captions per image x processes, or edge images are split",
+        False,
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -663,6 +670,13 @@ class Recipe(RecipeSchema):
     OPTIONAL = ("scst",)
 
     def check(self) -> None:
+        check(
+            not (self.scst.init_from and self.train.group_by_image),
+            "train.group_by_image",
+            True,
+            "applies to cross-entropy training; self-critical training (scst.init_from) samples its "
+            "own captions per image",
+        )
         if not self.scst.init_from:  # no SCST stage: its other keys would be accepted and ignored
             default = ScstConfig()
             for f in dataclasses.fields(ScstConfig):

@@ -114,6 +114,8 @@ class TrainJob:
     # caption}), scored by `fit` to select the best checkpoint; None when there is no validation split.
     val_captions: Callable[[nn.Module, int], tuple[dict, dict]] | None = None
     language: str = ""  # of the captions: how validation captions are scored
+    # Each training item's image, when global batches are formed of whole images (train.group_by_image).
+    images: Any = None
 
 
 @dataclass
@@ -343,7 +345,14 @@ def _loader(job: TrainJob, dataset: Dataset, *, shuffle: bool, rank: int, world:
                 "not captions of their own length; set it to false"
             )
     batches = GlobalBatches(
-        len(dataset), cfg.batch_size, shuffle=shuffle, seed=cfg.seed, rank=rank, world=world, lengths=lengths
+        len(dataset),
+        cfg.batch_size,
+        shuffle=shuffle,
+        seed=cfg.seed,
+        rank=rank,
+        world=world,
+        lengths=lengths,
+        images=job.images if shuffle else None,
     )
     # The loader's own generator: iterating it never draws from the global RNG (dropout's), which
     # would put a resumed run's dropout masks out of step.
@@ -485,7 +494,12 @@ def _log_padding(job: TrainJob, batches: GlobalBatches) -> None:
     line = f"padding: {100 * batches.padding(lengths):.1f}% of caption positions"
     if batches.lengths is not None:
         plain = GlobalBatches(
-            batches.n, batches.batch_size, shuffle=True, seed=batches.seed, world=batches.world
+            batches.n,
+            batches.batch_size,
+            shuffle=True,
+            seed=batches.seed,
+            world=batches.world,
+            images=batches.images,
         )
         line += f" ({100 * plain.padding(lengths):.1f}% without train.group_by_length)"
     log.info(line)
@@ -729,14 +743,17 @@ def clipcap_job(recipe, accelerator, *, progress: bool = True) -> TrainJob:
     train_set = pairs("train")
     if train_set is None:
         raise RecipeError(f"manifest {manifest.path} has no 'train' split")
+    group = recipe.train.group_by_image
     return TrainJob(
         **_clipcap_fields(recipe, manifest, store, model),
         model=model,
         train_set=train_set,
         val_set=pairs("val"),
-        collate=Collator(store, decoder.pad_token_id),
-        summary=f"{len(train_set)} captions of {len(set(train_set.rows.tolist()))} images",
+        collate=Collator(store, decoder.pad_token_id, group=group),
+        summary=f"{len(train_set)} captions of {len(set(train_set.rows.tolist()))} images"
+        + (", each image's prefix computed once per batch" if group else ""),
         val_captions=_val_captions(recipe, manifest, store),
+        images=train_set.rows if group else None,
     )
 
 
