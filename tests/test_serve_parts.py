@@ -49,6 +49,13 @@ def test_decoding_controls_are_checked() -> None:
         decoding_config(base, "beam", 40, 1.0, 1.0)
     with pytest.raises(ValueError, match="temperature > 0"):
         decoding_config(base, "sample", 1, 0.0, 1.0)
+    # the page always sends every control; only the chosen strategy's are set, the run's values of
+    # another strategy's keys go back to their defaults (as --set generate.strategy=... does)
+    run = GenerateConfig(strategy="beam", beam_size=3, length_penalty=0.7)
+    greedy = decoding_config(run, "greedy", 8, 0.5, 0.5)
+    assert (greedy.beam_size, greedy.length_penalty, greedy.temperature, greedy.top_p) == (5, 1.0, 1.0, 1.0)
+    beam = decoding_config(run, "beam", 4, 0.5, 0.5)
+    assert (beam.beam_size, beam.length_penalty, beam.temperature) == (4, 0.7, 1.0)
 
 
 def test_uploads_are_checked(tmp_path: Path) -> None:

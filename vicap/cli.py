@@ -439,7 +439,22 @@ def serve(
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Under `accelerate launch`, leave the process group before the process exits: a process that exits
+    with it open can abort while its communication threads are torn down ("terminate called without
+    an active exception"), after the run was saved. In-process callers keep theirs (see make_accelerator)."""
+    if "torch.distributed" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -462,12 +462,6 @@ class GenerateConfig(Section):
                 f"remove it or set the default {defaults[key]!r}",
             )
 
-    def switched(self, strategy: str, **changes: Any) -> GenerateConfig:
-        """These settings decoding with `strategy`, as `--set generate.strategy=...` gives them: the keys
-        only other strategies read go back to their defaults, then `changes` apply."""
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        reset = {key: defaults[key] for key in unused_generate_keys(strategy)}
-        return dataclasses.replace(self, **{**reset, "strategy": strategy, **changes})
         check(
             self.repetition_penalty > 0, "generate.repetition_penalty", self.repetition_penalty, "must be > 0"
         )
@@ -477,6 +471,13 @@ class GenerateConfig(Section):
             self.no_repeat_ngram_size,
             "must be >= 0",
         )
+
+    def switched(self, strategy: str, **changes: Any) -> GenerateConfig:
+        """These settings decoding with `strategy`, as `--set generate.strategy=...` gives them: the keys
+        only other strategies read go back to their defaults, then `changes` apply."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        reset = {key: defaults[key] for key in unused_generate_keys(strategy)}
+        return dataclasses.replace(self, **{**reset, "strategy": strategy, **changes})
 
 
 # The [generate] keys only one strategy reads. Under another strategy they must keep their defaults;
