@@ -3,6 +3,7 @@ stopping rules, scores, seeded sampling, and per-language post-processing."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -300,6 +301,26 @@ def test_each_row_stops_at_its_own_eos(model, features) -> None:
         hyps = decode_batch(model, features[:2], _cfg(strategy="greedy"), share_prefix=False)
     assert [h[0].ids for h in hyps] == [[a], [a, b]]
     assert [h[0].finished for h in hyps] == [True, True]
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "beam", "sample"])
+def test_every_eos_the_lm_declares_ends_a_caption(model, features, strategy: str, monkeypatch) -> None:
+    """Gemma's <end_of_turn> or an instruct model's end of message stops a caption like the EOS it was
+    trained to end with: the row stops there, finished, without the token."""
+    a, b = _forced_path(model, " hai")[0], _forced_path(model, ".")[0]
+    eos = model.decoder.eos_token_id
+    monkeypatch.setattr(model, "decoder", dataclasses.replace(model.decoder, stop_ids=(b,)))
+    assert model.decoder.stop_ids == (eos, b)
+    plans = {0: [a, b], 1: [a, a, eos]}
+    rows = 3 if strategy == "beam" else 1  # per image
+
+    def plan(call: int, row: int):
+        steps = plans[row // rows]
+        return steps[min(call, len(steps) - 1)]
+
+    with forced_logits(model, plan):
+        hyps = decode_batch(model, features[:2], _cfg(strategy=strategy, beam_size=3), share_prefix=False)
+    assert [(h[0].ids, h[0].finished) for h in hyps] == [([a], True), ([a, a], True)]
 
 
 @pytest.mark.parametrize("strategy", ["greedy", "beam"])

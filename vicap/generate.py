@@ -191,7 +191,7 @@ def generate_kwargs(cfg: GenerateConfig, model: CaptionModel) -> dict:
     kw: dict = {
         "max_new_tokens": cfg.max_new_tokens,
         "min_new_tokens": cfg.min_new_tokens,
-        "eos_token_id": dec.eos_token_id,
+        "eos_token_id": list(dec.stop_ids),
         "pad_token_id": dec.pad_token_id,
         "repetition_penalty": cfg.repetition_penalty,
         "no_repeat_ngram_size": cfg.no_repeat_ngram_size,
@@ -278,19 +278,19 @@ def decode_batch(
         )
     seqs = out.sequences.cpu()  # decoder-only generate with inputs_embeds returns only the new tokens
     rows, width = seqs.shape
-    eos = dec.eos_token_id
+    stops = torch.tensor(dec.stop_ids)
     if beams > 1:
         # generate's beam_indices is -1 past each hypothesis' own end: that gives its length
         lengths = (out.beam_indices.cpu() >= 0).sum(dim=1)
     else:
-        is_eos = seqs == eos
+        is_eos = torch.isin(seqs, stops)
         first = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1) + 1, torch.full((rows,), width))
         lengths = first
     hyps: list[_Hyp] = []
     for r in range(rows):
         n = int(lengths[r])
         ids = seqs[r, :n].tolist()
-        finished = bool(ids) and ids[-1] == eos
+        finished = bool(ids) and ids[-1] in dec.stop_ids
         ids = ids[:-1] if finished else ids
         if cfg.stop:
             # A row generate stopped at the stop string ends there; in greedy/sample output it is
