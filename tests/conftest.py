@@ -50,6 +50,18 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _vicap_cache(tmp_path_factory):
+    """vicap's cache (converted GGUF files) in a temporary folder, never the user's ~/.cache."""
+    before = os.environ.get("VICAP_CACHE")
+    os.environ["VICAP_CACHE"] = str(tmp_path_factory.mktemp("vicap-cache"))
+    yield
+    if before is None:
+        del os.environ["VICAP_CACHE"]
+    else:
+        os.environ["VICAP_CACHE"] = before
+
+
 @pytest.fixture(scope="session")
 def ktvic_dir(tmp_path_factory) -> Path:
     """A tiny synthetic dataset in KTVIC's own layout (the tests' own builder, not the demo's)."""

@@ -24,6 +24,7 @@ from torch import nn
 
 from vicap.encoders import hf_load_error
 from vicap.errors import ModelLoadError, RecipeError
+from vicap.gguf_files import gguf_folder
 from vicap.recipe import DecoderConfig
 from vicap.resolve import resolve
 
@@ -84,13 +85,15 @@ def _start_tokens(tokenizer) -> list[int]:
 def load_decoder(cfg: DecoderConfig) -> Decoder:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    ref = resolve(cfg.model, "decoder.model")
+    ref = resolve(cfg.model, "decoder.model", gguf_file=cfg.gguf_file)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(ref.target, local_files_only=ref.local)
+        # a GGUF file is converted once into a cached Hugging Face folder, which loads like any other
+        target = str(gguf_folder(ref, cfg.dtype)) if ref.kind == "gguf" else ref.target
+        tokenizer = AutoTokenizer.from_pretrained(target, local_files_only=ref.local)
         # An explicit dtype: transformers 5 otherwise keeps the dtype the weights were saved in.
-        lm = AutoModelForCausalLM.from_pretrained(
-            ref.target, local_files_only=ref.local, dtype=DTYPES[cfg.dtype]
-        )
+        lm = AutoModelForCausalLM.from_pretrained(target, local_files_only=ref.local, dtype=DTYPES[cfg.dtype])
+    except ModelLoadError:
+        raise
     except Exception as e:
         raise hf_load_error(ref, "decoder", e) from e
     declared = [  # EOS ids the LM's config and generation config declare: one id or a list each
