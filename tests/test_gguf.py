@@ -164,7 +164,11 @@ BAD = [
         "zip.gguf is not a GGUF file (it starts with b'PK\\x03\\x04'",
     ),
     ("empty", lambda t, g: (str(t / "empty.gguf"), ""), "empty.gguf is not a GGUF file (it starts with b''"),
-    ("truncated", lambda t, g: (str(_truncated(t, g)), ""), "cut.gguf"),
+    (
+        "truncated",
+        lambda t, g: (str(_truncated(t, g)), ""),
+        "cut.gguf could not be read as GGUF (truncated or damaged?)",
+    ),
     (
         "unsupported architecture",
         lambda t, g: (str(_write_bert(t)), ""),
@@ -182,8 +186,6 @@ def test_files_vicap_cannot_use_are_refused_by_name(ggufs, tmp_path: Path, case,
     with pytest.raises(ModelLoadError) as e:
         load_decoder(DecoderConfig(model=model, gguf_file=gguf_file))
     assert message.format(tmp=tmp_path) in str(e.value)
-    if case == "truncated":
-        assert "truncated" in str(e.value)
     if case == "unsupported architecture":
         assert "gemma3" in str(e.value) and "llama" in str(e.value) and "t5" not in str(e.value)
 
