@@ -122,3 +122,164 @@ def ktvic_samples(root: Path, split: str = "train") -> list[dict]:
         }
         for im in data["images"]
     ]
+
+
+# ------------------------------------------------------------------------------------------ GGUF files
+
+
+def _gguf_tensors(lm, arch: str) -> dict:
+    """`lm`'s weights under llama.cpp's tensor names, as its convert_hf_to_gguf.py writes them: Llama's
+    q/k rows interleaved for llama.cpp's rotary layout, Gemma's RMSNorm weights stored as 1 + w (both
+    undone by transformers' reader), a tied output layer left out (its absence means tied)."""
+    import gguf
+
+    cfg = lm.config
+    names = gguf.get_tensor_name_map(
+        next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), cfg.num_hidden_layers
+    )
+    out = {}
+    for key, value in lm.state_dict().items():
+        if key == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        base, suffix = key.rsplit(".", 1)
+        array = value.float().numpy().copy()
+        if arch == "llama" and base.endswith(("q_proj", "k_proj")):
+            heads = cfg.num_attention_heads if base.endswith("q_proj") else cfg.num_key_value_heads
+            shape = array.shape
+            array = array.reshape(heads, 2, shape[0] // heads // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+        if arch == "gemma3" and base.endswith("norm"):
+            array = array + 1
+        out[f"{names.get_name(base)}.{suffix}"] = array
+    return out
+
+
+def _write_gguf(path: Path, arch: str, hparams: dict, tokenizer: dict, tensors: dict, quantize: bool) -> Path:
+    """A GGUF file: `hparams` and `tokenizer` as metadata (GGUFWriter.add_<key>(value) each), then the
+    tensors, 2-D ones as Q8_0 blocks when `quantize` (as real files are quantized), others float32."""
+    import gguf
+
+    writer = gguf.GGUFWriter(path, arch)
+    for key, value in {**hparams, **tokenizer}.items():
+        getattr(writer, f"add_{key}")(value)
+    for name, array in tensors.items():
+        if quantize and array.ndim == 2:
+            q8 = gguf.GGMLQuantizationType.Q8_0
+            writer.add_tensor(name, gguf.quants.quantize(array, q8), raw_dtype=q8)
+        else:
+            writer.add_tensor(name, array.astype("float32"))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def build_gguf_llama(path: Path, texts: list[str], *, seed: int = 0):
+    """A tiny Llama as SmolLM2's GGUF files have it: llama architecture, a byte-level BPE tokenizer
+    (llama.cpp's "gpt2" model) trained on `texts`, <|endoftext|> (id 0) as BOS and EOS, no BOS added,
+    tied embeddings, Q8_0-quantized matrices. Returns (the file, the model it was written from)."""
+    import torch
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(
+        texts, vocab_size=300, min_frequency=2, special_tokens=["<|endoftext|>"], show_progress=False
+    )
+    model = json.loads(bpe._tokenizer.to_str())["model"]
+    tokens = sorted(model["vocab"], key=model["vocab"].get)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokens),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=0,
+        eos_token_id=0,
+        tie_word_embeddings=True,
+    )
+    lm = LlamaForCausalLM(config).eval()
+    hparams = {
+        "context_length": 128,
+        "embedding_length": 32,
+        "block_count": 2,
+        "feed_forward_length": 64,
+        "head_count": 4,
+        "head_count_kv": 2,
+        "layer_norm_rms_eps": config.rms_norm_eps,
+        "rope_freq_base": 10000.0,
+        "rope_dimension_count": 8,
+    }
+    tokenizer = {
+        "tokenizer_model": "gpt2",
+        "token_list": tokens,
+        "token_merges": merges,
+        "token_types": [3 if t == "<|endoftext|>" else 1 for t in tokens],  # 3: control
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+        "add_bos_token": False,
+    }
+    return _write_gguf(path, "llama", hparams, tokenizer, _gguf_tensors(lm, "llama"), True), lm
+
+
+def build_gguf_gemma3(path: Path, texts: list[str], *, seed: int = 0):
+    """A tiny Gemma 3 text model as Gemma 3's GGUF files have it: gemma3 architecture, a SentencePiece-style
+    BPE vocabulary (llama.cpp's "llama" model, merges implied by the token order) trained on `texts`,
+    <pad> 0, <eos> 1, <bos> 2 (put before every text), <unk> 3, tied embeddings scaled by sqrt(hidden),
+    float32 tensors. Returns (the file, the model it was written from)."""
+    import torch
+    from tokenizers import SentencePieceBPETokenizer
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<end_of_turn>"]
+    bpe = SentencePieceBPETokenizer()
+    bpe.train_from_iterator(
+        texts, vocab_size=200, min_frequency=2, special_tokens=specials, show_progress=False
+    )
+    vocab = bpe.get_vocab()
+    tokens = sorted(vocab, key=vocab.get)
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(
+        vocab_size=len(tokens),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+        sliding_window=16,
+        bos_token_id=2,
+        eos_token_id=1,
+        pad_token_id=0,
+    )
+    lm = Gemma3ForCausalLM(config).eval()
+    hparams = {
+        "context_length": 128,
+        "embedding_length": 32,
+        "block_count": 2,
+        "feed_forward_length": 64,
+        "head_count": 4,
+        "head_count_kv": 2,
+        "key_length": 8,
+        "value_length": 8,
+        "layer_norm_rms_eps": config.rms_norm_eps,
+        "sliding_window": 16,
+        "rope_freq_base": float(config.rope_parameters["full_attention"]["rope_theta"]),
+    }
+    tokenizer = {
+        "tokenizer_model": "llama",
+        "token_list": tokens,
+        "token_scores": [-float(i) for i in range(len(tokens))],
+        "token_types": [3 if t in specials else 1 for t in tokens],
+        "pad_token_id": 0,
+        "eos_token_id": 1,
+        "bos_token_id": 2,
+        "unk_token_id": 3,
+        "add_bos_token": True,
+    }
+    return _write_gguf(path, "gemma3", hparams, tokenizer, _gguf_tensors(lm, "gemma3"), False), lm

@@ -3,6 +3,7 @@ stopping rules, scores, seeded sampling, and per-language post-processing."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import vicap.generate
 from tests.conftest import tiny_llama_config
 from vicap.decoders import Decoder, load_decoder
 from vicap.generate import (
@@ -305,6 +307,26 @@ def test_each_row_stops_at_its_own_eos(model, features) -> None:
     assert [h[0].finished for h in hyps] == [True, True]
 
 
+@pytest.mark.parametrize("strategy", ["greedy", "beam", "sample"])
+def test_every_eos_the_lm_declares_ends_a_caption(model, features, strategy: str, monkeypatch) -> None:
+    """Gemma's <end_of_turn> or an instruct model's end of message stops a caption like the EOS it was
+    trained to end with: the row stops there, finished, without the token."""
+    a, b = _forced_path(model, " hai")[0], _forced_path(model, ".")[0]
+    eos = model.decoder.eos_token_id
+    monkeypatch.setattr(model, "decoder", dataclasses.replace(model.decoder, stop_ids=(b,)))
+    assert model.decoder.stop_ids == (eos, b)
+    plans = {0: [a, b], 1: [a, a, eos]}
+    rows = 3 if strategy == "beam" else 1  # per image
+
+    def plan(call: int, row: int):
+        steps = plans[row // rows]
+        return steps[min(call, len(steps) - 1)]
+
+    with forced_logits(model, plan):
+        hyps = decode_batch(model, features[:2], _cfg(strategy=strategy, beam_size=3), share_prefix=False)
+    assert [(h[0].ids, h[0].finished) for h in hyps] == [([a], True), ([a, a], True)]
+
+
 @pytest.mark.parametrize("strategy", ["greedy", "beam"])
 def test_min_new_tokens_holds_eos_back(model, features, strategy: str) -> None:
     eos = model.decoder.eos_token_id
@@ -376,6 +398,36 @@ def test_small_batches_give_the_same_captions(model, features) -> None:
         one = generate_captions(model, features, _cfg(**_beams(strategy, 2), batch_size=32), language="vi")
         two = generate_captions(model, features, _cfg(**_beams(strategy, 2), batch_size=2), language="vi")
         assert len(one) == 5 and one == two
+
+
+@pytest.mark.parametrize(("strategy", "n_best"), [("greedy", 1), ("beam", 3), ("sample", 2)])
+def test_a_large_vocabulary_decodes_in_parts_with_the_same_results(
+    model, features, monkeypatch, strategy: str, n_best: int
+) -> None:
+    """A batch whose (rows, vocabulary) matrices exceed the budget goes to generate in equal parts of at
+    most images_per_call images; hypotheses and scores are those of one call."""
+    cfg = _cfg(strategy=strategy, beam_size=3, n_best=n_best)
+    whole = decode_batch(model, features, cfg)
+    vocab = model.lm.get_input_embeddings().num_embeddings
+    monkeypatch.setattr(vicap.generate, "LOGITS_BUDGET", 2 * 3 * vocab)  # 2 images of 3 rows
+    calls = []
+    real = model.lm.generate
+    monkeypatch.setattr(
+        model.lm, "generate", lambda **kw: calls.append(kw["inputs_embeds"].shape[0]) or real(**kw)
+    )
+    parts = decode_batch(model, features, cfg)
+    # images per call: beam 6 // 3 rows = 2, sample 6 // 2 = 3, greedy 6 // 1 = 6 (all 5 at once)
+    assert calls == {"beam": [2, 2, 1], "sample": [3, 2], "greedy": [5]}[strategy]
+    if strategy == "sample":  # the generator runs on through the parts: other draws, as many of them
+        assert [len(h) for h in parts] == [n_best] * 5
+        return
+    assert [[(h.ids, h.finished) for h in hyps] for hyps in parts] == [
+        [(h.ids, h.finished) for h in hyps] for hyps in whole
+    ]
+    torch.testing.assert_close(
+        torch.tensor([[h.score for h in hyps] for hyps in parts]),
+        torch.tensor([[h.score for h in hyps] for hyps in whole]),
+    )
 
 
 # --------------------------------------------------------------------------- config and post-processing

@@ -115,6 +115,16 @@ def test_find_recipe(tmp_path: Path, monkeypatch, case: str, spec: str, expected
         ("bad level", ['eval.levels=["syllable", "char"]'], "eval.levels = 'char': must be one of syllable"),
         ("bad segment", ["data.segment=morph"], "data.segment = 'morph': must be one of none, word"),
         ("zero prefix", ["mapper.prefix_length=0"], "mapper.prefix_length = 0: must be > 0"),
+        (
+            "gguf_file not .gguf",
+            ["decoder.gguf_file=model.bin"],
+            "decoder.gguf_file = 'model.bin': must name a .gguf file inside the folder decoder.model names",
+        ),
+        (
+            "two GGUF files",
+            ["decoder.model=a.gguf", "decoder.gguf_file=b.gguf"],
+            "decoder.gguf_file = 'b.gguf': decoder.model = 'a.gguf' names a GGUF file already",
+        ),
         ("unknown section", ["trian.lr=1"], "unknown key 'trian'"),
         # seeds: numpy (seeded by Accelerate's set_seed) takes 0 .. 2**32 - 1
         ("negative seed", ["train.seed=-1"], "train.seed = -1: must be in [0, 2**32 - 1 = 4294967295]"),

@@ -17,6 +17,7 @@ def here(tmp_path: Path, monkeypatch) -> Path:
     for folder in ("lm", "clip", "ViT-B-32", "home/lm"):
         (tmp_path / folder).mkdir(parents=True)
     (tmp_path / "w.safetensors").write_bytes(b"weights")
+    (tmp_path / "lm.gguf").write_bytes(b"GGUF")
     (tmp_path / "home/w.safetensors").write_bytes(b"weights at home")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
@@ -67,6 +68,8 @@ RESOLVED = [
         ("hub", "NlpHUST/gpt2-vietnamese", False, None),
     ),
     ("bare hub id", "gpt2", "transformers", "", ("hub", "gpt2", False, None)),
+    ("a .gguf file", "./lm.gguf", "transformers", "", ("gguf", "lm.gguf", True, None)),
+    ("a .gguf file by bare name", "lm.gguf", "transformers", "", ("gguf", "lm.gguf", True, None)),
     ("open_clip name + tag", "ViT-B-32", "open_clip", "openai", ("open_clip", "ViT-B-32", False, None)),
     # a folder named like an open_clip model does not shadow the model
     ("open_clip name, no tag", "ViT-B-32", "open_clip", "", ("open_clip", "ViT-B-32", False, None)),

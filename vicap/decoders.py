@@ -1,8 +1,12 @@
 """Decoders: any Hugging Face causal LM, by hub id or local directory, with its tokenizer.
 
 The code is LM-agnostic: widths come from the model's input embeddings, BOS/EOS/pad from the
-tokenizer and config. LMs without a pad token (GPT-2, Llama) pad with EOS; padding never reaches the
-loss (labels are -100 there) and the attention mask hides it. Tied input/output embeddings are one
+tokenizer and config. Captions are trained to end with the tokenizer's EOS; any other EOS id the LM's
+config or generation config declares (Gemma 3's <end_of_turn>, Qwen's <|endoftext|>) ends a generated
+caption too. LMs without a pad token (GPT-2, Llama) pad with EOS; padding never reaches the loss
+(labels are -100 there) and the attention mask hides it. Input embeddings are always the LM's own
+embedding module's output, so an LM that scales them there (Gemma, by sqrt(hidden)) sees captions
+embedded exactly as it embeds its own tokens. Tied input/output embeddings are one
 parameter, so a tuned LM's checkpoint stores it once and loading re-ties it.
 
 Tuning modes (`decoder.tuning`): 'frozen' (requires_grad off, eval mode), 'full' (every LM weight
@@ -20,6 +24,7 @@ from torch import nn
 
 from vicap.encoders import hf_load_error
 from vicap.errors import ModelLoadError, RecipeError
+from vicap.gguf_files import gguf_folder
 from vicap.recipe import DecoderConfig
 from vicap.resolve import resolve
 
@@ -36,6 +41,12 @@ class Decoder:
     eos_token_id: int
     pad_token_id: int
     prompt_ids: list[int]  # tokens the tokenizer puts before a text (Llama's BOS), fed after the prefix
+    # every token that ends a caption: eos_token_id (what captions are trained to end with) and any
+    # other EOS the LM declares (Gemma's <end_of_turn>, an instruct model's end of message)
+    stop_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.stop_ids = tuple(dict.fromkeys((self.eos_token_id, *self.stop_ids)))
 
 
 def fuse_activations(lm: nn.Module) -> int:
@@ -74,18 +85,25 @@ def _start_tokens(tokenizer) -> list[int]:
 def load_decoder(cfg: DecoderConfig) -> Decoder:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    ref = resolve(cfg.model, "decoder.model")
+    ref = resolve(cfg.model, "decoder.model", gguf_file=cfg.gguf_file)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(ref.target, local_files_only=ref.local)
+        # a GGUF file is converted once into a cached Hugging Face folder, which loads like any other
+        target = str(gguf_folder(ref, cfg.dtype)) if ref.kind == "gguf" else ref.target
+        tokenizer = AutoTokenizer.from_pretrained(target, local_files_only=ref.local)
         # An explicit dtype: transformers 5 otherwise keeps the dtype the weights were saved in.
-        lm = AutoModelForCausalLM.from_pretrained(
-            ref.target, local_files_only=ref.local, dtype=DTYPES[cfg.dtype]
-        )
+        lm = AutoModelForCausalLM.from_pretrained(target, local_files_only=ref.local, dtype=DTYPES[cfg.dtype])
+    except ModelLoadError:
+        raise
     except Exception as e:
         raise hf_load_error(ref, "decoder", e) from e
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else lm.config.eos_token_id
-    if isinstance(eos, list):
-        eos = eos[0]
+    declared = [  # EOS ids the LM's config and generation config declare: one id or a list each
+        i
+        for source in (lm.config, getattr(lm, "generation_config", None))
+        for ids in [getattr(source, "eos_token_id", None)]
+        for i in (ids if isinstance(ids, list) else [ids])
+        if i is not None
+    ]
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else (declared or [None])[0]
     if eos is None:
         raise ModelLoadError(f"decoder {cfg.model!r} defines no EOS token; captions need one to stop")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
@@ -94,24 +112,27 @@ def load_decoder(cfg: DecoderConfig) -> Decoder:
         lm.requires_grad_(False)
     lm.eval()
     prompt = _start_tokens(tokenizer)
-    log.info(
-        "decoder %s: %s, hidden=%d, vocab=%d, eos=%d, pad=%d, prompt=%s",
-        cfg.model,
-        type(lm).__name__,
-        hidden,
-        lm.get_input_embeddings().num_embeddings,
-        eos,
-        pad,
-        prompt,
-    )
-    return Decoder(
+    decoder = Decoder(
         lm=lm,
         tokenizer=tokenizer,
         hidden_size=hidden,
         eos_token_id=int(eos),
         pad_token_id=int(pad),
         prompt_ids=prompt,
+        stop_ids=tuple(int(i) for i in declared),
     )
+    log.info(
+        "decoder %s: %s, hidden=%d, vocab=%d, eos=%d, stops at %s, pad=%d, prompt=%s",
+        cfg.model,
+        type(lm).__name__,
+        hidden,
+        lm.get_input_embeddings().num_embeddings,
+        eos,
+        list(decoder.stop_ids),
+        pad,
+        prompt,
+    )
+    return decoder
 
 
 def add_lora(lm: nn.Module, cfg: DecoderConfig) -> nn.Module:

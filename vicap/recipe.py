@@ -158,9 +158,15 @@ class DecoderConfig(Section):
     KEY = "decoder"
 
     model: str = option(
-        "Hugging Face causal LM: hub id (gpt2, NlpHUST/gpt2-vietnamese, 'hf-hub:org/name') or a local folder "
-        "saved by save_pretrained (a path, '~' expanded, or 'local-dir:PATH')",
+        "Hugging Face causal LM: hub id (gpt2, NlpHUST/gpt2-vietnamese, 'hf-hub:org/name'), a local folder "
+        "saved by save_pretrained (a path, '~' expanded, or 'local-dir:PATH'), or a GGUF file (PATH.gguf, "
+        "read through transformers and cached as a folder; needs `pip install vicap[gguf]`)",
         "gpt2",
+    )
+    gguf_file: str = option(
+        "a .gguf file inside the local folder decoder.model names (a GGUF repo holds several "
+        "quantizations); empty: decoder.model is a Hugging Face model or names the .gguf file itself",
+        "",
     )
     tuning: Literal["frozen", "full", "lora"] = option(
         "'frozen' trains only the mapper; 'full' also fine-tunes the LM (ClipCap's MLP setting); "
@@ -183,6 +189,19 @@ class DecoderConfig(Section):
 
     def validate(self) -> None:
         check(bool(self.model), "decoder.model", self.model, "must name a model")
+        if self.gguf_file:
+            check(
+                self.gguf_file.lower().endswith(".gguf"),
+                "decoder.gguf_file",
+                self.gguf_file,
+                "must name a .gguf file inside the folder decoder.model names",
+            )
+            check(
+                not self.model.lower().endswith(".gguf"),
+                "decoder.gguf_file",
+                self.gguf_file,
+                f"decoder.model = {self.model!r} names a GGUF file already; set only one of the two",
+            )
         check(
             self.dtype == "float32" or self.tuning != "full",
             "decoder.dtype",

@@ -10,6 +10,8 @@ loader reads the model: "transformers" (Hugging Face CLIP vision models, causal 
 | `hf-hub:org/repo`                          | a hub model: the Hugging Face cache, else the hub     |
 | `org/name`, `gpt2` (transformers)          | a folder of that name here if there is one (transformers' own rule), else a hub model |
 | `ViT-B-32` (open_clip)                     | an open_clip model name; its weights are `encoder.pretrained`: a tag (`openai`) or a local weights file |
+| `PATH.gguf` (transformers)                 | a GGUF file (an LM in llama.cpp's format; `vicap.gguf_files`) |
+| a folder + `gguf_file = NAME.gguf`         | the GGUF file NAME inside that folder                 |
 
 `~` is expanded; relative paths are relative to the directory vicap runs from. A path with nothing
 there, or a file where a folder belongs, is an error naming it. Every failure to load says what was
@@ -34,6 +36,7 @@ HF_HUB = "hf-hub:"
 # The weight files a user can hand vicap. safetensors holds only tensors; the others are torch.save
 # pickles, read only through torch.load(weights_only=True) (vicap.encoders.load_weights_file).
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+GGUF_SUFFIX = ".gguf"  # llama.cpp's single-file LM format; transformers reads it (vicap.gguf_files)
 
 
 @dataclass(frozen=True)
@@ -73,19 +76,21 @@ class ModelRef:
     name: str  # as written, for messages
     key: str  # the setting that named it: "decoder.model"
     family: str  # "transformers" or "open_clip": whose loader reads it
-    kind: str  # "folder", "hub" or "open_clip" (an open_clip model name)
+    kind: str  # "folder", "hub", "open_clip" (an open_clip model name) or "gguf" (a GGUF file)
     target: str  # what the loader is handed: a path, a hub id, "local-dir:PATH" / "hf-hub:ID" for open_clip
-    path: Path | None = None  # the folder (~ expanded), when kind == "folder"
+    path: Path | None = None  # the folder (~ expanded) when kind == "folder"; the file when kind == "gguf"
     pretrained: str = ""  # open_clip: encoder.pretrained as written
     weights_file: Path | None = None  # open_clip: encoder.pretrained when it names a local file
 
     @property
     def local(self) -> bool:
-        """A local folder: read from disk only, never looked up on the hub."""
-        return self.kind == "folder"
+        """A local folder or file: read from disk only, never looked up on the hub."""
+        return self.kind in ("folder", "gguf")
 
     def identity(self) -> dict[str, str]:
         """The model's part of its feature-store key: `model` and `weights`."""
+        if self.kind == "gguf":
+            return {"model": "gguf", "weights": file_identity(self.path)}
         if self.local:
             folder = folder_identity(self.path, FAMILIES[self.family].folder_files)
             return {"model": "local-dir", "weights": folder}
@@ -97,6 +102,11 @@ class ModelRef:
 
     def how_to_provide(self) -> str:
         """Where the loader looked, and how to put the model there offline."""
+        if self.kind == "gguf":
+            return (
+                f"vicap read the GGUF file {self.path.absolute()}; {self.key} names a .gguf file, or a folder "
+                "with the file's name in decoder.gguf_file."
+            )
         if self.local:
             layout = FAMILIES[self.family].layout
             return (
@@ -131,10 +141,18 @@ class ModelRef:
         )
 
 
-def resolve(name: str, key: str, family: str = "transformers", pretrained: str = "") -> ModelRef:
+def resolve(
+    name: str, key: str, family: str = "transformers", pretrained: str = "", gguf_file: str = ""
+) -> ModelRef:
     """What `name`, the value of setting `key`, points at (see the module's table). `pretrained` is
-    open_clip's encoder.pretrained. Raises ModelLoadError for a path with nothing there or a file."""
+    open_clip's encoder.pretrained; `gguf_file` (transformers) a GGUF file inside the folder `name`.
+    Raises ModelLoadError for a path with nothing there, or a file where a folder belongs (a GGUF file
+    is named by its .gguf suffix; what is inside is checked when it loads)."""
     fam = FAMILIES[family]
+    if gguf_file:
+        return _gguf_in_folder(name, key, family, gguf_file)
+    if family == "transformers" and name.lower().endswith(GGUF_SUFFIX):
+        return _gguf(name, key, Path(name.removeprefix(LOCAL_DIR)).expanduser())
     if name.startswith(LOCAL_DIR):
         return _folder(name, key, family, name[len(LOCAL_DIR) :])
     if name.startswith(HF_HUB):
@@ -163,6 +181,28 @@ def _folder(name: str, key: str, family: str, written: str) -> ModelRef:
         return ModelRef(name, key, family, "folder", target, path=path)
     found = "is a file, not a folder" if path.exists() else "directory not found"
     raise _name_error(key, name, family, f"{found} (looked for {path.absolute()})")
+
+
+def _gguf(name: str, key: str, file: Path, where: str = "") -> ModelRef:
+    if not file.is_file():
+        found = "is a folder, not a file" if file.is_dir() else "file not found"
+        where = where or f"{key} = {name!r}"
+        raise ModelLoadError(f"{where}: GGUF {found} (looked for {file.absolute()})")
+    return ModelRef(name, key, "transformers", "gguf", str(file), path=file)
+
+
+def _gguf_in_folder(name: str, key: str, family: str, gguf_file: str) -> ModelRef:
+    """`gguf_file` inside the local folder `name` (a GGUF repo holds several quantizations); named by
+    its path in later messages."""
+    folder = resolve(name, key, family)
+    if not folder.local:
+        raise ModelLoadError(
+            f"decoder.gguf_file = {gguf_file!r} needs {key} to be a local folder, and {name!r} is a hub id. "
+            f"Offline, run `huggingface-cli download {folder.target} {gguf_file} --local-dir DIR` on a "
+            f"connected machine, copy DIR here and set {key} = DIR."
+        )
+    file = folder.path / gguf_file
+    return _gguf(str(file), key, file, f"{key} = {name!r} with decoder.gguf_file = {gguf_file!r}")
 
 
 def _name_error(key: str, name: str, family: str, problem: str) -> ModelLoadError:
