@@ -323,7 +323,7 @@ def test_every_eos_the_lm_declares_ends_a_caption(model, features, strategy: str
         return steps[min(call, len(steps) - 1)]
 
     with forced_logits(model, plan):
-        hyps = decode_batch(model, features[:2], _cfg(strategy=strategy, beam_size=3), share_prefix=False)
+        hyps = decode_batch(model, features[:2], _cfg(**_beams(strategy)), share_prefix=False)
     assert [(h[0].ids, h[0].finished) for h in hyps] == [([a], True), ([a, a], True)]
 
 
@@ -406,7 +406,7 @@ def test_a_large_vocabulary_decodes_in_parts_with_the_same_results(
 ) -> None:
     """A batch whose (rows, vocabulary) matrices exceed the budget goes to generate in equal parts of at
     most images_per_call images; hypotheses and scores are those of one call."""
-    cfg = _cfg(strategy=strategy, beam_size=3, n_best=n_best)
+    cfg = _cfg(**_beams(strategy), n_best=n_best)
     whole = decode_batch(model, features, cfg)
     vocab = model.lm.get_input_embeddings().num_embeddings
     monkeypatch.setattr(vicap.generate, "LOGITS_BUDGET", 2 * 3 * vocab)  # 2 images of 3 rows
