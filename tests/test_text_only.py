@@ -104,6 +104,50 @@ def test_image_rows_unchanged_by_loading_the_text_tower(text_clip_dir, ktvic_dir
         plain.encode_text(["x"])
 
 
+def test_hf_clip_text_tower(tmp_path, tiny_lm_dir) -> None:
+    """A transformers CLIPModel folder (both towers, its tokenizer beside them) embeds sentences as
+    the full model's text tower and projection do, L2-normalized like its image rows."""
+    from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    tok.pad_token = tok.eos_token
+    text = {
+        "vocab_size": len(tok),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "max_position_embeddings": 32,
+        "eos_token_id": tok.eos_token_id,
+        "projection_dim": 24,
+    }
+    vision = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "image_size": 32,
+        "patch_size": 8,
+        "projection_dim": 24,
+    }
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=24)).eval()
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        tmp_path
+    )
+
+    enc = load_encoder(EncoderConfig(name="hf_clip", model=str(tmp_path), normalize=True), text=True)
+    sentences = ["Một hình tròn.", "Hai hình vuông màu xanh lá ở bên trái."]
+    got = enc.encode_text(sentences)
+    batch = tok(sentences, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        pooled = model.text_model(**batch).pooler_output  # the EOS position, as CLIP pools
+        want = torch.nn.functional.normalize(model.text_projection(pooled), dim=-1)
+    assert got.shape == (2, 24) and torch.allclose(got, want, atol=1e-5)
+
+
 # --------------------------------------------------------------------------- the `text` adapter
 
 

@@ -466,7 +466,7 @@ def _hf_clip_text(ref: ModelRef) -> tuple[nn.Module, Callable]:
         out = tokenizer(texts, padding=True, truncation=True, max_length=longest, return_tensors="pt")
         return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
 
-    return model, tokenize
+    return _HFClipText(model), tokenize
 
 
 def load_encoder(cfg: EncoderConfig, *, text: bool = False) -> Encoder:
