@@ -276,6 +276,10 @@ def test_text_only_run_captions_images(tmp_path, ktvic_dir, tiny_lm_dir, text_cl
     distinct = len(set(builders.ktvic_captions(ktvic_dir)))
     assert sources == {"image_captions": 0, "sentences": distinct, "text_only": True}
     assert read_log(run_dir)[-1]["step"] > 0
+    # no training image was even encoded: the rows are the test images and the sentences
+    rows = open_store(load_encoder(recipe.encoder), recipe.data.features_dir).rows
+    assert not any("train-images" in key for key in rows)
+    assert sum(key.startswith("text:") for key in rows) == distinct
 
     report = evaluate_run(run_dir, progress=False)
     assert report["training"]["text_only"] is True

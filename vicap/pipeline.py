@@ -167,12 +167,14 @@ def run_features(
     device: torch.device | str = "cpu",
     progress: bool = True,
     accelerator=None,
+    records: list | None = None,
 ) -> FeatureStore:
-    """Features for every image in the manifest (all splits at once, so evaluation reuses them).
+    """Features for every image in the manifest (all splits at once, so evaluation reuses them), or
+    for `records` of it only.
 
     Under Accelerate with N processes (`accelerator`), each process encodes its share on its own
     device into shards of its own; every process returns the complete store."""
-    paths = [manifest.resolve_image(r) for r in manifest.records]
+    paths = [manifest.resolve_image(r) for r in (manifest.records if records is None else records)]
     store_root = Path(recipe.data.features_dir)
     encoder = load_encoder(recipe.encoder)
     # Encodes only images that are new or changed since the store was written (size/mtime checked).

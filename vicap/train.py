@@ -641,20 +641,24 @@ def fit(job: TrainJob, accelerator, ckpt: Checkpoint | None = None, *, progress:
 
 
 def _clipcap_data(recipe, accelerator, *, progress: bool):
-    """The run's manifest (written by the main process) and feature store (every process encodes its
-    share of the images)."""
+    """The run's manifest (written by the main process), its training records whose image-caption
+    pairs train (`_paired_images`), and the feature store (every process encodes its share of the
+    images; training images left out by data.image_fraction are not encoded)."""
     from vicap.mappers import MAPPERS
     from vicap.pipeline import prepare_manifest, run_features
 
     with accelerator.main_process_first():
         manifest = prepare_manifest(recipe, Path(recipe.train.output_dir))
-    store = run_features(recipe, manifest, progress=progress, accelerator=accelerator)
+    paired = _paired_images(recipe, manifest)
+    used = {id(r) for r in paired}
+    records = [r for r in manifest.records if r.split != "train" or id(r) in used]
+    store = run_features(recipe, manifest, progress=progress, accelerator=accelerator, records=records)
     if MAPPERS.get(recipe.mapper.type).uses_tokens and not store.has_tokens:
         raise RecipeError(
             f"mapper.type = {recipe.mapper.type!r} attends to patch tokens, but the feature store holds "
             "pooled vectors only: set encoder.patch_tokens = true"
         )
-    return manifest, store
+    return manifest, paired, store
 
 
 def _val_captions(recipe, manifest, store):
@@ -733,7 +737,7 @@ def clipcap_job(recipe, accelerator, *, progress: bool = True) -> TrainJob:
     from vicap.decoders import load_decoder
     from vicap.model import CaptionModel
 
-    manifest, store = _clipcap_data(recipe, accelerator, progress=progress)
+    manifest, paired, store = _clipcap_data(recipe, accelerator, progress=progress)
     text_manifest, offset = None, None
     if recipe.text.source:  # the same store, now holding the corpus's sentences too
         text_manifest, store, offset = _text_data(recipe, accelerator, progress=progress)
@@ -748,7 +752,7 @@ def clipcap_job(recipe, accelerator, *, progress: bool = True) -> TrainJob:
             return None
         return build_pairs(manifest, records, store, decoder, **tokens)
 
-    train_set = pairs("train", _paired_images(recipe, manifest))
+    train_set = pairs("train", paired)
     if train_set is None and text_manifest is None:
         raise RecipeError(f"manifest {manifest.path} has no 'train' split")
     summary = f"{len(train_set)} captions of {len(set(train_set.rows.tolist()))} images" if train_set else ""
@@ -806,7 +810,7 @@ def scst_job(recipe, accelerator, *, progress: bool = True) -> TrainJob:
     """Self-critical training (recipe.scst, see vicap.scst) of the caption model of scst.init_from."""
     from vicap.scst import ImageCollator, Images, Rewarder, SelfCritical, init_model
 
-    manifest, store = _clipcap_data(recipe, accelerator, progress=progress)
+    manifest, _, store = _clipcap_data(recipe, accelerator, progress=progress)
     model, source = init_model(recipe)
     records = [r for r in manifest.split("train") if store.has(manifest.resolve_image(r))]
     if not records:
