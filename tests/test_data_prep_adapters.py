@@ -157,6 +157,7 @@ FIXTURES = {
     "table": make_table,
     "folder": make_folder,
     "webdataset": make_webdataset,
+    "text": None,  # no images: tested in test_text_only.py
 }
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import ConcatDataset, Dataset, Sampler
 
 from data_prep.languages import get_language
 from data_prep.manifest import Manifest, Record
@@ -268,6 +268,38 @@ def build_pairs(
     captions = np.repeat(start - before, count) + np.arange(int(count.sum()), dtype=np.int64)
     rows = np.repeat(np.asarray(image_rows, dtype=np.int64), count)
     return CaptionPairs(store, rows, captions, tokens, skipped)
+
+
+def build_text_pairs(
+    manifest: Manifest, store: FeatureStore, decoder: Decoder, *, segment: str, max_tokens: int
+) -> CaptionPairs:
+    """One pair per sentence of a text corpus's manifest (the `text` adapter's: records without
+    images): the sentence's own text-embedding row (`vicap.features.text_key`, under the manifest's
+    normalizer) and its token ids, from the same caption cache as image captions."""
+    tokens = caption_tokens(
+        manifest, decoder, store.root.parent / "captions", segment=segment, max_tokens=max_tokens
+    )
+    normalizer = manifest.meta.get("normalizer", "")
+    rows = [store.text_row(text, normalizer) for rec in manifest.records for text in rec.captions]
+    captions = np.arange(int(tokens.first[-1]), dtype=np.int64)  # every caption, in record order
+    return CaptionPairs(store, np.asarray(rows, dtype=np.int64), captions, tokens)
+
+
+class MixedPairs(ConcatDataset):
+    """Pairs of several sources over one feature store (image captions, then a text corpus's
+    sentences): one dataset, so one global shuffle mixes them in proportion to their sizes."""
+
+    def __init__(self, parts: list[CaptionPairs]) -> None:
+        super().__init__(parts)
+        self.parts = parts
+
+    @property
+    def rows(self) -> np.ndarray:
+        return np.concatenate([p.rows for p in self.parts])
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.concatenate([p.lengths for p in self.parts])
 
 
 class Collator:

@@ -300,7 +300,13 @@ def build_tiny_clip(
         opt.step()
         sched.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
-    return save_open_clip(model, cfg, preprocess_cfg, out)
+    # The text tower's tokenizer goes into the folder, named in text_cfg, so open_clip.get_tokenizer
+    # gives the ids `encode_text` gave here (ids, then EOS as padding: the same for captions shorter
+    # than the context) and text-only training (vicap.features) embeds sentences with this tower.
+    tok.save_pretrained(out)
+    text_cfg = {**cfg["text_cfg"], "hf_tokenizer_name": tokenizer_dir.name}
+    text_cfg["tokenizer_kwargs"] = {"pad_token": tok.eos_token}
+    return save_open_clip(model, {**cfg, "text_cfg": text_cfg}, preprocess_cfg, out)
 
 
 # --------------------------------------------------------------------------- the demo

@@ -1,6 +1,7 @@
 """Image encoders: a registry of loaders that turn an `EncoderConfig` into a frozen `Encoder`.
 
-Only the image tower is kept. Its output width (`embed_dim`) is read from the loaded model, and its
+The image tower is always kept; the text tower only when asked for (`load_encoder(cfg, text=True)`),
+to embed sentences into the same space for text-only training (CapDec; see vicap.features). Its output width (`embed_dim`) is read from the loaded model, and its
 identity (model, weights, preprocessing) keys the feature store so features never go stale silently.
 
 An encoder's features are (B, D), the pooled image embedding, or with `encoder.patch_tokens = true`
@@ -40,11 +41,27 @@ class Encoder:
     embed_dim: int
     identity: dict[str, Any] = field(default_factory=dict)
     patch_tokens: int = 0  # T: patch tokens per image after the pooled row; 0 = pooled vector only
+    # The text tower (only when loaded with text=True): tokenizer output -> (B, embed_dim), normalized
+    # as the image rows are (encoder.normalize), and the tokenizer that belongs to it.
+    text_model: nn.Module | None = None
+    tokenize: Callable[[list[str]], Any] | None = None
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, embed_dim), or (B, 1 + T, embed_dim) with patch tokens; float32."""
         return self.model(pixels).float()
+
+    @torch.no_grad()
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        """Sentences -> (B, embed_dim) float32 in the image embedding space (the text tower)."""
+        if self.text_model is None or self.tokenize is None:
+            raise ModelLoadError(
+                "this encoder was loaded without its text tower (load_encoder(cfg, text=True))"
+            )
+        device = next(self.text_model.parameters()).device
+        batch = self.tokenize(texts)
+        batch = batch.to(device) if torch.is_tensor(batch) else {k: v.to(device) for k, v in batch.items()}
+        return self.text_model(batch).float()
 
     @property
     def feature_shape(self) -> tuple[int, ...]:
@@ -53,6 +70,8 @@ class Encoder:
 
     def to(self, device: torch.device | str) -> Encoder:
         self.model.to(device)
+        if self.text_model is not None:
+            self.text_model.to(device)
         return self
 
     @property
@@ -62,7 +81,8 @@ class Encoder:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-ENCODERS: Registry[Callable[[EncoderConfig], Encoder]] = Registry("encoder")
+# A loader takes the config, and `text=True` when the text tower is wanted too.
+ENCODERS: Registry[Callable[..., Encoder]] = Registry("encoder")
 
 
 def load_weights_file(path: Path, where: str) -> dict[str, torch.Tensor]:
@@ -155,7 +175,7 @@ def hf_load_error(ref: ModelRef, what: str, e: Exception) -> ModelLoadError:
 @ENCODERS.register(
     "open_clip", help="open_clip image tower: model name + pretrained tag, local-dir:PATH or hf-hub:ID"
 )
-def load_open_clip(cfg: EncoderConfig) -> Encoder:
+def load_open_clip(cfg: EncoderConfig, *, text: bool = False) -> Encoder:
     import open_clip  # after vicap's torchvision guard (vicap/__init__.py)
 
     ref = resolve(cfg.model, "encoder.model", "open_clip", cfg.pretrained)
@@ -186,7 +206,11 @@ def load_open_clip(cfg: EncoderConfig) -> Encoder:
     except Exception as e:  # network errors, missing files, bad tags all land here
         raise ref.load_error("open_clip model", e) from e
     if weights_file is not None:
-        _load_image_tower(model, load_weights_file(weights_file, where), where)
+        state = load_weights_file(weights_file, where)
+        _load_image_tower(model, state, where)
+        if text:
+            _load_text_tower(model, state, where)
+        del state
     visual = model.visual
     visual.requires_grad_(False).eval()
     embed_dim = int(getattr(model, "embed_dim", 0) or getattr(visual, "output_dim", 0))
@@ -203,8 +227,10 @@ def load_open_clip(cfg: EncoderConfig) -> Encoder:
         "preprocess": {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(pp.items())},
         "normalize": cfg.normalize,
     }
-    del model  # drop the text tower
     encoder = _finish(cfg, tower, preprocess, embed_dim, identity)
+    if text:
+        _attach_text(encoder, cfg, _OpenClipText(model), _open_clip_tokenizer(ref, model, cfg))
+    del model  # without text=True, the text tower goes
     log.info("encoder %s (%s): embed_dim=%d, store key %s", cfg.model, pretrained, embed_dim, encoder.key)
     return encoder
 
@@ -224,6 +250,71 @@ def _load_image_tower(model: nn.Module, state: dict[str, torch.Tensor], where: s
         model.visual.load_state_dict(visual)
     except RuntimeError as e:
         raise ModelLoadError(f"{where}: does not fit the model's image tower ({str(e)[:300]})") from None
+
+
+def _load_text_tower(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Everything of a CLIP state dict but the image tower (token embedding, transformer, projection,
+    or a custom text tower's `text.*`) into `model`; a state dict without them is an error."""
+    from open_clip.convert import convert_state_dict
+
+    state = convert_state_dict(model, state)
+    wanted = [
+        k
+        for k in model.state_dict()
+        if not k.startswith("visual.") and k not in ("logit_scale", "logit_bias")
+    ]
+    missing = [k for k in wanted if k not in state]
+    if missing:
+        raise ModelLoadError(
+            f"{where}: no text-tower tensors ({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} "
+            "missing); text-only training needs a CLIP state dict with both towers"
+        )
+    try:
+        model.load_state_dict({k: state[k] for k in wanted}, strict=False)
+    except RuntimeError as e:
+        raise ModelLoadError(f"{where}: does not fit the model's text tower ({str(e)[:300]})") from None
+
+
+class _OpenClipText(nn.Module):
+    """An open_clip CLIP's text tower: token ids -> text embeddings (the model's own encode_text)."""
+
+    def __init__(self, clip: nn.Module) -> None:
+        super().__init__()
+        self.clip = clip
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.clip.encode_text(ids)
+
+
+def _open_clip_tokenizer(ref: ModelRef, model: nn.Module, cfg: EncoderConfig) -> Callable:
+    """The model's own tokenizer (open_clip.get_tokenizer: a local-dir's text_cfg.hf_tokenizer_name
+    means the tokenizer files saved in that folder), checked against the text tower's vocabulary."""
+    import open_clip
+
+    try:
+        tokenizer = open_clip.get_tokenizer(ref.target)
+        probe = tokenizer(["a b c"])
+    except Exception as e:
+        raise ref.load_error("open_clip text tokenizer", e) from e
+    vocab = getattr(getattr(model, "token_embedding", None), "num_embeddings", None)
+    if vocab is not None and int(probe.max()) >= vocab:
+        raise ModelLoadError(
+            f"encoder.model = {cfg.model!r}: its tokenizer ({type(tokenizer).__name__}) gives token ids up to "
+            f"{int(probe.max())}, but the text tower has {vocab}; save the tower's own tokenizer in the "
+            "folder and name it in open_clip_config.json (text_cfg.hf_tokenizer_name)"
+        )
+    return tokenizer
+
+
+def _attach_text(encoder: Encoder, cfg: EncoderConfig, tower: nn.Module, tokenize: Callable) -> None:
+    """Give `encoder` its frozen text tower, normalized as its image rows are."""
+    if cfg.patch_tokens:
+        raise ModelLoadError(
+            "encoder.patch_tokens = true: text embeddings have no patch tokens; text-only training needs "
+            "encoder.patch_tokens = false"
+        )
+    encoder.text_model = (_Normalized(tower) if cfg.normalize else tower).requires_grad_(False).eval()
+    encoder.tokenize = tokenize
 
 
 def _finish(
@@ -311,7 +402,7 @@ class _HFClipTower(nn.Module):
 @ENCODERS.register(
     "hf_clip", help="transformers CLIPVisionModelWithProjection: hub id or local save_pretrained folder"
 )
-def load_hf_clip(cfg: EncoderConfig) -> Encoder:
+def load_hf_clip(cfg: EncoderConfig, *, text: bool = False) -> Encoder:
     from transformers import AutoImageProcessor, CLIPVisionModelWithProjection
 
     ref = resolve(cfg.model, "encoder.model")
@@ -341,12 +432,46 @@ def load_hf_clip(cfg: EncoderConfig) -> Encoder:
     }
     embed_dim = int(model.config.projection_dim)
     encoder = _finish(cfg, _HFClipTower(model, cfg.patch_tokens), preprocess, embed_dim, identity)
+    if text:
+        _attach_text(encoder, cfg, *_hf_clip_text(ref))
     log.info("encoder %s (hf_clip): embed_dim=%d, store key %s", cfg.model, embed_dim, encoder.key)
     return encoder
 
 
-def load_encoder(cfg: EncoderConfig) -> Encoder:
-    return ENCODERS.get(cfg.name)(cfg)
+class _HFClipText(nn.Module):
+    """transformers' CLIPTextModelWithProjection -> text_embeds."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(**batch).text_embeds
+
+
+def _hf_clip_text(ref: ModelRef) -> tuple[nn.Module, Callable]:
+    """The text tower and tokenizer saved with a Hugging Face CLIP (hub id or folder)."""
+    from transformers import AutoTokenizer, CLIPTextModelWithProjection
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ref.target, local_files_only=ref.local)
+        model = CLIPTextModelWithProjection.from_pretrained(
+            ref.target, local_files_only=ref.local, dtype=torch.float32
+        )
+    except Exception as e:
+        raise hf_load_error(ref, "Hugging Face CLIP text model and tokenizer", e) from e
+    longest = int(model.config.max_position_embeddings)
+
+    def tokenize(texts: list[str]):
+        out = tokenizer(texts, padding=True, truncation=True, max_length=longest, return_tensors="pt")
+        return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
+
+    return _HFClipText(model), tokenize
+
+
+def load_encoder(cfg: EncoderConfig, *, text: bool = False) -> Encoder:
+    """The recipe's encoder; with `text=True` also its text tower (vicap.features embeds sentences)."""
+    return ENCODERS.get(cfg.name)(cfg, text=True) if text else ENCODERS.get(cfg.name)(cfg)
 
 
 # --------------------------------------------------------------------------- writing the local-dir format

@@ -68,6 +68,14 @@ def report_markdown(report: dict) -> str:
         f"Checkpoint: {report.get('checkpoint') or 'step ' + str(report['step'])}.",
         "",
     ]
+    if training := report.get("training"):
+        if training["text_only"]:
+            said = f"Trained without images: on the sentences of `{training['text_source']}` alone (CapDec-style)."
+        else:
+            said = f"Trained on {training['image_fraction']:.0%} of the training images' caption pairs" + (
+                f" and the sentences of `{training['text_source']}`." if training["text_source"] else "."
+            )
+        out += [said, ""]
     for level, rows in report["scores"].items():
         out += [f"## {level}-level tokens", "", score_table(rows), ""]
     if any(HUMAN in rows for rows in report["scores"].values()):
@@ -245,5 +253,11 @@ def evaluate_run(
         device=str(dev),
         checkpoint=run.which,
     )
+    if recipe.text.source or recipe.data.image_fraction < 1:  # what it was trained on, when not every pair
+        report["training"] = {
+            "text_only": recipe.text_only,
+            "text_source": recipe.text.source,
+            "image_fraction": recipe.data.image_fraction,
+        }
     write_report(run.run_dir, report, manifest, scored, captions)
     return report

@@ -1,4 +1,5 @@
-"""The feature store: one encoder vector per unique image, on disk, memory-mapped, never pickled.
+"""The feature store: one encoder vector per unique image (and per unique sentence, for text-only
+training), on disk, memory-mapped, never pickled.
 
 Layout of `<features_dir>/<encoder key>/`:
   meta.json                 the encoder's identity (model, weights hash, preprocessing) and row shape
@@ -17,6 +18,12 @@ model, weights file or preprocessing gets its own store, and a rerun with the sa
 what is there: only new or changed images (size or mtime) are encoded, an image that could not be
 read is retried only once its file changes, and a run that encodes nothing writes nothing. When an
 image is encoded again, the newest shard's row wins.
+
+Sentences (text-only training, CapDec-style) are rows of the same store, embedded by the encoder's
+text tower into the image space and normalized as image rows are: a sentence's key is `text_key`,
+"text:<normalizer>:<sha256 of the normalized text>", so it is keyed by encoder (the store folder)
+and text normalization, never goes stale (the key is its content) and is encoded once. Image and
+sentence rows can then be mixed in one training set and one loader.
 """
 
 from __future__ import annotations
@@ -47,8 +54,20 @@ SHARD_FORMAT = "vicap-features-shard-1"
 _FINGERPRINT_BYTES = 1 << 20  # the first and last MiB of a rows file are hashed into its index
 
 
-def _stat(ref: ImageRef) -> list[int] | None:
-    """Size and mtime of the image's file (of its shard, for a tar member): a change re-encodes it."""
+TEXT_PREFIX = "text:"
+
+
+def text_key(text: str, normalizer: str) -> str:
+    """A sentence's row key: the normalizer that made `text` (a language's normalizer name, as a
+    manifest header records it) and the text's hash. Image keys are absolute paths, never this."""
+    return f"{TEXT_PREFIX}{normalizer}:{hashlib.sha256(text.encode('utf-8', 'surrogatepass')).hexdigest()}"
+
+
+def _stat(ref: ImageRef | str) -> list[int] | None:
+    """Size and mtime of the image's file (of its shard, for a tar member): a change re-encodes it.
+    A sentence (str) has none: its key is its content."""
+    if isinstance(ref, str):
+        return None
     try:
         st = stat_path(ref).stat()
     except OSError:
@@ -134,6 +153,10 @@ class FeatureStore:
 
     def get(self, paths: list[str | ImageRef]) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(self.features[[self.row(p) for p in paths]]))
+
+    def text_row(self, text: str, normalizer: str) -> int:
+        """The row of a sentence embedded by `extract_features(..., texts=...)`."""
+        return self.rows[text_key(text, normalizer)]
 
 
 @dataclass
@@ -251,7 +274,7 @@ class _ShardWriter:
         self.entries: list[dict] = []
         self.failures: list[dict] = []
 
-    def add(self, key: str, ref: ImageRef, row: np.ndarray) -> None:
+    def add(self, key: str, ref: ImageRef | str, row: np.ndarray) -> None:
         self.array[len(self.entries)] = row
         self.entries.append({"path": key, "stat": _stat(ref), "row": len(self.entries)})
 
@@ -387,11 +410,33 @@ def _prepare_folder(encoder: Encoder, store_root: Path) -> Path:
     return folder
 
 
+def _encoded(encoder: Encoder, sources: list, batch_size: int, num_workers: int, device):
+    """(indices into `sources`, their rows, [(index, why it failed)]) batch by batch: images through
+    the image tower (read by DataLoader workers), sentences (str) through the text tower."""
+    images = [i for i, s in enumerate(sources) if not isinstance(s, str)]
+    texts = [i for i, s in enumerate(sources) if isinstance(s, str)]
+    if images:
+        loader = DataLoader(
+            _Images([sources[i] for i in images], encoder.preprocess),
+            batch_size=batch_size,
+            num_workers=num_workers,
+            collate_fn=_collate,
+        )
+        for ids, pixels, bad in loader:
+            feats = encoder.encode(pixels.to(device)).float().cpu().numpy() if pixels is not None else []
+            yield [images[i] for i in ids], feats, [(images[i], err) for i, err in bad]
+    for start in range(0, len(texts), batch_size):
+        ids = texts[start : start + batch_size]
+        yield ids, encoder.encode_text([sources[i] for i in ids]).cpu().numpy(), []
+
+
 def extract_features(
     encoder: Encoder,
     image_paths: list[str | ImageRef],
     store_root: str | Path,
     *,
+    texts: list[str] | tuple[str, ...] = (),
+    text_normalizer: str = "",
     batch_size: int = 64,
     device: str | torch.device = "cpu",
     num_workers: int = 0,
@@ -407,6 +452,10 @@ def extract_features(
     Under N processes (`rank` of `world`, with `barrier` waiting for all of them), each process
     encodes every N-th image still to do into shards of its own; all return the same store. Images
     that cannot be read are reported in `store.failures` (path -> reason) and get no row.
+
+    `texts` (normalized by `text_normalizer`, a language's normalizer name) are embedded by the
+    encoder's text tower (loaded with `text=True`) into rows of the same store, found with
+    `store.text_row(text, text_normalizer)`; a sentence already there is not embedded again.
     """
     barrier = barrier or (lambda: None)
     row_shape = _row_shape(encoder)
@@ -422,8 +471,14 @@ def extract_features(
     for p in image_paths:
         key = _resolve(p)
         wanted.setdefault(key, p if isinstance(p, TarMember) else Path(key))
-    todo: list[tuple[str, ImageRef]] = []
+    for t in texts:  # a sentence is its own source: a str, never a path
+        wanted.setdefault(text_key(t, text_normalizer), t)
+    todo: list[tuple[str, ImageRef | str]] = []
     for p, ref in wanted.items():
+        if isinstance(ref, str):
+            if p not in state.rows:
+                todo.append((p, ref))
+            continue
         stat = _stat(ref)
         if p in state.rows and stat is not None and state.rows[p][2] == stat:
             continue  # encoded, unchanged
@@ -433,7 +488,7 @@ def extract_features(
     mine = todo[rank::world]
     if todo:
         log.info(
-            "feature store %s: encoding %d of %d images (%d reused)%s",
+            "feature store %s: encoding %d of %d images and sentences (%d reused)%s",
             folder,
             len(todo),
             len(wanted),
@@ -441,27 +496,20 @@ def extract_features(
             f", {len(mine)} in process {rank} of {world}" if world > 1 else "",
         )
     elif rank == 0:
-        log.info("feature store %s: all %d images already encoded", folder, len(wanted))
+        log.info("feature store %s: all %d images and sentences already encoded", folder, len(wanted))
     if mine:
         encoder.to(device)
-        bar = tqdm(total=len(mine), desc="features", unit="img", disable=not progress)
+        bar = tqdm(total=len(mine), desc="features", unit="row", disable=not progress)
         seq = state.last_seq + 1
         for chunk, start in enumerate(range(0, len(mine), shard_images)):
             paths = mine[start : start + shard_images]
             writer = _ShardWriter(_shards_dir(folder), _shard_name(seq, chunk), len(paths), row_shape)
-            loader = DataLoader(
-                _Images([ref for _, ref in paths], encoder.preprocess),
-                batch_size=batch_size,
-                num_workers=num_workers,
-                collate_fn=_collate,
-            )
-            for ids, pixels, bad in loader:
+            sources = [ref for _, ref in paths]
+            for ids, feats, bad in _encoded(encoder, sources, batch_size, num_workers, device):
                 for i, err in bad:
                     writer.fail(*paths[i], err)
-                if pixels is not None:
-                    feats = encoder.encode(pixels.to(device)).float().cpu().numpy()
-                    for i, row in zip(ids, feats, strict=True):
-                        writer.add(*paths[i], row)
+                for i, row in zip(ids, feats, strict=True):
+                    writer.add(*paths[i], row)
                 bar.update(len(ids) + len(bad))
             writer.commit()
         bar.close()

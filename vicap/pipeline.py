@@ -55,6 +55,98 @@ def prepare_manifest(recipe: Recipe, run_dir: Path) -> Manifest:
     return read_manifest(out)
 
 
+def prepare_text_manifest(recipe: Recipe, run_dir: Path) -> Manifest | None:
+    """The run's text corpus (`text.source`) read by the `text` adapter in data.language, written once
+    to <run>/text_manifest.jsonl (its report beside it) and reused afterwards; None without one."""
+    from data_prep.datasets import prepare, report_path
+
+    if not recipe.text.source:
+        return None
+    out = Path(run_dir) / "text_manifest.jsonl"
+    if not out.exists():
+        report = prepare(
+            "text",
+            Path(recipe.text.source),
+            out,
+            language=recipe.data.language,
+            seed=recipe.train.seed,
+            stats=False,
+            text_column=recipe.text.column,
+        )
+        log.info(
+            "prepared %s from %s: %d sentences (%d problems; report: %s)",
+            out,
+            recipe.text.source,
+            report.counts["captions"],
+            len(report.problems),
+            report_path(out),
+        )
+    return read_manifest(out)
+
+
+def run_text_features(
+    recipe: Recipe,
+    text_manifest: Manifest,
+    *,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    accelerator=None,
+) -> tuple[FeatureStore, torch.Tensor | None]:
+    """Every sentence of the text corpus embedded by the encoder's text tower into the run's feature
+    store (beside its images), and the modality offset: the mean embedding of the images in
+    `text.offset_images` minus the mean sentence embedding (None when no folder is named)."""
+    from data_prep.images import walk_images
+
+    offset_images: list = []
+    if recipe.text.offset_images:
+        folder = Path(recipe.text.offset_images)
+        if not folder.is_dir():
+            raise RecipeError(f"text.offset_images = {recipe.text.offset_images!r}: not a folder")
+        scan = walk_images(folder)
+        for kind, path, reason in scan.skipped:
+            log.warning("text.offset_images: %s %s (%s), left out", kind, path, reason)
+        offset_images = scan.images
+        if not offset_images:
+            raise RecipeError(f"text.offset_images = {recipe.text.offset_images!r}: no images in it")
+    texts = [c for r in text_manifest.records for c in r.captions]
+    normalizer = text_manifest.meta.get("normalizer", "")
+    store = extract_features(
+        load_encoder(recipe.encoder, text=True),
+        offset_images,
+        Path(recipe.data.features_dir),
+        texts=texts,
+        text_normalizer=normalizer,
+        batch_size=recipe.encoder.batch_size,
+        **sharing(accelerator, device, progress),
+    )
+    if not offset_images:
+        return store, None
+    if accelerator is None or accelerator.is_main_process:
+        report_failures(store, len(offset_images))
+    image_rows = [store.row(p) for p in offset_images if store.has(p)]
+    if not image_rows:
+        raise RecipeError(
+            f"text.offset_images = {recipe.text.offset_images!r}: none of its images could be read"
+        )
+    offset = _mean_row(store, image_rows) - _mean_row(store, [store.text_row(t, normalizer) for t in texts])
+    log.info(
+        "modality offset from %d images of %s and %d sentences: norm %.4f",
+        len(image_rows),
+        folder,
+        len(texts),
+        float(offset.norm()),
+    )
+    return store, offset
+
+
+def _mean_row(store: FeatureStore, rows: list[int], chunk: int = 65536) -> torch.Tensor:
+    """The mean of store rows, read a chunk at a time (a corpus may not fit in memory at once)."""
+    total = torch.zeros(store.dim, dtype=torch.float64)
+    for i in range(0, len(rows), chunk):
+        total += torch.from_numpy(store.features[rows[i : i + chunk]]).double().sum(0)
+    return (total / len(rows)).float()
+
+
 def sharing(accelerator, device: torch.device | str = "cpu", progress: bool = True) -> dict:
     """`extract_features` arguments that split the work over Accelerate's processes (none: one process)."""
     if accelerator is None:
@@ -75,12 +167,14 @@ def run_features(
     device: torch.device | str = "cpu",
     progress: bool = True,
     accelerator=None,
+    records: list | None = None,
 ) -> FeatureStore:
-    """Features for every image in the manifest (all splits at once, so evaluation reuses them).
+    """Features for every image in the manifest (all splits at once, so evaluation reuses them), or
+    for `records` of it only.
 
     Under Accelerate with N processes (`accelerator`), each process encodes its share on its own
     device into shards of its own; every process returns the complete store."""
-    paths = [manifest.resolve_image(r) for r in manifest.records]
+    paths = [manifest.resolve_image(r) for r in (manifest.records if records is None else records)]
     store_root = Path(recipe.data.features_dir)
     encoder = load_encoder(recipe.encoder)
     # Encodes only images that are new or changed since the store was written (size/mtime checked).

@@ -266,6 +266,12 @@ class DataConfig(Section):
     val_fraction: float = option("fraction of training images held out for validation (by image)", 0.0)
     max_tokens: int = option("captions longer than this many LM tokens are truncated (EOS kept)", 40)
     features_dir: str = option("root of the on-disk feature store, shared across runs", "features")
+    image_fraction: float = option(
+        "fraction of the training split's images whose captions train as image-caption pairs (by image, "
+        "seeded by train.seed; the same images at every seed-equal run); 1 = all, 0 = none: train on the "
+        "[text] corpus alone. For low-resource studies: 0.1 is a 10% paired set",
+        1.0,
+    )
 
     def validate(self) -> None:
         from data_prep.datasets import ADAPTERS
@@ -312,6 +318,9 @@ class DataConfig(Section):
             "register one in data_prep.languages or use 'none'",
         )
         check(0.0 <= self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "must be in [0, 1)")
+        check(
+            0.0 <= self.image_fraction <= 1.0, "data.image_fraction", self.image_fraction, "must be in [0, 1]"
+        )
         check(self.max_tokens >= 2, "data.max_tokens", self.max_tokens, "must be >= 2")
 
 
@@ -389,8 +398,8 @@ class TrainSettings(Section):
 @dataclass(frozen=True)
 class TrainConfig(TrainSettings):
     feature_noise: float = option(
-        "std of Gaussian noise added to image features during training (CapDec; its variance 0.016 "
-        "is std 0.126 on L2-normalized features); 0 disables",
+        "std of the noise added to every training feature row, image or sentence (CapDec; its variance "
+        "0.016 is std 0.126 on L2-normalized features); captioning reads clean image features; 0 disables",
         0.0,
     )
     group_by_image: bool = option(
@@ -400,10 +409,53 @@ class TrainConfig(TrainSettings):
         "captions: make it a multiple of captions per image x processes, or edge images are split",
         False,
     )
+    feature_noise_kind: Literal["gaussian", "uniform"] = option(
+        "'gaussian' (CapDec) or 'uniform' noise of the same std (uniform on [-std*sqrt(3), std*sqrt(3)])",
+        "gaussian",
+    )
 
     def validate(self) -> None:
         super().validate()
         check(self.feature_noise >= 0, "train.feature_noise", self.feature_noise, "must be >= 0")
+        check(
+            self.feature_noise > 0 or self.feature_noise_kind == "gaussian",
+            "train.feature_noise_kind",
+            self.feature_noise_kind,
+            "applies only with noise: set train.feature_noise > 0",
+        )
+
+
+@dataclass(frozen=True)
+class TextConfig(Section):
+    """Text-only training (CapDec, Nukrai et al. 2022): sentences of the target language train the
+    mapper from their own CLIP text embeddings; at test time it reads image embeddings."""
+
+    KEY = "text"
+
+    source: str = option(
+        "a text corpus in data.language, read by the `text` adapter (one sentence a line in a .txt, or "
+        "a .jsonl/.csv/.tsv text column); each sentence is a training target whose input is its own "
+        "noisy, L2-normalized text embedding. '' (the default): no text corpus",
+        "",
+    )
+    column: str = option("the .jsonl key or .csv/.tsv column that holds the sentences", "text")
+    offset_images: str = option(
+        "a folder of unpaired images (captions not needed): their mean embedding minus the corpus's mean "
+        "text embedding is added to every sentence's embedding in training, closing the image-text "
+        "modality gap; '' adds none",
+        "",
+    )
+
+    def validate(self) -> None:
+        check(bool(self.column), "text.column", self.column, "must name a key or column")
+        for key in ("column", "offset_images"):
+            value = getattr(self, key)
+            check(
+                bool(self.source) or value == getattr(TextConfig, key),
+                f"text.{key}",
+                value,
+                "applies only with a text corpus: set text.source",
+            )
 
 
 @dataclass(frozen=True)
@@ -684,10 +736,16 @@ class Recipe(RecipeSchema):
     generate: GenerateConfig
     eval: EvalConfig
     scst: ScstConfig = field(default_factory=ScstConfig)
+    text: TextConfig = field(default_factory=TextConfig)
     name: str = ""
     description: str = ""
 
-    OPTIONAL = ("scst",)
+    OPTIONAL = ("scst", "text")
+
+    @property
+    def text_only(self) -> bool:
+        """Trained without a single image: on the [text] corpus alone."""
+        return bool(self.text.source) and self.data.image_fraction == 0
 
     def check(self) -> None:
         check(
@@ -697,6 +755,44 @@ class Recipe(RecipeSchema):
             "applies to cross-entropy training; self-critical training (scst.init_from) samples its "
             "own captions per image",
         )
+        check(
+            not (self.text.source and self.train.group_by_image),
+            "train.group_by_image",
+            True,
+            "groups the captions of each image; a text corpus (text.source) has sentences, not images",
+        )
+        if self.text.source:  # sentences and images meet on the unit sphere (CapDec normalizes both)
+            check(
+                self.encoder.normalize,
+                "encoder.normalize",
+                self.encoder.normalize,
+                "text.source trains on L2-normalized text embeddings, so image features must be "
+                "L2-normalized too: set encoder.normalize = true",
+            )
+            check(
+                not self.encoder.patch_tokens,
+                "encoder.patch_tokens",
+                self.encoder.patch_tokens,
+                "text embeddings have no patch tokens: text.source needs encoder.patch_tokens = false",
+            )
+        check(
+            self.data.image_fraction > 0 or bool(self.text.source),
+            "data.image_fraction",
+            self.data.image_fraction,
+            "0 leaves nothing to train on: set text.source to a text corpus, or a fraction above 0",
+        )
+        if self.scst.init_from:
+            for key, value, default in (
+                ("text.source", self.text.source, ""),
+                ("data.image_fraction", self.data.image_fraction, 1.0),
+            ):
+                check(
+                    value == default,
+                    key,
+                    value,
+                    "self-critical training samples captions of the training images; it has no text corpus "
+                    "and uses every image",
+                )
         if not self.scst.init_from:  # no SCST stage: its other keys would be accepted and ignored
             default = ScstConfig()
             for f in dataclasses.fields(ScstConfig):
@@ -710,6 +806,8 @@ class Recipe(RecipeSchema):
 
     def summary(self) -> str:
         line = f"{self.encoder.model} -> {self.mapper.type} -> {self.decoder.model}, tuning={self.decoder.tuning}"
+        if self.text.source:
+            line += f"; text corpus {self.text.source}" + (" alone (no images)" if self.text_only else "")
         if self.scst.init_from:
             line += f"; self-critical training from {self.scst.init_from} ({self.scst.init_checkpoint} checkpoint)"
         return line

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -310,7 +311,7 @@ def start_run(kind: RunKind, recipe, accelerator, *, resume: bool) -> Checkpoint
         run_diffs = recipe_differences(
             ckpt.recipe.to_dict(),
             recipe.to_dict(),
-            [k for k in ("train", "data", "scst") if k in type(recipe).sections()],
+            [k for k in ("train", "data", "scst", "text") if k in type(recipe).sections()],
             allowed=RESUME_FREE,
         )
         if run_diffs:
@@ -654,20 +655,24 @@ def fit(job: TrainJob, accelerator, ckpt: Checkpoint | None = None, *, progress:
 
 
 def _clipcap_data(recipe, accelerator, *, progress: bool):
-    """The run's manifest (written by the main process) and feature store (every process encodes its
-    share of the images)."""
+    """The run's manifest (written by the main process), its training records whose image-caption
+    pairs train (`_paired_images`), and the feature store (every process encodes its share of the
+    images; training images left out by data.image_fraction are not encoded)."""
     from vicap.mappers import MAPPERS
     from vicap.pipeline import prepare_manifest, run_features
 
     with accelerator.main_process_first():
         manifest = prepare_manifest(recipe, Path(recipe.train.output_dir))
-    store = run_features(recipe, manifest, progress=progress, accelerator=accelerator)
+    paired = _paired_images(recipe, manifest)
+    used = {id(r) for r in paired}
+    records = [r for r in manifest.records if r.split != "train" or id(r) in used]
+    store = run_features(recipe, manifest, progress=progress, accelerator=accelerator, records=records)
     if MAPPERS.get(recipe.mapper.type).uses_tokens and not store.has_tokens:
         raise RecipeError(
             f"mapper.type = {recipe.mapper.type!r} attends to patch tokens, but the feature store holds "
             "pooled vectors only: set encoder.patch_tokens = true"
         )
-    return manifest, store
+    return manifest, paired, store
 
 
 def _val_captions(recipe, manifest, store):
@@ -693,17 +698,36 @@ def _val_captions(recipe, manifest, store):
 
 
 def _feature_noise(cfg):
-    """CapDec (train.feature_noise): train on noisy image features, caption clean ones."""
+    """CapDec (train.feature_noise, train.feature_noise_kind): train on noisy features (image rows, and
+    the sentence embeddings of a text corpus), caption clean image features."""
     if cfg.feature_noise <= 0:
         return None
+    # uniform on [-a, a] has std a / sqrt(3): the same std as the Gaussian of the same setting
+    half_width = cfg.feature_noise * 3**0.5
 
     def augment(batch: dict) -> dict:
-        return {
-            **batch,
-            "features": batch["features"] + cfg.feature_noise * torch.randn_like(batch["features"]),
-        }
+        x = batch["features"]
+        if cfg.feature_noise_kind == "uniform":
+            noise = (2 * torch.rand_like(x) - 1) * half_width
+        else:
+            noise = cfg.feature_noise * torch.randn_like(x)
+        return {**batch, "features": x + noise}
 
     return augment
+
+
+def _shift_sentences(collate, store, text_rows: np.ndarray, offset: torch.Tensor):
+    """A collate that adds the modality offset (text.offset_images) to the sentence rows of a batch."""
+    is_text = np.zeros(len(store.features), dtype=bool)
+    is_text[text_rows] = True
+
+    def shifted(batch: list) -> dict:
+        out = collate(batch)
+        mask = torch.from_numpy(is_text[[row for row, _ in batch]])
+        out["features"][mask] += offset.to(out["features"].dtype)
+        return out
+
+    return shifted
 
 
 def _clipcap_fields(recipe, manifest, store, model) -> dict:
@@ -723,45 +747,88 @@ def clipcap_job(recipe, accelerator, *, progress: bool = True) -> TrainJob:
     """The ClipCap side of training: manifest, features, LM, caption model and caption pairs."""
     from accelerate.utils import set_seed
 
-    from vicap.data import Collator, build_pairs
+    from vicap.data import Collator, MixedPairs, build_pairs, build_text_pairs
     from vicap.decoders import load_decoder
     from vicap.model import CaptionModel
 
-    manifest, store = _clipcap_data(recipe, accelerator, progress=progress)
+    manifest, paired, store = _clipcap_data(recipe, accelerator, progress=progress)
+    text_manifest, offset = None, None
+    if recipe.text.source:  # the same store, now holding the corpus's sentences too
+        text_manifest, store, offset = _text_data(recipe, accelerator, progress=progress)
     decoder = load_decoder(recipe.decoder)
     set_seed(recipe.train.seed)  # again: feature extraction may or may not have drawn from the RNG
     model = CaptionModel.from_recipe(recipe, store.dim, decoder)
+    tokens = {"segment": recipe.data.segment, "max_tokens": recipe.data.max_tokens}
 
-    def pairs(split: str):
-        records = manifest.split(split)
+    def pairs(split: str, records=None):
+        records = manifest.split(split) if records is None else records
         if not records:
             return None
-        return build_pairs(
-            manifest, records, store, decoder, segment=recipe.data.segment, max_tokens=recipe.data.max_tokens
-        )
+        return build_pairs(manifest, records, store, decoder, **tokens)
 
-    train_set = pairs("train")
-    if train_set is None:
+    train_set = pairs("train", paired)
+    if train_set is None and text_manifest is None:
         raise RecipeError(f"manifest {manifest.path} has no 'train' split")
     group = recipe.train.group_by_image
+    summary = f"{len(train_set)} captions of {len(set(train_set.rows.tolist()))} images" if train_set else ""
+    collate = Collator(store, decoder.pad_token_id, group=group)
+    sources = {"image_captions": len(train_set) if train_set else 0, "sentences": 0}
+    if text_manifest is not None:
+        sentences = build_text_pairs(text_manifest, store, decoder, **tokens)
+        if not len(sentences):
+            raise RecipeError(f"text.source = {recipe.text.source!r}: no usable sentence in it")
+        sources["sentences"] = len(sentences)
+        summary = ", ".join(filter(None, [summary, f"{len(sentences)} sentences of {recipe.text.source}"]))
+        train_set = MixedPairs([p for p in (train_set, sentences) if p is not None])
+        if offset is not None:
+            collate = _shift_sentences(collate, store, sentences.rows, offset)
+    fields = _clipcap_fields(recipe, manifest, store, model)
+    fields["meta"]["sources"] = json.dumps({**sources, "text_only": sources["image_captions"] == 0})
     return TrainJob(
-        **_clipcap_fields(recipe, manifest, store, model),
+        **fields,
         model=model,
         train_set=train_set,
         val_set=pairs("val"),
-        collate=Collator(store, decoder.pad_token_id, group=group),
-        summary=f"{len(train_set)} captions of {len(set(train_set.rows.tolist()))} images"
+        collate=collate,
+        summary=summary
+        + (" (no images: text-only training)" if not sources["image_captions"] else "")
         + (", each image's prefix computed once per batch" if group else ""),
         val_captions=_val_captions(recipe, manifest, store),
         images=train_set.rows if group else None,
     )
 
 
+def _paired_images(recipe, manifest) -> list:
+    """The training records whose image-caption pairs train: all, or data.image_fraction of the
+    images (a seeded by-image subset, the same one for the same seed)."""
+    from data_prep.datasets.base import val_images
+
+    records = manifest.split("train")
+    fraction = recipe.data.image_fraction
+    if fraction >= 1:
+        return records
+    chosen = val_images([r.image_id for r in records], fraction, recipe.train.seed) if fraction else set()
+    kept = [r for r in records if r.image_id in chosen]
+    log.info("data.image_fraction = %s: %d of %d training images paired", fraction, len(kept), len(records))
+    return kept
+
+
+def _text_data(recipe, accelerator, *, progress: bool):
+    """The text corpus's manifest (text.source), the feature store with its sentences, and the
+    modality offset (None without text.offset_images)."""
+    from vicap.pipeline import prepare_text_manifest, run_text_features
+
+    with accelerator.main_process_first():
+        text_manifest = prepare_text_manifest(recipe, Path(recipe.train.output_dir))
+    store, offset = run_text_features(recipe, text_manifest, progress=progress, accelerator=accelerator)
+    return text_manifest, store, offset
+
+
 def scst_job(recipe, accelerator, *, progress: bool = True) -> TrainJob:
     """Self-critical training (recipe.scst, see vicap.scst) of the caption model of scst.init_from."""
     from vicap.scst import ImageCollator, Images, Rewarder, SelfCritical, init_model
 
-    manifest, store = _clipcap_data(recipe, accelerator, progress=progress)
+    manifest, _, store = _clipcap_data(recipe, accelerator, progress=progress)
     model, source = init_model(recipe)
     records = [r for r in manifest.split("train") if store.has(manifest.resolve_image(r))]
     if not records:

@@ -202,4 +202,4 @@ def _split_counts(records) -> dict[str, dict[str, int]]:
 
 
 # Importing the adapter modules registers them.
-from data_prep.datasets import coco, flickr8k, karpathy, ktvic, table, webdataset  # noqa: E402,F401
+from data_prep.datasets import coco, flickr8k, karpathy, ktvic, table, text, webdataset  # noqa: E402,F401

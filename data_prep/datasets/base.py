@@ -32,7 +32,9 @@ MAX_CAPTION_CHARS = 500
 @dataclass
 class RawImage:
     image_id: str
-    path: Path | TarMember  # a file, or a member of a tar shard (webdataset)
+    path: (
+        Path | TarMember | None
+    )  # a file, a member of a tar shard (webdataset), None: a sentence of a text corpus
     split: str | None  # None: the dataset's split files do not list it (reported, skipped)
     file: str  # the source file that named this image, for reports
     where: str  # line number or id inside that file
@@ -161,6 +163,7 @@ def _captions_per_image(
     """image id -> [(caption id, normalized text)] of the usable captions."""
     caps: dict[str, list[tuple[str, str]]] = {i: [] for i in images}
     seen: set[str] = set()
+    sentences: dict[str, str] = {}  # a text corpus's normalized sentence -> where it was first seen
     for c in raw.captions:
         if c.caption_id in seen:
             tally.skip_caption("duplicate_caption_id", c, f"caption id {c.caption_id!r} seen before")
@@ -172,6 +175,13 @@ def _captions_per_image(
             )
             continue
         text = _caption_text(c, language, max_chars, tally)
+        if text is not None and images[c.image_id].path is None:  # a sentence of a text corpus
+            if text in sentences:
+                tally.skip_caption(
+                    "duplicate_text", c, f"the same sentence as {sentences[text]}: {text[:60]!r}"
+                )
+                continue
+            sentences[text] = f"{c.file} {c.where}"
         if text is not None:
             caps[c.image_id].append((c.caption_id, text))
     return caps
@@ -184,7 +194,9 @@ def _images_to_keep(
     kept = []
     for image_id, pairs in caps.items():
         im = images[image_id]
-        if pairs and im.split is None:
+        if not pairs and im.path is None:  # a sentence whose only text was skipped, and reported so
+            tally.counts["images_skipped"] += 1
+        elif pairs and im.split is None:
             msg = f"image {image_id!r} is in no split; {len(pairs)} caption(s) dropped"
             tally.skip_image("no_split", im, msg, captions=len(pairs))
         elif not pairs:
@@ -193,7 +205,7 @@ def _images_to_keep(
             kept.append(im)
     if not check:
         return kept
-    bad = check_images([im.path for im in kept])
+    bad = check_images([im.path for im in kept if im.path is not None])
     for im in kept:
         if im.path in bad:
             kind, msg = bad[im.path]
@@ -236,7 +248,9 @@ def build_records(
     records = [
         Record(
             image_id=im.image_id,
-            image=relative_image_path(
+            image=""  # a sentence of a text corpus has no image
+            if im.path is None
+            else relative_image_path(
                 im.path.shard if isinstance(im.path, TarMember) else im.path, manifest_path
             ),
             split="val" if im.image_id in val else im.split,

@@ -41,8 +41,10 @@ def _json_rows(path: Path, out: AdapterOutput) -> Iterator[tuple[int, dict]]:
 
 
 def _csv_rows(
-    path: Path, image_column: str, caption_column: str, out: AdapterOutput
+    path: Path, image_column: str, caption_column: str, out: AdapterOutput, *, headerless: bool = True
 ) -> Iterator[tuple[int, dict]]:
+    """A CSV/TSV's rows as dicts by header. `headerless`: a two-column file without a header row is
+    read as image,caption."""
     lines = text_lines(path, SourceError)
     first = next(lines, "")
     suffix = path.suffix.lower()
@@ -54,7 +56,7 @@ def _csv_rows(
         return
     header = [h.strip() for h in header]
     if image_column not in header:
-        if len(header) == 2:  # headerless image,caption
+        if headerless and len(header) == 2:  # headerless image,caption
             yield 1, {image_column: header[0], caption_column: header[1]}
             header = [image_column, caption_column]
         else:

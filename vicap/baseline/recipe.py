@@ -184,6 +184,12 @@ class BaselineRecipe(RecipeSchema):
 
     def check(self) -> None:
         check_baseline_generate(self.generate)
+        check(  # vicap's low-resource setting; the baseline trains on every image
+            self.data.image_fraction == 1.0,
+            "data.image_fraction",
+            self.data.image_fraction,
+            "the CNN+LSTM baseline trains on every training image; leave it at 1",
+        )
 
     def summary(self) -> str:
         return f"baseline: {self.encoder.cnn} -> {self.decoder.type} LSTM"
