@@ -299,8 +299,8 @@ def test_a_store_in_the_old_single_file_layout_is_moved_once(
     )
     rows = np.stack([_direct(encoder, images[i]).numpy() for i in rows_order])
     np.save(folder / "features.npy", rows)
-    now = (folder / "features.npy").stat().st_mtime
-    os.utime(folder / "index.json", (now + index_age_s, now + index_age_s))
+    when = (folder / "features.npy").stat().st_mtime_ns + index_age_s * 10**9  # in ns: a float loses them
+    os.utime(folder / "index.json", ns=(when, when))
     (folder / "meta.json").write_text(json.dumps({"identity": encoder.identity}))
     counted.clear()
     store = open_store(encoder, root)
