@@ -33,6 +33,7 @@ from vicap.errors import UsageError
 from vicap.features import _collate, _Images
 from vicap.generate import Caption, generate
 from vicap.images import ImageError
+from vicap.model import CaptionModel
 from vicap.recipe import GenerateConfig, Recipe
 from vicap.runs import Run, load_run
 
@@ -106,7 +107,8 @@ class Captioner:
     `Captioner.from_run("runs/x")` or `Captioner.from_pretrained("exported")` (a folder from `vicap
     export`), then `cap(["a.jpg", pil_image, pixels], strategy="beam", beam_size=3)`: one row per input,
     in order (see `__call__`). `vicap caption`, `vicap serve` and `vicap evaluate` caption through it.
-    The image encoder loads on first use (evaluation reads stored features and never needs it).
+    The image encoder loads, and the model moves to the device, on first use (evaluation reads stored
+    features and never needs the encoder).
     """
 
     def __init__(self, run: Run, *, device: str | None = None, encoder: Encoder | None = None) -> None:
@@ -116,8 +118,8 @@ class Captioner:
         self.device = resolve_device(
             device or run.recipe.train.device, key="--device" if device else "train.device"
         )
-        self.model = run.model.to(self.device).eval()
         self._encoder = encoder.to(self.device) if encoder is not None else None
+        self._on_device = False
 
     @classmethod
     def from_run(
@@ -145,6 +147,15 @@ class Captioner:
     @property
     def recipe(self) -> Recipe:
         return self.run.recipe
+
+    @property
+    def model(self) -> CaptionModel:
+        """The caption model, moved to the device when first used (evaluation extracts features first,
+        without it taking device memory)."""
+        if not self._on_device:
+            self.run.model = self.run.model.to(self.device).eval()
+            self._on_device = True
+        return self.run.model
 
     @property
     def encoder(self) -> Encoder:
@@ -242,6 +253,7 @@ class Captioner:
             num_workers=num_workers,
             collate_fn=_collate,
         )
+        self.model  # noqa: B018  (the encoder and the model on the device before any image is decoded)
         # progress=None is tqdm's own rule: a bar only when stderr is a terminal
         bar = tqdm(
             total=len(items), desc="caption", unit="img", disable=None if progress is None else not progress

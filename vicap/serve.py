@@ -127,7 +127,8 @@ def load_runs(
         key = (repr(captioner.recipe.encoder), str(captioner.device))
         if key in encoders:
             captioner = Captioner(captioner.run, device=device, encoder=encoders[key])
-        encoders[key] = captioner.encoder  # loaded now, at start-up, not by the first request
+        # loaded and on the device now, at start-up, not by the first request
+        encoders[key], _ = captioner.encoder, captioner.model
         name = Path(d).resolve().name or str(d)
         seen[name] = seen.get(name, 0) + 1
         if seen[name] > 1:
