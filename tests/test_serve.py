@@ -290,14 +290,14 @@ def test_concurrent_requests_are_queued_with_the_models_loaded_once(
 ) -> None:
     from gradio_client import Client, handle_file
 
-    import vicap.serve
+    import vicap.captioner
 
     def no_reload(*args, **kwargs):
         raise AssertionError("a request loaded a model")
 
     # The server loaded its run at start-up; a request that loaded anything again would fail here.
-    monkeypatch.setattr(vicap.serve, "load_run", no_reload)
-    monkeypatch.setattr(vicap.serve, "load_encoder", no_reload)
+    monkeypatch.setattr(vicap.captioner, "load_run", no_reload)
+    monkeypatch.setattr(vicap.captioner, "load_encoder", no_reload)
     clients = [Client(server, verbose=False) for _ in range(4)]
     images = [test_images[i % len(test_images)] for i in range(8)]
 

@@ -10,3 +10,13 @@ from vicap._compat import install_torchvision_guard
 install_torchvision_guard()
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # `from vicap import Captioner` without importing torch (and the models' libraries) with vicap
+    # itself: vicap.runtime must set torch's OpenMP environment before torch loads.
+    if name == "Captioner":
+        from vicap.captioner import Captioner
+
+        return Captioner
+    raise AttributeError(f"module 'vicap' has no attribute {name!r}")

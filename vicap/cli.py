@@ -209,7 +209,7 @@ def train_cmd(
 
 @command()
 def caption(
-    run_dir: Path = typer.Argument(..., help="a trained run directory"),
+    run_dir: Path = typer.Argument(..., help="a trained run directory, or a folder from `vicap export`"),
     paths: list[Path] = typer.Argument(
         ..., help="image files, folders (searched recursively) and manifests (.jsonl from `vicap prepare`)"
     ),
@@ -267,6 +267,27 @@ def caption(
         + (f"; wrote {out}" if out is not None else ""),
         err=True,
     )
+
+
+@command()
+def export(
+    run_dir: Path = typer.Argument(..., help="a trained run directory"),
+    out_dir: Path = typer.Argument(..., help="a new (or empty) folder to write the export to"),
+    checkpoint: str = CheckpointOption,
+    copy_models: bool = typer.Option(
+        False,
+        "--copy-models",
+        help="copy the local encoder and LM files into the export, so it loads on a machine without them",
+    ),
+    verbose: bool = Verbose,
+) -> None:
+    """Write a run as a self-contained folder: trained weights (safetensors), the resolved recipe, a model
+    card with the evaluation table, and the encoder/LM references or copies. Load it with
+    `Captioner.from_pretrained(OUT_DIR)` or `vicap caption OUT_DIR ...`."""
+    from vicap.export import export_run
+
+    out = export_run(run_dir, out_dir, checkpoint=checkpoint, copy_models=copy_models)
+    typer.echo(f"exported {run_dir} to {out}")
 
 
 def _print_report(report: dict, run_dir: Path) -> None:
@@ -406,7 +427,9 @@ def compare(
 
 @command()
 def serve(
-    run_dirs: list[Path] = typer.Argument(..., help="trained run directories, shown side by side"),
+    run_dirs: list[Path] = typer.Argument(
+        ..., help="trained run directories (or `vicap export` folders), shown side by side"
+    ),
     host: str = typer.Option("127.0.0.1", "--host", help="interface to listen on (0.0.0.0: all)"),
     port: int = typer.Option(7860, "--port", help="port to listen on"),
     max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", min=0.001, help="largest image accepted"),

@@ -219,25 +219,18 @@ def evaluate_run(
     Encoding and decoding run on `device` (auto, cpu, or a device name such as cuda:1; default: the recipe's
     train.device) with generate.precision; the report records both. `checkpoint`: the run's selected
     one ('best'), 'last' or a step number (see `vicap.checkpoint.pick_checkpoint`)."""
-    from vicap.device import autocast, resolve_device
-    from vicap.generate import generate_captions
+    from vicap.captioner import Captioner
     from vicap.pipeline import prepare_manifest, run_features
-    from vicap.runs import load_run
 
-    run = load_run(run_dir, overrides, checkpoint=checkpoint)
-    recipe = run.recipe
-    dev = resolve_device(device or recipe.train.device, key="--device" if device else "train.device")
+    captioner = Captioner.from_run(run_dir, checkpoint=checkpoint, device=device, overrides=overrides)
+    run, recipe, dev = captioner.run, captioner.recipe, captioner.device
     split = split or recipe.eval.split
     manifest = prepare_manifest(recipe, run.run_dir)
     store = run_features(recipe, manifest, device=dev, progress=progress)
     records = held_out_records(manifest, split, recipe.eval.max_images)
     scored = [r for r in records if store.has(manifest.resolve_image(r))]
     features = store.get([manifest.resolve_image(r) for r in scored])
-    model = run.model.to(dev)
-    with autocast(dev, recipe.generate.precision):
-        captions = generate_captions(
-            model, features, recipe.generate, language=manifest.language, segment=recipe.data.segment
-        )
+    captions = [caps[0].text for caps in captioner.caption_features(features)]
     report = score_report(
         run_dir=run.run_dir,
         kind="vicap",

@@ -545,10 +545,13 @@ class GenerateConfig(Section):
 
     def switched(self, strategy: str, **changes: Any) -> GenerateConfig:
         """These settings decoding with `strategy`, as `--set generate.strategy=...` gives them: the keys
-        only other strategies read go back to their defaults, then `changes` apply."""
+        only other strategies read go back to their defaults, then `changes` apply. Checked as a
+        recipe's [generate] is: an unknown key, a wrong type or a bad value is a RecipeError naming
+        `generate.KEY`."""
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         reset = {key: defaults[key] for key in unused_generate_keys(strategy)}
-        return dataclasses.replace(self, **{**reset, "strategy": strategy, **changes})
+        values = {**dataclasses.asdict(self), **reset, "strategy": strategy, **changes}
+        return _build_section(self.KEY, type(self), values)
 
 
 # The [generate] keys only one strategy reads. Under another strategy they must keep their defaults;

@@ -1,4 +1,9 @@
-"""A trained run, loaded back: its resolved recipe, its latest checkpoint, the caption model."""
+"""A trained run, loaded back: its resolved recipe, a checkpoint, the caption model.
+
+Two kinds of folder hold one: a run directory written by `vicap train` (recipe.toml and
+checkpoints/step_N/), and an export written by `vicap export` (recipe.toml, model.safetensors and
+export.json at the top; see `vicap.export`). `load_run` reads either.
+"""
 
 from __future__ import annotations
 
@@ -35,8 +40,17 @@ def load_run(
     run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (), *, checkpoint: str = "best"
 ) -> Run:
     """Load `<run>/recipe.toml` (with overrides, e.g. generate.beam_size=3) and a checkpoint: the one
-    the run selected ('best', see train.select), 'last', or a step number."""
+    the run selected ('best', see train.select), 'last', or a step number. An export folder (`vicap
+    export`) holds one checkpoint: only 'best' applies."""
+    from vicap.export import EXPORT_FILE, load_export
+
     run_dir = Path(run_dir)
+    if (run_dir / EXPORT_FILE).is_file():
+        if checkpoint != "best":
+            raise CheckpointError(
+                f"{run_dir}: an export holds one checkpoint; --checkpoint {checkpoint} does not apply"
+            )
+        return load_export(run_dir, overrides)
     if not (run_dir / "recipe.toml").is_file():
         raise RecipeError(
             f"{run_dir}: not a vicap run directory (no recipe.toml); train one with `vicap train`"
@@ -45,6 +59,13 @@ def load_run(
     path, which = pick_checkpoint(run_dir, checkpoint)
     ckpt = read_checkpoint(path, kind=VICAP_RUN)
     check_compatible(ckpt, recipe, VICAP_RUN)
+    model = build_model(recipe, ckpt)
+    log.info("loaded %s: %s", ckpt.path, which)
+    return Run(run_dir, recipe, ckpt, model, which)
+
+
+def build_model(recipe: Recipe, ckpt: Checkpoint) -> CaptionModel:
+    """The caption model of `recipe` (its LM loaded) with the checkpoint's trained tensors in it."""
     decoder = load_decoder(recipe.decoder)
     # LoRA runs get fresh adapters here; load_trainable then fills them (and the mapper) in.
     model = CaptionModel.from_recipe(recipe, ckpt.encoder_dim, decoder)
@@ -52,6 +73,4 @@ def load_run(
         model.load_trainable(load_model_state(ckpt))
     except ValueError as e:
         raise CheckpointError(f"{ckpt.path}: {e}") from None
-    model.eval()
-    log.info("loaded %s: %s", ckpt.path, which)
-    return Run(run_dir, recipe, ckpt, model, which)
+    return model.eval()

@@ -74,7 +74,7 @@ class ImageCollator:
 
 
 class SelfCritical(nn.Module):
-    """The SCST objective around a caption model: a `vicap.train.Captioner` whose batches are images.
+    """The SCST objective around a caption model: a `vicap.train.TrainableModel` whose batches are images.
 
     Its checkpoints hold the caption model's trainable weights under their own names, so a SCST run
     loads like any vicap run (`vicap evaluate`, `caption`, `serve`)."""

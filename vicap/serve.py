@@ -34,16 +34,15 @@ from pathlib import Path
 
 import torch
 
-from vicap.device import autocast, resolve_device
-from vicap.encoders import Encoder, load_encoder
+from vicap.captioner import Captioner
+from vicap.encoders import Encoder
 from vicap.errors import UsageError
-from vicap.generate import generate
 from vicap.images import ImageError, load_image
 from vicap.metrics import Scorer, tokenize_hypotheses, tokenize_references
 from vicap.metrics.cider import CiderD
 from vicap.recipe import GenerateConfig, Recipe
 from vicap.resolve import display_name
-from vicap.runs import Run, load_run
+from vicap.runs import Run
 
 log = logging.getLogger(__name__)
 
@@ -91,15 +90,21 @@ def recipe_summary(recipe: Recipe) -> str:
 @dataclass
 class LoadedRun:
     name: str
-    run: Run
-    encoder: Encoder
-    device: torch.device
+    captioner: Captioner
     cider: CiderD | None = None  # the held-out references' document frequencies, for CIDEr-D
     cider_note: str = ""  # where they came from, or why CIDEr-D is not given
 
     @property
+    def run(self) -> Run:
+        return self.captioner.run
+
+    @property
+    def encoder(self) -> Encoder:
+        return self.captioner.encoder
+
+    @property
     def recipe(self) -> Recipe:
-        return self.run.recipe
+        return self.captioner.recipe
 
     @property
     def summary(self) -> str:
@@ -118,21 +123,19 @@ def load_runs(
     seen: dict[str, int] = {}
     encoders: dict[tuple[str, str], Encoder] = {}
     for d in run_dirs:
-        run = load_run(d, checkpoint=checkpoint)
-        dev = resolve_device(device or run.recipe.train.device, key="--device" if device else "train.device")
-        key = (repr(run.recipe.encoder), str(dev))
-        if key not in encoders:
-            encoders[key] = load_encoder(run.recipe.encoder).to(dev)
-        encoder = encoders[key]
-        model = run.model.to(dev).eval()
-        run.model = model
+        captioner = Captioner.from_run(d, checkpoint=checkpoint, device=device)
+        key = (repr(captioner.recipe.encoder), str(captioner.device))
+        if key in encoders:
+            captioner = Captioner(captioner.run, device=device, encoder=encoders[key])
+        # loaded and on the device now, at start-up, not by the first request
+        encoders[key], _ = captioner.encoder, captioner.model
         name = Path(d).resolve().name or str(d)
         seen[name] = seen.get(name, 0) + 1
         if seen[name] > 1:
             name = f"{name} ({seen[name]})"
-        cider, note = reference_corpus(run)
-        loaded.append(LoadedRun(name, run, encoder, dev, cider, note))
-        log.info("serving %s: %s; CIDEr-D: %s", name, recipe_summary(run.recipe), note)
+        cider, note = reference_corpus(captioner.run)
+        loaded.append(LoadedRun(name, captioner, cider, note))
+        log.info("serving %s: %s; CIDEr-D: %s", name, recipe_summary(captioner.recipe), note)
     return loaded
 
 
@@ -232,14 +235,10 @@ def caption_with(
     includes the encoding)."""
     start = time.perf_counter()
     features = {} if features is None else features
-    with autocast(lr.device, cfg.precision):
-        if id(lr.encoder) not in features:
-            pixels = lr.encoder.preprocess(image).unsqueeze(0).to(lr.device)
-            features[id(lr.encoder)] = lr.encoder.encode(pixels)
-        feats = features[id(lr.encoder)]
-        caps = generate(
-            lr.run.model, feats, cfg, language=lr.recipe.data.language, segment=lr.recipe.data.segment
-        )
+    cap = lr.captioner
+    if id(cap.encoder) not in features:
+        features[id(cap.encoder)] = cap.encode(cap.preprocess(image).unsqueeze(0), cfg)
+    caps = cap.caption_features(features[id(cap.encoder)], cfg)
     return caps[0][0].text, time.perf_counter() - start
 
 

@@ -68,7 +68,7 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- what differs per captioner
 
 
-class Captioner(Protocol):
+class TrainableModel(Protocol):
     """The model side of a TrainJob."""
 
     def forward(self, **batch: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -103,7 +103,7 @@ class TrainJob:
     kind: RunKind
     recipe: Any  # has .train (the shared train keys) and .to_json()
     run_dir: Path
-    model: nn.Module  # a Captioner
+    model: nn.Module  # a TrainableModel
     train_set: Dataset
     val_set: Dataset | None
     collate: Callable[[list], dict[str, torch.Tensor]]

@@ -206,7 +206,7 @@ def _cnn_in_checkpoint(recipe: BaselineRecipe) -> bool:
 
 
 class BaselineCaptioner(nn.Module):
-    """The CNN+LSTM with its token loss: what `vicap.train.fit` trains (see `vicap.train.Captioner`)."""
+    """The CNN+LSTM with its token loss: what `vicap.train.fit` trains (see `vicap.train.TrainableModel`)."""
 
     def __init__(self, model: CNNLSTM, recipe: BaselineRecipe) -> None:
         super().__init__()
