@@ -442,3 +442,34 @@ def test_hf_vision_errors(tmp_path: Path, hf_vision_dirs, tiny_lm_dir: Path) -> 
         load_encoder(EncoderConfig(name="hf_vision", model=str(bare)))
     with pytest.raises(ModelLoadError, match="no-such-model.*directory not found"):
         load_encoder(EncoderConfig(name="hf_vision", model=str(tmp_path / "no-such-model")))
+
+
+@pytest.mark.parametrize("kind", ["siglip", "clip"])
+def test_hf_vision_two_tower_folder_gives_its_image_tower(kind: str, tmp_path: Path, images) -> None:
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        SiglipConfig,
+        SiglipImageProcessor,
+        SiglipModel,
+    )
+
+    small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+    vision = {**small, "image_size": 32, "patch_size": 8}
+    torch.manual_seed(0)
+    if kind == "siglip":
+        model = SiglipModel(SiglipConfig(text_config=small, vision_config=vision))
+        processor = SiglipImageProcessor(size={"height": 32, "width": 32})
+    else:
+        model = CLIPModel(CLIPConfig(text_config=small, vision_config=vision, projection_dim=24))
+        processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    enc = load_encoder(EncoderConfig(name="hf_vision", model=str(tmp_path), patch_tokens=True))
+    px = _pixels(enc, images)
+    with torch.no_grad():
+        out = model.eval().vision_model(pixel_values=px)
+    rows = enc.encode(px)
+    assert enc.embed_dim == 32 and tuple(rows.shape) == (3, 1 + PATCHES, 32)  # hidden size, not projected
+    torch.testing.assert_close(rows[:, 0], out.pooler_output)
