@@ -209,3 +209,267 @@ def test_store_keeps_patch_tokens(kind: str, tmp_path: Path, images, tiny_clip_d
     assert meta["row_shape"] == [1 + PATCHES, 24] and meta["identity"]["patch_tokens"] is True
     empty = extract_features(enc, [], tmp_path / "other", progress=False)
     assert empty.features.shape == (0, 1 + PATCHES, 24)
+
+
+# --------------------------------------------------------------------------- timm
+
+TIMM_MODELS = ["test_efficientnet", "test_vit"]  # timm's own tiny test models: a CNN and a ViT
+
+
+def _timm_model(name: str, seed: int = 0, **kw):
+    import timm
+
+    torch.manual_seed(seed)
+    return timm.create_model(name, **kw).eval()
+
+
+@pytest.fixture(scope="module")
+def timm_files(tmp_path_factory) -> dict[tuple[str, str], Path]:
+    """Each tiny timm model's full state dict (classifier included, as ImageNet weights come) saved as
+    .safetensors and as a plain .pth state dict."""
+    from safetensors.torch import save_file
+
+    out = tmp_path_factory.mktemp("timm")
+    files = {}
+    for name in TIMM_MODELS:
+        state = {k: v.contiguous() for k, v in _timm_model(name).state_dict().items()}
+        files[name, ".safetensors"] = out / f"{name}.safetensors"
+        save_file(state, files[name, ".safetensors"])
+        files[name, ".pth"] = out / f"{name}.pth"
+        torch.save(state, files[name, ".pth"])
+    return files
+
+
+def _timm(name: str, file: Path, **kw) -> EncoderConfig:
+    return EncoderConfig(name="timm", model=name, pretrained=str(file), **kw)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+@pytest.mark.parametrize("name", TIMM_MODELS)
+def test_timm_weights_file_gives_the_models_pooled_features(name, suffix, timm_files, images) -> None:
+    from timm.data import create_transform, resolve_data_config
+
+    enc = load_encoder(_timm(name, timm_files[name, suffix]))
+    # the same weights loaded without vicap: all but the classifier, which num_classes=0 leaves out
+    direct = _timm_model(name, num_classes=0)
+    full = _timm_model(name).state_dict()
+    direct.load_state_dict({k: v for k, v in full.items() if k in direct.state_dict()})
+    assert enc.embed_dim == direct.num_features and enc.feature_shape == (direct.num_features,)
+    assert not any(p.requires_grad for p in enc.model.parameters()) and not enc.model.training
+    # preprocessing is timm's eval transform for the model's data config
+    transform = create_transform(**resolve_data_config({}, model=direct), is_training=False)
+    px = _pixels(enc, images)
+    torch.testing.assert_close(px, torch.stack([transform(load_image(p)) for p in images]))
+    with torch.no_grad():
+        torch.testing.assert_close(enc.encode(px), direct(px))
+    assert enc.identity["model"] == name and enc.identity["preprocess"]["input_size"] == [3, 160, 160]
+
+
+@pytest.mark.parametrize(("name", "tokens"), [("test_efficientnet", 5 * 5), ("test_vit", 10 * 10)])
+def test_timm_patch_tokens(name: str, tokens: int, timm_files, images) -> None:
+    pooled = load_encoder(_timm(name, timm_files[name, ".safetensors"]))
+    enc = load_encoder(_timm(name, timm_files[name, ".safetensors"], patch_tokens=True))
+    assert enc.patch_tokens == tokens and enc.key != pooled.key
+    px = _pixels(enc, images)
+    out = enc.encode(px)
+    assert tuple(out.shape) == (3, 1 + tokens, pooled.embed_dim)
+    torch.testing.assert_close(out[:, 0], pooled.encode(px))  # row 0: the pooled features
+    with torch.no_grad():
+        fmap = pooled.model.forward_features(px)
+    # a CNN's last feature map cell by cell; a ViT's patch tokens after its final norm, class token dropped
+    expected = fmap.flatten(2).transpose(1, 2) if fmap.dim() == 4 else fmap[:, 1:]
+    torch.testing.assert_close(out[:, 1:], expected)
+
+
+def test_timm_local_dir_and_store_keys(tmp_path: Path, timm_files, images) -> None:
+    from timm.models import save_for_hf
+
+    folder = tmp_path / "effnet"
+    save_for_hf(_timm_model("test_efficientnet"), folder, safe_serialization=True)
+    assert {p.name for p in folder.iterdir()} == {"config.json", "model.safetensors"}
+    enc = load_encoder(EncoderConfig(name="timm", model=f"local-dir:{folder}"))
+    by_file = load_encoder(_timm("test_efficientnet", timm_files["test_efficientnet", ".safetensors"]))
+    px = _pixels(enc, images)
+    torch.testing.assert_close(enc.encode(px), by_file.encode(px))
+    moved = shutil.copytree(folder, tmp_path / "moved")
+    assert load_encoder(EncoderConfig(name="timm", model=str(moved))).key == enc.key
+    # the store key follows the weights' content, not the file's name
+    copy = shutil.copy(timm_files["test_efficientnet", ".safetensors"], tmp_path / "copy.safetensors")
+    assert load_encoder(_timm("test_efficientnet", copy)).key == by_file.key
+    from safetensors.torch import save_file
+
+    other = tmp_path / "other.safetensors"
+    save_file(_timm_model("test_efficientnet", seed=1).state_dict(), other)
+    assert load_encoder(_timm("test_efficientnet", other)).key != by_file.key
+
+
+def _wrong_model(tmp: Path, files) -> EncoderConfig:
+    return _timm("test_efficientnet", files["test_vit", ".safetensors"])
+
+
+def _no_config(tmp: Path, files) -> EncoderConfig:
+    (tmp / "bare").mkdir()
+    shutil.copy(files["test_vit", ".safetensors"], tmp / "bare" / "model.safetensors")
+    return EncoderConfig(name="timm", model=f"local-dir:{tmp / 'bare'}")
+
+
+@pytest.mark.parametrize(
+    ("case", "make", "expected"),
+    [
+        (
+            "another model's weights",
+            _wrong_model,
+            r"encoder\.pretrained = '.*test_vit\.safetensors': does not fit timm's test_efficientnet "
+            r"\(missing conv_stem\.weight, bn1\.weight, bn1\.bias \.\.\. \(86 in all\); unexpected blocks\.0\.",
+        ),
+        (
+            "unknown model",
+            lambda t, f: _timm("efficientnet_lite9", t / "x.pth"),
+            "'efficientnet_lite9' is not a timm",
+        ),
+        ("missing file", lambda t, f: _timm("test_vit", t / "nope.pth"), r"nope\.pth'.*file not found"),
+        ("folder without config.json", _no_config, r"no config\.json and model\.safetensors .* in .*bare"),
+        (
+            "hub model",
+            lambda t, f: EncoderConfig(name="timm", model="hf-hub:timm/x"),
+            "reads local files only",
+        ),
+    ],
+)
+def test_timm_errors(case: str, make, expected: str, tmp_path: Path, timm_files) -> None:
+    with pytest.raises(ModelLoadError, match=expected):
+        load_encoder(make(tmp_path, timm_files))
+
+
+@pytest.mark.parametrize("name", ["timm", "hf_vision"])
+def test_towers_without_text_refuse_text_only_training(name: str, tmp_path: Path, timm_files) -> None:
+    cfg = (
+        _timm("test_vit", timm_files["test_vit", ".pth"])
+        if name == "timm"
+        else EncoderConfig(name=name, model=str(tmp_path))
+    )
+    with pytest.raises(ModelLoadError, match=f"encoder.name = '{name}' has no text tower"):
+        load_encoder(cfg, text=True)
+
+
+@pytest.mark.parametrize("patch_tokens", [False, True])
+def test_timm_encoder_trains_and_captions(patch_tokens: bool, tiny_recipe, timm_files, ktvic_dir) -> None:
+    from vicap.captioner import caption_images
+    from vicap.train import read_log, train
+
+    extra = {
+        "encoder.name": "timm",
+        "encoder.model": "test_efficientnet",
+        "encoder.pretrained": str(timm_files["test_efficientnet", ".pth"]),
+        "train.epochs": "1",
+    }
+    if patch_tokens:
+        extra.update({"encoder.patch_tokens": "true", "mapper.type": "attention", "mapper.num_heads": "4"})
+    run = train(tiny_recipe(**extra), progress=False)
+    losses = [r["loss"] for r in read_log(run) if "loss" in r]
+    assert losses and losses[-1] < losses[0]
+    image = next((ktvic_dir / "public-test-images").glob("*.jpg"))
+    rows = list(caption_images(run, [image], ["generate.strategy=greedy"]))  # the encoder runs live here
+    assert isinstance(rows[0]["caption"], str) and rows[0]["caption"]
+
+
+# --------------------------------------------------------------------------- Hugging Face vision towers
+
+
+def _save_hf_vision(kind: str, out: Path) -> Path:
+    from transformers import (
+        BitImageProcessor,
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        Dinov2Config,
+        Dinov2Model,
+        SiglipImageProcessor,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+    )
+
+    small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+    torch.manual_seed(0)
+    if kind == "siglip":
+        model = SiglipVisionModel(SiglipVisionConfig(image_size=32, patch_size=8, **small))
+        processor = SiglipImageProcessor(size={"height": 32, "width": 32})
+    elif kind == "dinov2":
+        model = Dinov2Model(Dinov2Config(image_size=32, patch_size=8, **{**small, "mlp_ratio": 2}))
+        del model.config.intermediate_size
+        processor = BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    else:
+        model = CLIPVisionModel(CLIPVisionConfig(image_size=32, patch_size=8, **small))
+        processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf_vision_dirs(tmp_path_factory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("hfvision")
+    return {k: _save_hf_vision(k, base / k) for k in ("siglip", "dinov2", "clip")}
+
+
+@pytest.mark.parametrize("kind", ["siglip", "dinov2", "clip"])
+def test_hf_vision_pooled_and_tokens(kind: str, hf_vision_dirs, images) -> None:
+    from transformers import AutoModel
+
+    folder = hf_vision_dirs[kind]
+    enc = load_encoder(EncoderConfig(name="hf_vision", model=str(folder)))
+    assert enc.embed_dim == 32 and enc.identity["encoder"] == "hf_vision"  # the tower's hidden size
+    px = _pixels(enc, images)
+    assert tuple(px.shape) == (3, 3, 32, 32)
+    direct = AutoModel.from_pretrained(folder).eval()
+    with torch.no_grad():
+        out = direct(pixel_values=px)
+    torch.testing.assert_close(enc.encode(px), out.pooler_output)
+    tok = load_encoder(EncoderConfig(name="hf_vision", model=str(folder), patch_tokens=True))
+    rows = tok.encode(px)
+    assert tok.patch_tokens == PATCHES and tuple(rows.shape) == (3, 1 + PATCHES, 32) and tok.key != enc.key
+    torch.testing.assert_close(rows[:, 0], out.pooler_output)
+    states = out.last_hidden_state
+    if kind == "clip":  # CLIP's pooled class token passes its final norm; its tokens get it too
+        states = getattr(direct, "vision_model", direct).post_layernorm(states)
+    torch.testing.assert_close(rows[:, 1:], states[:, -PATCHES:], rtol=1e-5, atol=1e-5)
+
+
+def test_hf_vision_errors(tmp_path: Path, hf_vision_dirs, tiny_lm_dir: Path) -> None:
+    bare = shutil.copytree(hf_vision_dirs["siglip"], tmp_path / "no-processor")
+    (bare / "preprocessor_config.json").unlink()
+    with pytest.raises(ModelLoadError, match=r"no preprocessor_config\.json in .*no-processor"):
+        load_encoder(EncoderConfig(name="hf_vision", model=str(bare)))
+    with pytest.raises(ModelLoadError, match="no-such-model.*directory not found"):
+        load_encoder(EncoderConfig(name="hf_vision", model=str(tmp_path / "no-such-model")))
+
+
+@pytest.mark.parametrize("kind", ["siglip", "clip"])
+def test_hf_vision_two_tower_folder_gives_its_image_tower(kind: str, tmp_path: Path, images) -> None:
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        SiglipConfig,
+        SiglipImageProcessor,
+        SiglipModel,
+    )
+
+    small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+    vision = {**small, "image_size": 32, "patch_size": 8}
+    torch.manual_seed(0)
+    if kind == "siglip":
+        model = SiglipModel(SiglipConfig(text_config=small, vision_config=vision))
+        processor = SiglipImageProcessor(size={"height": 32, "width": 32})
+    else:
+        model = CLIPModel(CLIPConfig(text_config=small, vision_config=vision, projection_dim=24))
+        processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    enc = load_encoder(EncoderConfig(name="hf_vision", model=str(tmp_path), patch_tokens=True))
+    px = _pixels(enc, images)
+    with torch.no_grad():
+        out = model.eval().vision_model(pixel_values=px)
+    rows = enc.encode(px)
+    assert enc.embed_dim == 32 and tuple(rows.shape) == (3, 1 + PATCHES, 32)  # hidden size, not projected
+    torch.testing.assert_close(rows[:, 0], out.pooler_output)

@@ -148,6 +148,23 @@ def _hf_clip_folder(tmp, marker, **_):
     load_encoder(EncoderConfig(name="hf_clip", model=str(folder)))
 
 
+def _timm_pretrained(tmp, marker, **_):
+    load_encoder(
+        EncoderConfig(name="timm", model="test_vit", pretrained=str(plant(tmp / "evil.pth", marker)))
+    )
+
+
+def _timm_local_dir(tmp, marker, **_):
+    import timm
+    from timm.models import save_for_hf
+
+    folder = tmp / "timm"
+    save_for_hf(timm.create_model("test_vit"), folder, safe_serialization=True)
+    (folder / "model.safetensors").unlink()
+    plant(folder / "pytorch_model.bin", marker)
+    load_encoder(EncoderConfig(name="timm", model=f"local-dir:{folder}"))
+
+
 PLACES = [
     # (case, load, the file the error names, the setting it names)
     ("baseline encoder.weights = evil.pth", _baseline_weights, "evil.pth", "encoder.weights"),
@@ -157,6 +174,8 @@ PLACES = [
     ("open_clip local-dir with a .bin", _open_clip_local_dir, "open_clip_pytorch_model.bin", "encoder.model"),
     ("Hugging Face LM folder", _hf_lm_folder, "pytorch_model.bin", "decoder.model"),
     ("Hugging Face CLIP folder", _hf_clip_folder, "pytorch_model.bin", "encoder.model"),
+    ("timm encoder.pretrained = evil.pth", _timm_pretrained, "evil.pth", "encoder.pretrained"),
+    ("timm local-dir with a .bin", _timm_local_dir, "pytorch_model.bin", "encoder.model"),
 ]
 
 

@@ -143,7 +143,7 @@ def test_find_recipe(tmp_path: Path, monkeypatch, case: str, spec: str, expected
         (
             "unknown encoder",
             ["encoder.name=openclip"],
-            "encoder.name = 'openclip': must be one of hf_clip, open_clip",
+            "encoder.name = 'openclip': must be one of hf_clip, hf_vision, open_clip, timm",
         ),
         (
             "unknown adapter",
@@ -171,6 +171,26 @@ def test_find_recipe(tmp_path: Path, monkeypatch, case: str, spec: str, expected
             "pretrained with hf_clip",
             ["encoder.name=hf_clip", "encoder.model=openai/clip-vit-base-patch32", "encoder.pretrained=x.pt"],
             "encoder.pretrained = 'x.pt': hf_clip models carry their own weights",
+        ),
+        (
+            "pretrained with hf_vision",
+            ["encoder.name=hf_vision", "encoder.model=facebook/dinov2-small", "encoder.pretrained=x.pt"],
+            "encoder.pretrained = 'x.pt': hf_vision models carry their own weights",
+        ),
+        (
+            "timm model name without a weights file",
+            ["encoder.name=timm", "encoder.model=efficientnet_lite0"],
+            "encoder.pretrained = '': timm model 'efficientnet_lite0' needs its weights as a local file",
+        ),
+        (
+            "timm weights that are no weights file",
+            ["encoder.name=timm", "encoder.model=efficientnet_lite0", "encoder.pretrained=w.npz"],
+            "encoder.pretrained = 'w.npz': timm model 'efficientnet_lite0' needs its weights as a local file",
+        ),
+        (
+            "pretrained with a timm folder",
+            ["encoder.name=timm", "encoder.model=local-dir:/models/effnet", "encoder.pretrained=w.pth"],
+            "encoder.pretrained = 'w.pth': encoder.model = 'local-dir:/models/effnet' carries its own weights",
         ),
         # [generate] keys the chosen strategy does not read (the demo recipe decodes with beam)
         (

@@ -341,10 +341,14 @@ def _finish(
     return encoder
 
 
-def _blank_pixels(preprocess: Callable) -> torch.Tensor:
+def _gray_image():
     from PIL import Image
 
-    return preprocess(Image.new("RGB", (64, 64), (127, 127, 127))).unsqueeze(0)
+    return Image.new("RGB", (64, 64), (127, 127, 127))
+
+
+def _blank_pixels(preprocess: Callable) -> torch.Tensor:
+    return preprocess(_gray_image()).unsqueeze(0)
 
 
 class _Normalized(nn.Module):
@@ -467,6 +471,217 @@ def _hf_clip_text(ref: ModelRef) -> tuple[nn.Module, Callable]:
         return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
 
     return _HFClipText(model), tokenize
+
+
+# --------------------------------------------------------------------------- timm
+
+
+@ENCODERS.register(
+    "timm",
+    help="any timm model: a model name + encoder.pretrained = a local .safetensors/.pth file, or "
+    "local-dir:PATH (timm's save_for_hf folder)",
+)
+def load_timm(cfg: EncoderConfig, *, text: bool = False) -> Encoder:
+    """A timm model without its classifier (num_classes=0), its weights from a local file only, and its
+    preprocessing from timm's own data config (eval transform)."""
+    import timm
+    from timm.data import create_transform, resolve_data_config
+
+    _no_text_tower(cfg, text)
+    ref = resolve(cfg.model, "encoder.model", "timm", cfg.pretrained)
+    if not ref.local and ref.kind != "timm":  # hf-hub:: timm would download; vicap reads local files
+        raise ref.error("the timm encoder reads local files only")
+    if ref.local:
+        from timm.models._hub import load_model_config_from_path
+
+        weights_file = next(
+            (ref.path / n for n in ("model.safetensors", "pytorch_model.bin") if (ref.path / n).is_file()),
+            None,
+        )
+        if not (ref.path / "config.json").is_file() or weights_file is None:
+            raise ref.error(f"no config.json and model.safetensors (or pytorch_model.bin) in {ref.path}")
+        where = f"encoder.model = {cfg.model!r} (weights file {str(weights_file)!r})"
+        try:
+            pretrained_cfg, arch, model_args = load_model_config_from_path(ref.path)
+            # the folder's num_classes is its classifier's; vicap drops the classifier
+            model_args = {**model_args, "num_classes": 0}
+            model = timm.create_model(arch, pretrained_cfg=pretrained_cfg, **model_args)
+        except Exception as e:
+            raise ref.load_error("timm model", e) from e
+    else:
+        weights_file, arch = ref.weights_file, ref.target
+        where = f"encoder.pretrained = {cfg.pretrained!r}"
+        model = timm.create_model(arch, pretrained=False, num_classes=0)
+    _load_timm_weights(model, load_weights_file(weights_file, where), where)
+    model.requires_grad_(False).eval()
+    data_config = resolve_data_config({}, model=model)
+    preprocess = create_transform(**data_config, is_training=False)
+    identity = {
+        "encoder": "timm",
+        **ref.identity(),  # model name and weights file, or the folder's files
+        "preprocess": json.loads(json.dumps(data_config, default=str)),
+        "normalize": cfg.normalize,
+    }
+    tower: nn.Module = _TimmTokens(model) if cfg.patch_tokens else model
+    with torch.no_grad():  # timm's num_features is the feature map's width; a head may change it
+        embed_dim = int(model(_blank_pixels(preprocess)).shape[-1])
+    encoder = _finish(cfg, tower, preprocess, embed_dim, identity)
+    log.info("encoder %s (timm %s): embed_dim=%d, store key %s", cfg.model, arch, embed_dim, encoder.key)
+    return encoder
+
+
+def _load_timm_weights(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """`state` into `model`, all of it: only the classifier head, which num_classes=0 removed, may be
+    extra (timm's own loader drops it the same way); any other missing or unexpected key is an error."""
+    heads = model.pretrained_cfg.get("classifier") or ()
+    heads = (heads,) if isinstance(heads, str) else tuple(heads)
+    state = {k: v for k, v in state.items() if not k.startswith(tuple(f"{h}." for h in heads))}
+    wanted = model.state_dict()
+    missing = [k for k in wanted if k not in state]
+    unexpected = [k for k in state if k not in wanted]
+    if missing or unexpected:
+
+        def first(keys: list[str]) -> str:
+            return ", ".join(keys[:3]) + (f" ... ({len(keys)} in all)" if len(keys) > 3 else "")
+
+        parts = [
+            f"missing {first(missing)}" if missing else "",
+            f"unexpected {first(unexpected)}" if unexpected else "",
+        ]
+        raise ModelLoadError(
+            f"{where}: does not fit timm's {model.pretrained_cfg.get('architecture', type(model).__name__)} "
+            f"({'; '.join(p for p in parts if p)}). vicap reads weights in timm's own key layout "
+            "(model.state_dict() of the timm model); convert other layouts first"
+        )
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:  # same names, other shapes: another variant of the model
+        raise ModelLoadError(f"{where}: does not fit the timm model ({str(e)[:300]})") from None
+
+
+class _TimmTokens(nn.Module):
+    """A timm model -> [pooled, tokens]: the pooled features the model gives without its classifier,
+    then its final feature map's positions (forward_features): a ViT's patch tokens after its final
+    norm, without its class/register tokens; a CNN's last feature map, one token per cell (H*W)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        features = self.model.forward_features(pixels)
+        pooled = self.model.forward_head(features, pre_logits=True)
+        width = pooled.shape[-1]
+        if features.dim() == 3:  # (B, prefix + T, C)
+            tokens = features[:, getattr(self.model, "num_prefix_tokens", 0) :]
+        elif features.dim() == 4 and features.shape[1] == width:  # (B, C, H, W)
+            tokens = features.flatten(2).transpose(1, 2)
+        elif features.dim() == 4:  # (B, H, W, C), as some timm models keep it
+            tokens = features.flatten(1, 2)
+        else:
+            tokens = features
+        if tokens.dim() != 3 or tokens.shape[-1] != width:
+            name = self.model.pretrained_cfg.get("architecture", type(self.model).__name__)
+            raise ModelLoadError(
+                f"encoder.patch_tokens = true: timm's {name} gives a feature map of shape "
+                f"{tuple(features.shape)} that is not {width} wide like its pooled features; "
+                "set encoder.patch_tokens = false"
+            )
+        return torch.cat([pooled.unsqueeze(1), tokens], dim=1)
+
+
+def _no_text_tower(cfg: EncoderConfig, text: bool) -> None:
+    if text:
+        raise ModelLoadError(
+            f"encoder.name = {cfg.name!r} has no text tower; text-only training needs a CLIP encoder "
+            "(open_clip or hf_clip)"
+        )
+
+
+# --------------------------------------------------------------------------- Hugging Face vision towers
+
+
+class _HFVisionTower(nn.Module):
+    """A transformers image tower -> pooler_output, or [pooler_output, patch tokens]."""
+
+    def __init__(self, model: nn.Module, tokens: bool, patch_size: int, norm: nn.Module | None) -> None:
+        super().__init__()
+        self.model, self.tokens, self.patch_size, self.norm = model, tokens, patch_size, norm
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        out = self.model(pixel_values=pixels)
+        if not self.tokens:
+            return out.pooler_output
+        states = self.norm(out.last_hidden_state) if self.norm is not None else out.last_hidden_state
+        grid = (pixels.shape[-2] // self.patch_size) * (pixels.shape[-1] // self.patch_size)
+        # the positions before the patch grid are class / register tokens
+        return torch.cat([out.pooler_output.unsqueeze(1), states[:, states.shape[1] - grid :]], dim=1)
+
+
+@ENCODERS.register(
+    "hf_vision",
+    help="transformers image tower (SigLIP, DINOv2, CLIP vision) by AutoModel: hub id or local "
+    "save_pretrained folder; its pooled output",
+)
+def load_hf_vision(cfg: EncoderConfig, *, text: bool = False) -> Encoder:
+    """A transformers vision model's pooled output (pooler_output: SigLIP's attention-pool head, DINOv2's
+    and CLIP's normed class token), in the tower's hidden size, without any projection into a text space
+    (for CLIP's projected embeddings use hf_clip). A folder of a two-tower model (SiglipModel,
+    CLIPModel) gives its image tower."""
+    from transformers import AutoImageProcessor, AutoModel
+
+    _no_text_tower(cfg, text)
+    ref = resolve(cfg.model, "encoder.model")
+    if ref.local and not (ref.path / "preprocessor_config.json").is_file():
+        raise ModelLoadError(
+            f"encoder.model = {cfg.model!r}: no preprocessor_config.json in {ref.path}; save the model's "
+            "image processor beside it (processor.save_pretrained(folder))."
+        )
+    try:
+        processor = AutoImageProcessor.from_pretrained(ref.target, local_files_only=ref.local)
+        model = AutoModel.from_pretrained(ref.target, local_files_only=ref.local, dtype=torch.float32)
+    except Exception as e:
+        raise hf_load_error(ref, "Hugging Face vision model", e) from e
+    vision_cfg = getattr(model.config, "vision_config", model.config)
+    if hasattr(model, "text_model"):  # two towers (SiglipModel, CLIPModel): keep the image one
+        model = model.vision_model
+    model.requires_grad_(False).eval()
+    # CLIP's last_hidden_state precedes the final norm its pooled class token passes through; SigLIP's
+    # and DINOv2's are normed already.
+    clip = vision_cfg.model_type in ("clip_vision_model", "clip")
+    norm = getattr(getattr(model, "vision_model", model), "post_layernorm", None) if clip else None
+    extra = sorted(set(processor(images=_gray_image(), return_tensors="pt")) - {"pixel_values"})
+    if extra:  # SigLIP2's NaFlex variable patches, ...: vicap stores one (3, H, W) image per row
+        raise ModelLoadError(
+            f"encoder.model = {cfg.model!r}: its image processor gives {', '.join(extra)} beside pixel_values; "
+            "vicap's hf_vision encoder takes fixed-size images only (SigLIP2: use a FixRes checkpoint)"
+        )
+
+    def preprocess(image) -> torch.Tensor:
+        return processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+    pp = {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(processor.to_dict().items())}
+    identity = {
+        "encoder": "hf_vision",
+        **ref.identity(),  # model and weights
+        "preprocess": json.loads(json.dumps(pp, default=str)),
+        "normalize": cfg.normalize,
+    }
+    tower = _HFVisionTower(model, cfg.patch_tokens, int(vision_cfg.patch_size), norm)
+    try:
+        with torch.no_grad():
+            pooled = tower.model(pixel_values=_blank_pixels(preprocess)).pooler_output
+    except Exception as e:  # a text model, a processor that does not fit the model, ...
+        raise ModelLoadError(
+            f"encoder.model = {cfg.model!r}: {type(model).__name__} does not encode its processor's images "
+            f"({type(e).__name__}: {str(e)[:200]}); hf_vision takes image models (SigLIP, DINOv2, CLIP vision)"
+        ) from None
+    if pooled is None:  # SigLIP built with vision_use_head = false
+        raise ModelLoadError(f"encoder.model = {cfg.model!r}: {type(model).__name__} gives no pooled output")
+    embed_dim = int(pooled.shape[-1])
+    encoder = _finish(cfg, tower, preprocess, embed_dim, identity)
+    log.info("encoder %s (hf_vision): embed_dim=%d, store key %s", cfg.model, embed_dim, encoder.key)
+    return encoder
 
 
 def load_encoder(cfg: EncoderConfig, *, text: bool = False) -> Encoder:

@@ -104,20 +104,22 @@ class EncoderConfig(Section):
     KEY = "encoder"
 
     name: str = option(
-        "encoder registry entry (see `vicap list`): 'open_clip' or 'hf_clip' (transformers CLIP vision model)",
+        "encoder registry entry (see `vicap list`): 'open_clip', 'hf_clip' (transformers CLIP vision model), "
+        "'timm' (any timm model) or 'hf_vision' (transformers image tower: SigLIP, DINOv2, CLIP vision)",
         "open_clip",
     )
     model: str = option(
         "open_clip: model name (ViT-B-32, RN50, convnext_base, ...), a local folder holding "
         "open_clip_config.json and weights (a path, '~' expanded, or 'local-dir:PATH'), or 'hf-hub:org/repo'; "
-        "hf_clip: hub id (openai/clip-vit-base-patch32) or a local folder saved by save_pretrained "
-        "(see vicap.resolve)",
+        "hf_clip, hf_vision: hub id (openai/clip-vit-base-patch32) or a local folder saved by save_pretrained; "
+        "timm: model name (efficientnet_lite0) with encoder.pretrained, or 'local-dir:PATH' (timm's save_for_hf "
+        "folder) (see vicap.resolve)",
         "ViT-B-32",
     )
     pretrained: str = option(
         "open_clip pretrained tag ('openai', 'laion2b_s34b_b79k', ...) or a local weights file (.safetensors, "
-        "or .pt/.pth/.bin read with torch.load(weights_only=True)); "
-        "refused for local-dir:/hf-hub: models and folders, which carry their own weights",
+        "or .pt/.pth/.bin read with torch.load(weights_only=True)); timm: the local weights file of the "
+        "model name, required; refused for local-dir:/hf-hub: models and folders, which carry their own weights",
         "openai",
     )
     batch_size: int = option("images per batch during feature extraction", 64)
@@ -130,25 +132,36 @@ class EncoderConfig(Section):
 
     def validate(self) -> None:
         from vicap.encoders import ENCODERS  # imported here: vicap.encoders imports this module
-        from vicap.resolve import looks_like_path
+        from vicap.resolve import WEIGHT_SUFFIXES, looks_like_path
 
         one_of("encoder.name", self.name, ENCODERS.names())
         check(bool(self.model), "encoder.model", self.model, "must name a model")
-        # Only an open_clip model name reads encoder.pretrained; folders and hub repos carry their own
-        # weights. The default tag is tolerated there, any other value would be accepted and ignored.
+        # Only an open_clip or timm model name reads encoder.pretrained; folders and hub repos carry their
+        # own weights. The default tag is tolerated there, any other value would be accepted and ignored.
+        own_weights = self.model.startswith(("local-dir:", "hf-hub:")) or looks_like_path(self.model)
+        if self.name == "timm" and not own_weights:
+            # vicap never lets timm fetch its pretrained weights: a model name without a file would be
+            # a randomly initialised network
+            check(
+                self.pretrained.endswith(WEIGHT_SUFFIXES),
+                "encoder.pretrained",
+                self.pretrained,
+                f"timm model {self.model!r} needs its weights as a local file ({', '.join(WEIGHT_SUFFIXES)}), "
+                "or encoder.model = 'local-dir:PATH' for a folder written by timm's save_for_hf",
+            )
         if self.pretrained not in ("", "openai"):
             check(
-                self.name == "open_clip",
+                self.name in ("open_clip", "timm"),
                 "encoder.pretrained",
                 self.pretrained,
                 f"{self.name} models carry their own weights (encoder.model); remove encoder.pretrained",
             )
             check(
-                not (self.model.startswith(("local-dir:", "hf-hub:")) or looks_like_path(self.model)),
+                not own_weights,
                 "encoder.pretrained",
                 self.pretrained,
                 f"encoder.model = {self.model!r} carries its own weights; encoder.pretrained applies to "
-                "open_clip model names (ViT-B-32) only: remove it",
+                "open_clip and timm model names (ViT-B-32, efficientnet_lite0) only: remove it",
             )
         check(self.batch_size > 0, "encoder.batch_size", self.batch_size, "must be > 0")
 

@@ -1,7 +1,7 @@
 """Model names: what `encoder.model`, `decoder.model` and open_clip's `encoder.pretrained` point at.
 
 `resolve(name, key, family)` decides it once, before anything loads. `family` is the library whose
-loader reads the model: "transformers" (Hugging Face CLIP vision models, causal LMs) or "open_clip".
+loader reads the model: "transformers" (Hugging Face vision models, causal LMs), "open_clip" or "timm".
 
 | written                                    | resolves to                                           |
 |--------------------------------------------|-------------------------------------------------------|
@@ -10,6 +10,7 @@ loader reads the model: "transformers" (Hugging Face CLIP vision models, causal 
 | `hf-hub:org/repo`                          | a hub model: the Hugging Face cache, else the hub     |
 | `org/name`, `gpt2` (transformers)          | a folder of that name here if there is one (transformers' own rule), else a hub model |
 | `ViT-B-32` (open_clip)                     | an open_clip model name; its weights are `encoder.pretrained`: a tag (`openai`) or a local weights file |
+| `efficientnet_lite0` (timm)                | a timm model name; its weights are `encoder.pretrained`, a local weights file |
 | `PATH.gguf` (transformers)                 | a GGUF file (an LM in llama.cpp's format; `vicap.gguf_files`) |
 | a folder + `gguf_file = NAME.gguf`         | the GGUF file NAME inside that folder                 |
 
@@ -66,6 +67,14 @@ FAMILIES: dict[str, Family] = {
         "a local weights file), or 'hf-hub:org/repo'",
         bare_folders=False,  # its names are model names (ViT-B-32), never folders
     ),
+    "timm": Family(
+        folder_files=(".safetensors", ".bin", ".pth", ".json"),
+        layout="a folder holding config.json and model.safetensors, the layout timm's save_for_hf and "
+        "push_to_hf_hub write ('local-dir:PATH')",
+        other_names="a timm model name (efficientnet_lite0) with its weights in encoder.pretrained (a local "
+        ".safetensors, or .pth state dict in timm's key layout)",
+        bare_folders=False,
+    ),
 }
 
 
@@ -75,12 +84,12 @@ class ModelRef:
 
     name: str  # as written, for messages
     key: str  # the setting that named it: "decoder.model"
-    family: str  # "transformers" or "open_clip": whose loader reads it
-    kind: str  # "folder", "hub", "open_clip" (an open_clip model name) or "gguf" (a GGUF file)
+    family: str  # "transformers", "open_clip" or "timm": whose loader reads it
+    kind: str  # "folder", "hub", "open_clip" / "timm" (that library's model name) or "gguf" (a GGUF file)
     target: str  # what the loader is handed: a path, a hub id, "local-dir:PATH" / "hf-hub:ID" for open_clip
     path: Path | None = None  # the folder (~ expanded) when kind == "folder"; the file when kind == "gguf"
-    pretrained: str = ""  # open_clip: encoder.pretrained as written
-    weights_file: Path | None = None  # open_clip: encoder.pretrained when it names a local file
+    pretrained: str = ""  # open_clip, timm: encoder.pretrained as written
+    weights_file: Path | None = None  # open_clip, timm: encoder.pretrained when it names a local file
 
     @property
     def local(self) -> bool:
@@ -94,7 +103,7 @@ class ModelRef:
         if self.local:
             folder = folder_identity(self.path, FAMILIES[self.family].folder_files)
             return {"model": "local-dir", "weights": folder}
-        if self.family == "open_clip":
+        if self.family in ("open_clip", "timm"):
             # encoder.pretrained for hf-hub: models too, which open_clip ignores, so their keys stay as they were
             weights = file_identity(self.weights_file) if self.weights_file else self.pretrained
             return {"model": self.target, "weights": weights}
@@ -166,6 +175,8 @@ def resolve(
         return _folder(name, key, family, name)
     if family == "open_clip":
         return _open_clip_name(name, key, pretrained)
+    if family == "timm":
+        return _timm_name(name, key, pretrained)
     return ModelRef(name, key, family, "hub", name)
 
 
@@ -230,6 +241,25 @@ def _open_clip_name(name: str, key: str, pretrained: str) -> ModelRef:
     return ModelRef(
         name, key, "open_clip", "open_clip", name, pretrained=pretrained, weights_file=weights_file
     )
+
+
+def _timm_name(name: str, key: str, pretrained: str) -> ModelRef:
+    """A timm model name, and encoder.pretrained as the local weights file it is built with. vicap never
+    asks timm for its own pretrained weights: they would come from the hub."""
+    import timm  # after vicap's torchvision guard (vicap/__init__.py)
+
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('.')[0][:8]}*")[:8]
+        raise ModelLoadError(
+            f"{key} = {name!r} is not a timm model{'; similar: ' + ', '.join(close) if close else ''} "
+            "(timm.list_models()). A local folder is written 'local-dir:PATH' or as a path (./PATH)."
+        )
+    file = Path(pretrained).expanduser()  # its suffix: EncoderConfig.validate
+    if not file.is_file():
+        raise ModelLoadError(
+            f"encoder.pretrained = {pretrained!r}: file not found (looked for {file.absolute()})"
+        )
+    return ModelRef(name, key, "timm", "timm", name, pretrained=pretrained, weights_file=file)
 
 
 def display_name(name: str) -> str:
