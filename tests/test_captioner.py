@@ -252,3 +252,20 @@ def test_from_pretrained_on_a_folder_that_is_no_export(run_dir: Path, tmp_path: 
         Captioner.from_pretrained(tmp_path)
     with pytest.raises(RecipeError, match="not a vicap export"):
         Captioner.from_pretrained(run_dir)
+
+
+def test_a_timm_encoders_weights_file_is_a_model_reference(tmp_path: Path) -> None:
+    # the timm model name ships with timm; its weights file is what an export must carry
+    weights = tmp_path / "lite0.safetensors"
+    weights.write_bytes(b"")
+    recipe = load_recipe(
+        "demo_vi_synthetic",
+        [
+            "encoder.name=timm",
+            "encoder.model=efficientnet_lite0",
+            f"encoder.pretrained={weights}",
+            "decoder.model=gpt2",
+        ],
+    )
+    refs = {r.key: r for r in model_references(recipe)}
+    assert refs["encoder.pretrained"].path == weights and not refs["encoder.model"].cached

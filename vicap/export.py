@@ -59,10 +59,11 @@ def model_references(recipe: Recipe) -> list[Reference]:
     """The recipe's model settings, each resolved as its loader resolves it (a local path that is not
     there is a ModelLoadError naming it)."""
     enc, dec = recipe.encoder, recipe.decoder
-    family = "open_clip" if enc.name == "open_clip" else "transformers"
+    family = enc.name if enc.name in ("open_clip", "timm") else "transformers"
     encoder = resolve(enc.model, "encoder.model", family, enc.pretrained)
-    # an open_clip model name with a local weights file needs no download: open_clip ships the architecture
-    weights = encoder.weights_file if encoder.kind == "open_clip" else None
+    # an open_clip or timm model name with a local weights file needs no download: the library ships
+    # the architecture
+    weights = encoder.weights_file if encoder.kind in ("open_clip", "timm") else None
     refs = [
         Reference(
             "encoder.model",
