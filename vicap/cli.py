@@ -464,19 +464,23 @@ def serve(
 def main() -> None:
     try:
         app()
-    finally:
-        _leave_process_group()
+    except SystemExit as done:
+        if not done.code:  # a failed process is ended by the launcher; waiting for the others would hang
+            _leave_process_group()
+        raise
 
 
 def _leave_process_group() -> None:
-    """Under `accelerate launch`, leave the process group before the process exits: a process that exits
-    with it open can abort while its communication threads are torn down ("terminate called without
-    an active exception"), after the run was saved. In-process callers keep theirs (see make_accelerator)."""
+    """Under `accelerate launch`, leave the process group together before the processes exit: one that
+    exits with it open, or while another still uses it, can abort as its communication threads are torn
+    down ("terminate called without an active exception"), after the run was saved. In-process callers
+    keep theirs (see make_accelerator)."""
     if "torch.distributed" not in sys.modules:
         return
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
