@@ -403,6 +403,23 @@ class _HFClipTower(nn.Module):
         return self.model.visual_projection(self.model.vision_model.post_layernorm(out.last_hidden_state))
 
 
+def _processor_identity(name: str, processor, ref, cfg: EncoderConfig) -> tuple[Callable, dict]:
+    """A transformers image processor as an encoder's `preprocess`, and the store identity it gives
+    (encoder, model and weights, every processor setting, normalize)."""
+
+    def preprocess(image) -> torch.Tensor:
+        return processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+    pp = {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(processor.to_dict().items())}
+    identity = {
+        "encoder": name,
+        **ref.identity(),  # model and weights
+        "preprocess": json.loads(json.dumps(pp, default=str)),
+        "normalize": cfg.normalize,
+    }
+    return preprocess, identity
+
+
 @ENCODERS.register(
     "hf_clip", help="transformers CLIPVisionModelWithProjection: hub id or local save_pretrained folder"
 )
@@ -424,16 +441,7 @@ def load_hf_clip(cfg: EncoderConfig, *, text: bool = False) -> Encoder:
         raise hf_load_error(ref, "Hugging Face CLIP vision model", e) from e
     model.requires_grad_(False).eval()
 
-    def preprocess(image) -> torch.Tensor:
-        return processor(images=image, return_tensors="pt")["pixel_values"][0]
-
-    pp = {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(processor.to_dict().items())}
-    identity = {
-        "encoder": "hf_clip",
-        **ref.identity(),  # model and weights
-        "preprocess": json.loads(json.dumps(pp, default=str)),
-        "normalize": cfg.normalize,
-    }
+    preprocess, identity = _processor_identity("hf_clip", processor, ref, cfg)
     embed_dim = int(model.config.projection_dim)
     encoder = _finish(cfg, _HFClipTower(model, cfg.patch_tokens), preprocess, embed_dim, identity)
     if text:
@@ -657,16 +665,7 @@ def load_hf_vision(cfg: EncoderConfig, *, text: bool = False) -> Encoder:
             "vicap's hf_vision encoder takes fixed-size images only (SigLIP2: use a FixRes checkpoint)"
         )
 
-    def preprocess(image) -> torch.Tensor:
-        return processor(images=image, return_tensors="pt")["pixel_values"][0]
-
-    pp = {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(processor.to_dict().items())}
-    identity = {
-        "encoder": "hf_vision",
-        **ref.identity(),  # model and weights
-        "preprocess": json.loads(json.dumps(pp, default=str)),
-        "normalize": cfg.normalize,
-    }
+    preprocess, identity = _processor_identity("hf_vision", processor, ref, cfg)
     tower = _HFVisionTower(model, cfg.patch_tokens, int(vision_cfg.patch_size), norm)
     try:
         with torch.no_grad():
