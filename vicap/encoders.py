@@ -403,6 +403,15 @@ class _HFClipTower(nn.Module):
         return self.model.visual_projection(self.model.vision_model.post_layernorm(out.last_hidden_state))
 
 
+def _check_processor_file(cfg: EncoderConfig, ref, what: str) -> None:
+    """A local transformers folder must hold its image processor: without it there is no preprocessing."""
+    if ref.local and not (ref.path / "preprocessor_config.json").is_file():
+        raise ModelLoadError(
+            f"encoder.model = {cfg.model!r}: no preprocessor_config.json in {ref.path}; save the model's "
+            f"{what} beside it (processor.save_pretrained(folder))."
+        )
+
+
 def _processor_identity(name: str, processor, ref, cfg: EncoderConfig) -> tuple[Callable, dict]:
     """A transformers image processor as an encoder's `preprocess`, and the store identity it gives
     (encoder, model and weights, every processor setting, normalize)."""
@@ -427,11 +436,7 @@ def load_hf_clip(cfg: EncoderConfig, *, text: bool = False) -> Encoder:
     from transformers import AutoImageProcessor, CLIPVisionModelWithProjection
 
     ref = resolve(cfg.model, "encoder.model")
-    if ref.local and not (ref.path / "preprocessor_config.json").is_file():
-        raise ModelLoadError(
-            f"encoder.model = {cfg.model!r}: no preprocessor_config.json in {ref.path}; save the model's "
-            "CLIPImageProcessor beside it (processor.save_pretrained(folder))."
-        )
+    _check_processor_file(cfg, ref, "CLIPImageProcessor")
     try:
         processor = AutoImageProcessor.from_pretrained(ref.target, local_files_only=ref.local)
         model = CLIPVisionModelWithProjection.from_pretrained(
@@ -640,11 +645,7 @@ def load_hf_vision(cfg: EncoderConfig, *, text: bool = False) -> Encoder:
 
     _no_text_tower(cfg, text)
     ref = resolve(cfg.model, "encoder.model")
-    if ref.local and not (ref.path / "preprocessor_config.json").is_file():
-        raise ModelLoadError(
-            f"encoder.model = {cfg.model!r}: no preprocessor_config.json in {ref.path}; save the model's "
-            "image processor beside it (processor.save_pretrained(folder))."
-        )
+    _check_processor_file(cfg, ref, "image processor")
     try:
         processor = AutoImageProcessor.from_pretrained(ref.target, local_files_only=ref.local)
         model = AutoModel.from_pretrained(ref.target, local_files_only=ref.local, dtype=torch.float32)
