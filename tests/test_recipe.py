@@ -388,11 +388,9 @@ def test_lengths_beyond_the_lm_positions(
             "generate.max_new_tokens = 200: the prefix (2) + start tokens (0)",
         ),
         (["data.max_tokens=63"], 1, "data.max_tokens = 63: the prefix (2)"),
-        (
-            ["decoder.model=gpt2-not-downloaded"],
-            0,
-            "LM not on this machine: lengths are checked when it loads",
-        ),
+        (["decoder.model=gpt2-not-downloaded"], 0, "lengths not checked (the LM: not on this machine)"),
+        (["decoder.model={tmp}/lm.gguf"], 0, "lengths not checked (the LM: a GGUF file)"),
+        (["decoder.model={tmp}/missing"], 0, "lengths not checked (the LM: decoder.model = "),
     ],
 )
 def test_validate_checks_lengths_against_the_lm_without_its_weights(
@@ -404,7 +402,8 @@ def test_validate_checks_lengths_against_the_lm_without_its_weights(
     weights = next(tiny_lm_dir.glob("*.safetensors"))
     weights.rename(weights.with_suffix(".away"))  # no weights: validate reads config and tokenizer only
     try:
-        args = [a for o in [*overrides, *sets] for a in ("--set", o)]
+        (tmp_path / "lm.gguf").write_bytes(b"GGUF")
+        args = [a for o in [*overrides, *sets] for a in ("--set", o.format(tmp=tmp_path))]
         res = CliRunner().invoke(app, ["validate", "demo_vi_synthetic", *args])
     finally:
         weights.with_suffix(".away").rename(weights)

@@ -142,8 +142,8 @@ def validate(
                 try:
                     limit = check_recipe_lengths(recipe)
                     lengths = f"; lengths fit the LM's {limit} positions" if limit else ""
-                except ModelLoadError:
-                    lengths = "; LM not on this machine: lengths are checked when it loads"
+                except ModelLoadError as e:
+                    lengths = f"; caption lengths not checked (the LM: {e}), they are checked when it loads"
                 except RecipeError as e:
                     raise RecipeError(f"{find_recipe(spec)}: {e}") from None
             typer.echo(f"ok    {spec}  ({recipe.summary()}{lengths})")

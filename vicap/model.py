@@ -76,12 +76,14 @@ def check_recipe_lengths(recipe: Recipe) -> int | None:
     from vicap.errors import ModelLoadError
     from vicap.resolve import resolve
 
-    ref = resolve(recipe.decoder.model, "decoder.model")
+    ref = resolve(recipe.decoder.model, "decoder.model", gguf_file=recipe.decoder.gguf_file)
+    if ref.kind == "gguf":  # its config is inside the file, read when it is converted
+        raise ModelLoadError("a GGUF file")
     try:
         config = AutoConfig.from_pretrained(ref.target, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(ref.target, local_files_only=True)
-    except Exception as e:  # a hub model not downloaded here: checked when it loads
-        raise ModelLoadError(f"decoder.model = {recipe.decoder.model!r}: not on this machine ({e})") from None
+    except Exception:  # a hub model not downloaded here: checked when it loads
+        raise ModelLoadError("not on this machine") from None
     with torch.device("meta"):
         lm = AutoModelForCausalLM.from_config(config)
     limit, start = position_limit(lm), len(_start_tokens(tokenizer))
