@@ -219,6 +219,11 @@ def test_text_adapter_bad_input(tmp_path, case, name, content, expected) -> None
         ),
         ("offset without a corpus", {"text.offset_images": "imgs"}, "text.offset_images"),
         ("column without a corpus", {"text.column": "sentence"}, "text.column"),
+        (
+            "column of a .txt corpus",
+            {"text.source": "c.txt", "encoder.normalize": True, "text.column": "sentence"},
+            "text.column",
+        ),
         ("uniform noise without noise", {"train.feature_noise_kind": "uniform"}, "train.feature_noise_kind"),
         (
             "unknown noise kind",

@@ -469,6 +469,12 @@ class TextConfig(Section):
                 value,
                 "applies only with a text corpus: set text.source",
             )
+        check(
+            not self.source.lower().endswith(".txt") or self.column == "text",
+            "text.column",
+            self.column,
+            f"a .txt corpus ({self.source}) is one sentence a line and has no columns: remove text.column",
+        )
 
 
 @dataclass(frozen=True)
