@@ -43,33 +43,54 @@ def _pixels(encoder, images: list[Path]) -> torch.Tensor:
 # --------------------------------------------------------------------------- open_clip families
 
 
-@pytest.mark.parametrize(
-    ("family", "vision_cfg"),
-    [
-        ("ModifiedResNet", {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "head_width": 8}),
-        (
-            "TimmModel",  # ConvNeXt through timm, as open_clip's convnext_* configs build it
-            {
-                "image_size": 32,
-                "timm_model_name": "convnext_atto",
-                "timm_model_pretrained": False,
-                "timm_pool": "",
-                "timm_proj": "linear",
-            },
-        ),
-    ],
-)
-def test_open_clip_conv_towers_give_pooled_vectors(
-    tmp_path: Path, images, family: str, vision_cfg: dict
-) -> None:
-    folder = _save_open_clip(tmp_path / family, vision_cfg)
+def test_open_clip_resnet_gives_pooled_vectors_and_refuses_tokens(tmp_path: Path, images) -> None:
+    vision_cfg = {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "head_width": 8}
+    folder = _save_open_clip(tmp_path / "rn", vision_cfg)
     encoder = load_encoder(EncoderConfig(model=f"local-dir:{folder}"))
-    assert type(encoder.model).__name__ == family
+    assert type(encoder.model).__name__ == "ModifiedResNet"
     assert encoder.embed_dim == 24 and encoder.patch_tokens == 0 and encoder.feature_shape == (24,)
     out = encoder.encode(_pixels(encoder, images))
     assert tuple(out.shape) == (3, 24) and torch.isfinite(out).all()
-    with pytest.raises(ModelLoadError, match=f"patch_tokens = true needs a ViT image tower; .* {family}"):
+    with pytest.raises(ModelLoadError, match="needs a ViT or timm image tower; .* ModifiedResNet"):
         load_encoder(EncoderConfig(model=f"local-dir:{folder}", patch_tokens=True))
+
+
+def _timm_tower(name: str, size: int, pool: str, proj: str) -> dict:
+    return {
+        "image_size": size,
+        "timm_model_name": name,
+        "timm_model_pretrained": False,
+        "timm_pool": pool,
+        "timm_proj": proj,
+    }
+
+
+@pytest.mark.parametrize(
+    ("case", "vision_cfg", "embed_dim", "tokens"),
+    [
+        # SigLIP as open_clip builds it (ViT-B-16-SigLIP: a timm ViT, attention-pool head, no projection)
+        ("siglip-style ViT", _timm_tower("test_vit", 160, "map", "none"), 64, 100),
+        ("ViT, linear projection", _timm_tower("test_vit", 160, "token", "linear"), 24, 100),
+        ("ConvNeXt, linear projection", _timm_tower("convnext_atto", 32, "", "linear"), 24, 1),
+    ],
+)
+def test_open_clip_timm_towers_give_projected_tokens(
+    tmp_path: Path, images, case: str, vision_cfg: dict, embed_dim: int, tokens: int
+) -> None:
+    folder = _save_open_clip(tmp_path / "t", vision_cfg, embed_dim)
+    pooled = load_encoder(EncoderConfig(model=f"local-dir:{folder}"))
+    assert type(pooled.model).__name__ == "TimmModel" and pooled.embed_dim == embed_dim
+    enc = load_encoder(EncoderConfig(model=f"local-dir:{folder}", patch_tokens=True))
+    assert enc.patch_tokens == tokens and enc.feature_shape == (1 + tokens, embed_dim)
+    px = _pixels(pooled, images)
+    out = enc.encode(px)
+    torch.testing.assert_close(out[:, 0], pooled.encode(px))  # row 0: the tower's own image embedding
+    # The tokens are the trunk's final states (after its final norm, prefix tokens dropped) through
+    # the same head that projects the pooled vector.
+    visual = pooled.model
+    states = visual.trunk.forward_features(px)
+    states = states[:, visual.trunk.num_prefix_tokens :] if states.dim() == 3 else states.flatten(2).mT
+    torch.testing.assert_close(out[:, 1:], visual.head(states), rtol=1e-5, atol=1e-5)
 
 
 def test_open_clip_vit_patch_tokens(tiny_clip_dir: Path, images) -> None:

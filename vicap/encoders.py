@@ -220,7 +220,7 @@ def load_open_clip(cfg: EncoderConfig, *, text: bool = False) -> Encoder:
         with torch.no_grad():
             embed_dim = visual(torch.zeros(1, 3, *size)).shape[-1]
     pp = getattr(visual, "preprocess_cfg", {}) or {}
-    tower: nn.Module = _OpenClipViTTokens(visual, cfg.model) if cfg.patch_tokens else visual
+    tower: nn.Module = _open_clip_tokens(visual, cfg.model) if cfg.patch_tokens else visual
     identity = {
         "encoder": "open_clip",
         **ref.identity(),  # model and weights
@@ -362,16 +362,38 @@ class _Normalized(nn.Module):
         return nn.functional.normalize(self.inner(x), dim=-1)
 
 
+def _open_clip_tokens(visual: nn.Module, name: str) -> nn.Module:
+    """An open_clip image tower that returns [pooled, patch tokens] in the embedding space: its own
+    VisionTransformer, or a timm trunk (SigLIP's ViTs, ConvNeXt) behind open_clip's projection head."""
+    if type(visual).__name__ == "TimmModel" and not hasattr(visual.head, "pool"):
+        return _OpenClipTimmTokens(visual)
+    if not hasattr(visual, "output_tokens") or getattr(visual, "attn_pool", None) is not None:
+        raise ModelLoadError(
+            f"encoder.patch_tokens = true needs a ViT or timm image tower; {name!r} has a "
+            f"{type(visual).__name__} with its own attention pooling. Use a ViT model (ViT-B-32, "
+            "ViT-B-16-SigLIP, ...) or set encoder.patch_tokens = false."
+        )
+    return _OpenClipViTTokens(visual)
+
+
+class _OpenClipTimmTokens(nn.Module):
+    """open_clip's TimmModel: the trunk's [pooled, tokens] (as for encoder.name = "timm"), each row then
+    through open_clip's head (a linear or MLP projection, or nothing, as SigLIP has), so row 0 is
+    exactly the tower's image embedding and the tokens are projected the same way."""
+
+    def __init__(self, visual: nn.Module) -> None:
+        super().__init__()
+        self.trunk, self.head = _TimmTokens(visual.trunk), visual.head
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.head(self.trunk(pixels))
+
+
 class _OpenClipViTTokens(nn.Module):
     """An open_clip VisionTransformer that returns [pooled, patch tokens] in the embedding space."""
 
-    def __init__(self, visual: nn.Module, name: str) -> None:
+    def __init__(self, visual: nn.Module) -> None:
         super().__init__()
-        if not hasattr(visual, "output_tokens") or getattr(visual, "attn_pool", None) is not None:
-            raise ModelLoadError(
-                f"encoder.patch_tokens = true needs a ViT image tower; {name!r} has a "
-                f"{type(visual).__name__}. Use a ViT model (ViT-B-32, ...) or set encoder.patch_tokens = false."
-            )
         visual.output_tokens = True
         self.visual = visual
 

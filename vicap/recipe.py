@@ -126,7 +126,7 @@ class EncoderConfig(Section):
     normalize: bool = option("L2-normalize image features before the mapper", False)
     patch_tokens: bool = option(
         "also store the patch tokens (projected to the embedding width) beside the pooled vector, "
-        "for mappers that attend to them (mapper.type = 'attention'); ViT towers only",
+        "for mappers that attend to them (mapper.type = 'attention'); ViT, SigLIP and timm towers",
         False,
     )
 
