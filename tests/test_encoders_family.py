@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -91,6 +92,15 @@ def test_open_clip_timm_towers_give_projected_tokens(
     states = visual.trunk.forward_features(px)
     states = states[:, visual.trunk.num_prefix_tokens :] if states.dim() == 3 else states.flatten(2).mT
     torch.testing.assert_close(out[:, 1:], visual.head(states), rtol=1e-5, atol=1e-5)
+
+
+def test_a_local_folder_loads_without_a_random_weights_warning(tiny_clip_dir: Path, caplog) -> None:
+    # open_clip builds the model empty and warns it is "initialized randomly"; vicap then reads the
+    # folder's weights itself, so the warning would be false (the features tests check the weights).
+    with caplog.at_level(logging.WARNING):
+        load_encoder(EncoderConfig(model=f"local-dir:{tiny_clip_dir}"))
+    assert not [r.getMessage() for r in caplog.records if "randomly" in r.getMessage()]
+    assert not logging.getLogger().filters  # the filter goes with the load
 
 
 def test_open_clip_vit_patch_tokens(tiny_clip_dir: Path, images) -> None:

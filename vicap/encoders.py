@@ -11,6 +11,7 @@ norm and projection, so every row lives in the same D-dimensional embedding spac
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -200,9 +201,10 @@ def load_open_clip(cfg: EncoderConfig, *, text: bool = False) -> Encoder:
     # weights from the hub); the file is read below by load_weights_file.
     no_weights = {"load_weights": False, "pretrained_text": False} if weights_file else {}
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            ref.target, pretrained=pretrained, **no_weights
-        )
+        with _quiet_root_log("No pretrained weights loaded") if weights_file else contextlib.nullcontext():
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                ref.target, pretrained=pretrained, **no_weights
+            )
     except Exception as e:  # network errors, missing files, bad tags all land here
         raise ref.load_error("open_clip model", e) from e
     if weights_file is not None:
@@ -233,6 +235,23 @@ def load_open_clip(cfg: EncoderConfig, *, text: bool = False) -> Encoder:
     del model  # without text=True, the text tower goes
     log.info("encoder %s (%s): embed_dim=%d, store key %s", cfg.model, pretrained, embed_dim, encoder.key)
     return encoder
+
+
+@contextlib.contextmanager
+def _quiet_root_log(start: str):
+    """Drops the root logger's records that begin with `start` for the duration: open_clip warns
+    "No pretrained weights loaded ... initialized randomly" on the root logger when vicap builds the
+    model empty to read the user's weights file itself, which it does right after."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(start)
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
 
 
 def _load_image_tower(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
