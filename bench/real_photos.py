@@ -36,8 +36,10 @@ It prints the held-out BLEU-4 / CIDEr-D / chrF (word level) of vicap, the baseli
 most-frequent-training-caption floor; ten test photos with both captions beside the reference;
 each stage's wall time and the process's peak RSS after it (ru_maxrss); and writes
 OUT/real_photos.json. Everything goes under --out (default: a temp dir). `--stage NAME` runs one
-stage (manifest, train, evaluate, baseline) and then the report, so a long run splits into short
-commands; each stage's wall time and its own process's peak RSS go to OUT/stages.json.
+stage (manifest, train, evaluate, baseline; `--stage report` prints the tables), so a long run
+splits into short commands (`--stage train --resume` continues a training cut short; a command
+killed before it ends records no time). Each stage's wall time and its own process's peak RSS go
+to OUT/stages.json.
 """
 
 from __future__ import annotations
@@ -170,11 +172,17 @@ def main() -> None:
     ap.add_argument("--baseline-epochs", type=int, default=20, help="the baseline's passes over the images")
     ap.add_argument("--beam", type=int, default=3, help="beam size for both systems")
     ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="--stage train continues the run from its last checkpoint (saved every epoch) instead of "
+        "starting afresh: a training cut short (a time limit) goes on where it stopped",
+    )
+    ap.add_argument(
         "--stage",
         choices=("all", *STAGES),
         default="all",
         help="run one stage (each reads what the ones before wrote under --out, so a long run can be "
-        "split into several commands), or all; every call ends with the report",
+        "split into several commands), or all; all and report end with the report",
     )
     args = ap.parse_args()
     for what, path in (("--data", args.data / "captions.tsv"), ("--encoder-weights", args.encoder_weights)):
@@ -194,9 +202,14 @@ def main() -> None:
         t = time.time()
         RUN_STAGE[stage](args, manifest, out)
         # each stage's own process peak when stages run one per command; else the peak so far
-        stages[stage] = {"wall_s": round(time.time() - t, 1), "peak_rss_mb": round(peak_rss_mb())}
+        now = {"wall_s": round(time.time() - t, 1), "peak_rss_mb": round(peak_rss_mb())}
+        if stage == "train" and args.resume and stage in stages:  # one training in several commands
+            now = {k: (sum if k == "wall_s" else max)((stages[stage][k], v)) for k, v in now.items()}
+        stages[stage] = now
         stages_file.write_text(json.dumps(stages, indent=1), encoding="utf-8")
-    report(args, out, stages)
+        print(f"{stage}: {stages[stage]['wall_s']:.0f} s, peak RSS {stages[stage]['peak_rss_mb']:,} MB")
+    if args.stage in ("all", "report"):
+        report(args, out, stages)
 
 
 def run_manifest(args: argparse.Namespace, manifest: Path, out: Path) -> None:
@@ -213,8 +226,9 @@ def run_train(args: argparse.Namespace, manifest: Path, out: Path) -> None:
     from vicap.train import train
 
     recipe = vicap_recipe(args, manifest, out)
-    shutil.rmtree(recipe.train.output_dir, ignore_errors=True)  # afresh, as vicap.demo.train_and_evaluate
-    train(recipe, progress=False)
+    if not args.resume:  # afresh, as vicap.demo.train_and_evaluate
+        shutil.rmtree(recipe.train.output_dir, ignore_errors=True)
+    train(recipe, resume=args.resume, progress=False)
 
 
 def run_evaluate(args: argparse.Namespace, manifest: Path, out: Path) -> None:
