@@ -209,3 +209,52 @@ def test_frozen_cnn_features_are_cached(tmp_path: Path, ktvic_dir: Path) -> None
     report = evaluate_baseline(run, ["generate.strategy=greedy", 'eval.metrics=["BLEU"]', "eval.human=false"])
     assert set(report["scores"]["syllable"]) == {"CNN+LSTM (show_tell)", FLOOR}
     assert len(list((tmp_path / "features").iterdir())) == 1  # reused, not re-encoded elsewhere
+
+
+# cnn = "timm": vicap's own timm encoder, frozen, one pooled region
+TIMM = ["encoder.cnn=timm", "encoder.model=test_efficientnet", "encoder.weights=w.safetensors"]
+FROZEN_ONE_REGION = ["encoder.trainable=false", "encoder.grid=1", "encoder.image_size=224"]
+
+
+@pytest.mark.parametrize(
+    ("case", "overrides", "message"),
+    [
+        ("no model", ["encoder.cnn=timm", *FROZEN_ONE_REGION], "names the timm model when encoder.cnn"),
+        ("model without timm", ["encoder.model=test_efficientnet"], "and only then"),
+        ("no weights file", [*TIMM, *FROZEN_ONE_REGION, "encoder.weights=none"], "needs the model's weights"),
+        ("trainable", [*TIMM, *FROZEN_ONE_REGION, "encoder.trainable=true"], "a timm CNN is used frozen"),
+        ("grid", [*TIMM, *FROZEN_ONE_REGION, "encoder.grid=2"], "gives one pooled region; use 1"),
+        ("image size", [*TIMM, *FROZEN_ONE_REGION, "encoder.image_size=64"], "timm's own data config"),
+    ],
+)
+def test_bad_timm_cnn_settings_name_the_key(case: str, overrides: list[str], message: str) -> None:
+    with pytest.raises(RecipeError, match="baseline_demo_vi_synthetic.toml") as e:
+        load_baseline_recipe(DEMO, overrides)
+    assert message in str(e.value)
+
+
+def test_timm_cnn_reads_vicaps_feature_store(tmp_path: Path, ktvic_dir: Path) -> None:
+    """The baseline's cnn = "timm" caches the rows vicap's timm encoder writes: one store, its key."""
+    import timm
+    from safetensors.torch import save_file
+
+    from vicap.baseline.train import evaluate_baseline, train_baseline
+    from vicap.encoders import load_encoder
+    from vicap.recipe import EncoderConfig
+
+    weights = tmp_path / "w.safetensors"
+    torch.manual_seed(0)
+    save_file(
+        {k: v.contiguous() for k, v in timm.create_model("test_efficientnet").state_dict().items()}, weights
+    )
+    timm_cnn = [*TIMM[:2], f"encoder.weights={weights}", *FROZEN_ONE_REGION, "decoder.type=show_tell"]
+    overrides = _tiny_overrides(tmp_path, ktvic_dir, **{"train.epochs": "1"})
+    run = train_baseline(load_baseline_recipe(DEMO, [*overrides, *timm_cnn]), progress=False)
+    vicap_key = load_encoder(
+        EncoderConfig(name="timm", model="test_efficientnet", pretrained=str(weights))
+    ).key
+    assert [p.name for p in (tmp_path / "features").iterdir()] == [vicap_key]
+    with safe_open(str(next((run / "checkpoints").glob("*/model.safetensors"))), framework="pt") as f:
+        assert all(k.startswith("decoder.") for k in f.keys())  # the timm CNN is rebuilt from its file
+    report = evaluate_baseline(run, ["generate.strategy=greedy", 'eval.metrics=["BLEU"]', "eval.human=false"])
+    assert set(report["scores"]["syllable"]) == {"CNN+LSTM (show_tell)", FLOOR}

@@ -112,15 +112,31 @@ def build_cnn(cfg: CNNConfig) -> tuple[nn.Module, int]:
 
 
 class CNNEncoder(nn.Module):
-    """Pixels (B, 3, H, W) -> region features (B, grid*grid, C)."""
+    """Pixels (B, 3, H, W) -> region features (B, grid*grid, C).
+
+    `cnn = "timm"` is vicap's own timm encoder (`vicap_encoder`, loaded as a vicap recipe's
+    `encoder.name = "timm"` loads it): its pooled vector is the one region, and its identity keys the
+    feature store, so the baseline reads the rows a vicap run with that model and weights wrote."""
 
     def __init__(self, cfg: CNNConfig) -> None:
         super().__init__()
+        self.grid = cfg.grid
+        self.vicap_encoder = None
+        if cfg.cnn == "timm":
+            from vicap.encoders import load_encoder
+            from vicap.recipe import EncoderConfig
+
+            self.vicap_encoder = load_encoder(
+                EncoderConfig(name="timm", model=cfg.model, pretrained=cfg.weights)
+            )
+            self.body, self.channels = self.vicap_encoder.model, self.vicap_encoder.embed_dim
+            return
         self.body, self.channels = build_cnn(cfg)
         self.pool = nn.AdaptiveAvgPool2d(cfg.grid)
-        self.grid = cfg.grid
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.vicap_encoder is not None:
+            return self.body(pixels).unsqueeze(1)  # (B, 1, C): the pooled vector
         fmap = self.pool(self.body(pixels))  # (B, C, g, g)
         return fmap.flatten(2).transpose(1, 2)  # (B, g*g, C)
 

@@ -33,8 +33,9 @@ from vicap.recipe import (
     read_toml,
 )
 
-CNN = Literal["resnet50", "resnet18", "efficientnet_b0", "tiny"]
+CNN = Literal["resnet50", "resnet18", "efficientnet_b0", "tiny", "timm"]
 CNNS = typing.get_args(CNN)
+IMAGE_SIZE = 224
 
 
 @dataclass(frozen=True)
@@ -42,9 +43,15 @@ class CNNConfig(Section):
     KEY = "encoder"
 
     cnn: CNN = option(
-        "image encoder: resnet50, resnet18, efficientnet_b0 (torchvision) or tiny (a small conv net "
-        "for tests and the demo, always trained from scratch)",
+        "image encoder: resnet50, resnet18, efficientnet_b0 (torchvision), tiny (a small conv net "
+        "for tests and the demo, always trained from scratch) or timm (encoder.model, read as vicap's "
+        "encoder.name = 'timm' reads it: its pooled features, the same feature store rows as a vicap run "
+        "with that model and weights file)",
         "resnet50",
+    )
+    model: str = option(
+        "cnn = 'timm': the timm model name (efficientnet_lite0); encoder.weights is its local weights file",
+        "",
     )
     weights: str = option(
         "'imagenet' (torchvision's ImageNet weights: from the torch hub cache, downloaded when "
@@ -52,7 +59,9 @@ class CNNConfig(Section):
         "with torch.load(weights_only=True))",
         "imagenet",
     )
-    image_size: int = option("images are resized (shorter side) and center-cropped to this many pixels", 224)
+    image_size: int = option(
+        "images are resized (shorter side) and center-cropped to this many pixels", IMAGE_SIZE
+    )
     grid: int = option(
         "the feature map is average-pooled to grid x grid regions (attention attends to them; "
         "show_tell uses their mean)",
@@ -72,6 +81,28 @@ class CNNConfig(Section):
             self.weights,
             "the tiny CNN has no pretrained weights; use 'none'",
         )
+        check(
+            bool(self.model) == (self.cnn == "timm"),
+            "encoder.model",
+            self.model,
+            "names the timm model when encoder.cnn = 'timm', and only then",
+        )
+        if self.cnn == "timm":
+            # vicap's timm encoder: frozen, its pooled vector (one region), timm's own preprocessing
+            check(
+                self.weights not in ("imagenet", "none"),
+                "encoder.weights",
+                self.weights,
+                "encoder.cnn = 'timm' needs the model's weights as a local file",
+            )
+            check(not self.trainable, "encoder.trainable", self.trainable, "a timm CNN is used frozen")
+            check(self.grid == 1, "encoder.grid", self.grid, "a timm CNN gives one pooled region; use 1")
+            check(
+                self.image_size == IMAGE_SIZE,
+                "encoder.image_size",
+                self.image_size,
+                "a timm CNN is preprocessed by timm's own data config; leave it unset",
+            )
         check(self.image_size >= 16, "encoder.image_size", self.image_size, "must be >= 16")
         check(self.grid >= 1, "encoder.grid", self.grid, "must be >= 1")
         check(self.batch_size > 0, "encoder.batch_size", self.batch_size, "must be > 0")

@@ -79,10 +79,29 @@ def frozen_feature_store(
     accelerator=None,
 ):
     """Regions of every manifest image through the frozen CNN, cached in vicap's feature store (one row
-    of grid*grid*C floats per image, keyed by the CNN, its weights and the preprocessing)."""
+    of grid*grid*C floats per image, keyed by the CNN, its weights and the preprocessing; for
+    cnn = "timm", vicap's timm encoder's own rows)."""
     from vicap.features import extract_features
     from vicap.pipeline import report_failures, sharing
 
+    # cnn = "timm" is vicap's own timm encoder: its store rows are the ones a vicap run wrote
+    encoder = model.encoder.vicap_encoder or _baseline_encoder(recipe, model)
+    paths = [manifest.resolve_image(r) for r in manifest.records]
+    store = extract_features(
+        encoder,
+        paths,
+        recipe.data.features_dir,
+        batch_size=recipe.encoder.batch_size,
+        **sharing(accelerator, device, progress),
+    )
+    if accelerator is None or accelerator.is_main_process:
+        report_failures(store, len(paths))
+    return store
+
+
+def _baseline_encoder(recipe: BaselineRecipe, model: CNNLSTM) -> Encoder:
+    """A torchvision (or tiny) CNN's regions as a store encoder, keyed by the CNN, its weights and the
+    preprocessing."""
     cfg = recipe.encoder
     if cfg.weights == "imagenet":
         import torchvision
@@ -94,7 +113,7 @@ def frozen_feature_store(
         weights = f"none:seed{recipe.train.seed}"
     else:
         weights = file_identity(Path(cfg.weights))
-    encoder = Encoder(
+    return Encoder(
         model=_Flat(model).eval(),
         preprocess=image_transform(cfg),
         embed_dim=model.encoder.grid**2 * model.encoder.channels,
@@ -106,17 +125,6 @@ def frozen_feature_store(
             "grid": cfg.grid,
         },
     )
-    paths = [manifest.resolve_image(r) for r in manifest.records]
-    store = extract_features(
-        encoder,
-        paths,
-        recipe.data.features_dir,
-        batch_size=cfg.batch_size,
-        **sharing(accelerator, device, progress),
-    )
-    if accelerator is None or accelerator.is_main_process:
-        report_failures(store, len(paths))
-    return store
 
 
 class _Pixels:
