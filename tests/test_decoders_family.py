@@ -93,6 +93,22 @@ def test_gemma_embeddings_are_scaled_by_the_lm_itself(lms: dict[str, Path]) -> N
     torch.testing.assert_close(model.embed(ids), raw * scale)
 
 
+@pytest.mark.parametrize("family", ["gemma3", "llama-untied-nopad"])
+def test_the_output_layer_gets_a_contiguous_input_when_decoding(lms: dict[str, Path], family: str) -> None:
+    """logits_to_keep=1 hands the output layer a strided view of the last position, which a bfloat16
+    F.linear on CPU multiplies by copying the whole (vocab, hidden) weight per row; the decoder's hook
+    hands it a contiguous copy, and the logits are those of the full forward's last position."""
+    dec = load_decoder(DecoderConfig(model=str(lms[family]), dtype="bfloat16"))
+    seen: list[bool] = []
+    dec.lm.get_output_embeddings().register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous()))
+    embeds = dec.lm.get_input_embeddings()(torch.tensor([[3, 7, 9, 11], [5, 6, 8, 10]]))
+    with torch.no_grad():
+        last = dec.lm(inputs_embeds=embeds, logits_to_keep=1).logits
+        full = dec.lm(inputs_embeds=embeds).logits
+    assert seen == [True, True]
+    torch.testing.assert_close(last[:, -1], full[:, -1])
+
+
 LORA_TARGETS = {"bloom": {"query_key_value"}, "gpt-neox": {"query_key_value"}}  # others: q_proj, v_proj
 TUNINGS = ("frozen", "lora", "full")
 

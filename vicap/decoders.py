@@ -72,6 +72,17 @@ def fuse_activations(lm: nn.Module) -> int:
     return swapped
 
 
+def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
+    """A forward pre-hook for the LM's output layer: its input made contiguous.
+
+    Decoding asks the LM for the last position's logits only (`logits_to_keep=1`), so the output layer
+    gets `hidden[:, -1:]`, a strided view. On CPU, a bfloat16 `F.linear` over such a view copies the
+    (vocab, hidden) weight once per row: measured with Gemma 3's 262,144 x 640 output layer and 4 rows,
+    3.1 s and 1.3 GB against 25 ms and 2 MB for the same product on a contiguous input (float32 is not
+    affected). The copy made here is one (rows, hidden) tensor."""
+    return (args[0].contiguous(), *args[1:])
+
+
 def _start_tokens(tokenizer) -> list[int]:
     """The special tokens a tokenizer puts in front of any text (BOS for Llama-style, none for GPT-2)."""
     full = tokenizer("a", add_special_tokens=True)["input_ids"]
@@ -108,6 +119,9 @@ def load_decoder(cfg: DecoderConfig) -> Decoder:
         raise ModelLoadError(f"decoder {cfg.model!r} defines no EOS token; captions need one to stop")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     hidden = lm.get_input_embeddings().embedding_dim
+    head = lm.get_output_embeddings()
+    if head is not None:
+        head.register_forward_pre_hook(_contiguous_input)
     if cfg.tuning == "frozen":
         lm.requires_grad_(False)
     lm.eval()
