@@ -27,7 +27,7 @@ names, scored by the same `summarize` and `table`.
 option-seedSEED) and prints both rows side by side: held-out CIDEr-D per seed, mean ± sd, mean training
 seconds, and whether the option's mean lies within the plain row's seed-to-seed spread (between its
 lowest and highest seed). Overrides are checked by the recipe's own validation before anything is
-built; the self-critical stage trains with `SCST`'s settings only, from each row's runs.
+built (keys the bench sets itself, such as train.seed, are refused); the self-critical stage trains with `SCST`'s settings only, from each row's runs.
 
 Data and stand-ins are reused from --out when they are there and were built with the same --images.
 """
@@ -181,10 +181,19 @@ def stage_table(timings: dict) -> str:
 
 def check_overrides(out: Path, overrides: tuple[str, ...]) -> None:
     """Validate `overrides` on the bench's recipe as `run_once` will apply them (the recipe's own checks:
-    an unknown key or a bad value is a RecipeError naming it), before anything is built or trained."""
+    an unknown key or a bad value is a RecipeError naming it), before anything is built or trained.
+    Keys the bench sets for every run (seed, run folder, the built data and stand-ins, the SCST start)
+    are errors too: an override would silently replace what --seeds and --out say."""
     from vicap.demo import demo_overrides, demo_recipe_path
-    from vicap.recipe import load_recipe
+    from vicap.errors import RecipeError
+    from vicap.recipe import load_recipe, parse_override
 
+    own = [parse_override(o)[0] for o in demo_overrides(out, DATASET)]
+    own += [["train", "seed"], ["scst", "init_from"]]
+    for text in overrides:
+        key = parse_override(text)[0]
+        if key in own:
+            raise RecipeError(f"{'.'.join(key)} is set by the bench for every run (use --seeds, --out)")
     load_recipe(demo_recipe_path(DATASET), [*demo_overrides(out, DATASET), *overrides])
 
 

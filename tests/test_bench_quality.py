@@ -18,6 +18,9 @@ from bench import quality
         (["--compare", "train.mixed_precision=bf17"], "--compare: "),
         (["--compare", "nonsense"], "must look like section.key=value"),
         (["--set", "train.lr=1e-3", "--compare", "encoder.nope=1"], "encoder.nope"),
+        (["--set", "train.seed=5"], "train.seed is set by the bench"),
+        (["--compare", "train.output_dir=/tmp/x"], "train.output_dir is set by the bench"),
+        (["--set", "data.source=/tmp/x"], "data.source is set by the bench"),
     ],
 )
 def test_bad_override_is_an_error_before_anything_runs(monkeypatch, capsys, tmp_path, argv, message):
