@@ -3,6 +3,7 @@
     python bench/generate_throughput.py                  # ~4 minutes on 2 idle CPU cores
     python bench/generate_throughput.py --original-beam  # + the original generate_beam (~2 more)
     python bench/generate_throughput.py --quick          # 8 images, 1 round: a smoke test
+    python bench/generate_throughput.py --bf16           # + vicap at generate.precision = "bf16"
 
 Model: a GPT-2-small-shaped LM (GPT2Config() defaults: 12 layers, 768 wide, 50257 tokens; random
 weights, seeded) behind a random ClipCap MLP mapper (512-d features -> 10 prefix embeddings). With
@@ -31,6 +32,11 @@ configuration runs in its own process, so peak RSS is that configuration's own. 
 of --rounds runs, interleaved so that every configuration meets the same kind of load on a shared
 machine. The reference (and vicap at batch 1) decode every --ref-every-th of the images vicap decodes at
 batch 32 (the reference is slow); captions/s is computed over the images each one decoded.
+
+--bf16 adds vicap at batch 32 under `generate.precision = "bf16"` (vicap.device.autocast, as `vicap
+caption` runs it), greedy and beam, where this machine's autocast has bf16: its captions/s, its ratio
+over the reference, and how many of its captions equal fp32's (bf16 rounding may change a close
+choice, so this is reported, not required; the fp32 captions are the ones checked against the reference).
 """
 
 from __future__ import annotations
@@ -186,11 +192,14 @@ def original_clipcap_beam(model, prefix: torch.Tensor, beam_size: int = BEAMS) -
 
 
 def run_job(job: dict) -> dict:
+    from vicap.device import autocast
+
     torch.set_num_threads(job["threads"])
     model, features = build(job["eos_scale"], job["pool"])
     features = features[job["indices"]]
-    with torch.no_grad():
-        if job["impl"] == "vicap":
+    precision = "bf16" if job["impl"] == "vicap-bf16" else "fp32"
+    with torch.no_grad(), autocast(torch.device("cpu"), precision):
+        if job["impl"].startswith("vicap"):
             vicap_captions(model, features[:1], job["beams"], 1)  # warm-up (allocator, kernels)
             t0 = time.perf_counter()
             caps = vicap_captions(model, features, job["beams"], job["batch"])
@@ -225,6 +234,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 2))
     ap.add_argument("--eos-scale", type=float, default=3.0)
     ap.add_argument("--quick", action="store_true", help="8 images, 1 round: a smoke test")
+    ap.add_argument(
+        "--bf16", action="store_true", help='also vicap at batch --images, generate.precision "bf16"'
+    )
     ap.add_argument("--job", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.job:
@@ -245,6 +257,8 @@ def main() -> int:
     ]
     if args.original_beam:
         plan.append(("reference-original", BEAMS, 1, subset))
+    if args.bf16:
+        plan += [("vicap-bf16", beams, n, list(range(n))) for beams in (1, BEAMS)]
     common = {"threads": args.threads, "eos_scale": args.eos_scale, "pool": n}
     t_start = time.perf_counter()
     runs: dict[tuple, list[dict]] = {}
@@ -287,6 +301,13 @@ def main() -> int:
         print(
             f"beam {BEAMS}: the original generate_beam returns vicap's caption for {same}/{len(orig)} (different rules)"
         )
+    if args.bf16:
+        for beams in (1, BEAMS):
+            fp32, bf16 = best[("vicap", beams, n)]["captions"], best[("vicap-bf16", beams, n)]["captions"]
+            same = sum(a == b for a, b in zip(fp32, bf16, strict=True))
+            print(
+                f"beam {beams}: vicap bf16 vs fp32 at batch {n}: {same}/{n} captions identical (informational)"
+            )
     for beams in (1, BEAMS):
         lengths = [len(c) for c in best[("vicap", beams, n)]["captions"]]
         print(
@@ -314,6 +335,13 @@ def main() -> int:
                 f"| {mode:6s} | {batch:5d} | {cps:12.2f} | {ref_cps:16.3f} | {cps / ref_cps:5.1f}x |"
                 f" {v['peak_rss_mb']:11.0f} MB | {r['peak_rss_mb']:15.0f} MB |"
             )
+            if args.bf16 and batch == n:
+                v = best[("vicap-bf16", beams, batch)]
+                cps = len(v["captions"]) / v["seconds"]
+                print(
+                    f"| {mode:6s} | {batch:5d} bf16 | {cps:7.2f} | {ref_cps:16.3f} | {cps / ref_cps:5.1f}x |"
+                    f" {v['peak_rss_mb']:11.0f} MB | {r['peak_rss_mb']:15.0f} MB |"
+                )
     if args.original_beam:
         r = best[("reference-original", BEAMS, 1)]
         print(f"original generate_beam (its own rules): {len(r['captions']) / r['seconds']:.3f} captions/s")

@@ -1,6 +1,7 @@
 """Caption quality with headroom: the hard synthetic set, a trained run between the floor and human agreement.
 
-    python bench/quality.py [--out DIR] [--seeds 0 1 2] [--images N] [--no-scst]
+    python bench/quality.py [--out DIR] [--seeds 0 1 2] [--images N] [--no-scst] [--set KEY=VALUE ...]
+        [--compare KEY=VALUE ...]
 
 `vicap demo`'s shapes are saturated (held-out CIDEr-D above the human leave-one-out row), so no quality
 change shows on them. This bench uses the hard set (`vicap.scenes`: 2-4 things per image, relations,
@@ -20,6 +21,13 @@ held-out CIDEr-D of cross-entropy (selected and last checkpoint) and after SCST,
 Everything goes under --out (default: a temp dir), with quality.json. More stages
 (another training objective, say) are more calls of `run_once` with their own overrides and run
 names, scored by the same `summarize` and `table`.
+
+`--set KEY=VALUE` (repeatable) is a recipe override for every cross-entropy run, `--compare KEY=VALUE
+...` trains the same seeds a second time with those overrides on top (the option row, OUT/runs/
+option-seedSEED) and prints both rows side by side: held-out CIDEr-D per seed, mean ± sd, mean training
+seconds, and whether the option's mean lies within the plain row's seed-to-seed spread (between its
+lowest and highest seed). Overrides are checked by the recipe's own validation before anything is
+built (keys the bench sets itself, such as train.seed, are refused); the self-critical stage trains with `SCST`'s settings only, from each row's runs.
 
 Data and stand-ins are reused from --out when they are there and were built with the same --images.
 """
@@ -171,59 +179,177 @@ def stage_table(timings: dict) -> str:
     return "\n".join(lines)
 
 
+def check_overrides(out: Path, overrides: tuple[str, ...]) -> None:
+    """Validate `overrides` on the bench's recipe as `run_once` will apply them (the recipe's own checks:
+    an unknown key or a bad value is a RecipeError naming it), before anything is built or trained.
+    Keys the bench sets for every run (seed, run folder, the built data and stand-ins, the SCST start)
+    are errors too: an override would silently replace what --seeds and --out say."""
+    from vicap.demo import demo_overrides, demo_recipe_path
+    from vicap.errors import RecipeError
+    from vicap.recipe import load_recipe, parse_override
+
+    own = [parse_override(o)[0] for o in demo_overrides(out, DATASET)]
+    own += [["train", "seed"], ["scst", "init_from"]]
+    for text in overrides:
+        key = parse_override(text)[0]
+        if key in own:
+            raise RecipeError(f"{'.'.join(key)} is set by the bench for every run (use --seeds, --out)")
+    load_recipe(demo_recipe_path(DATASET), [*demo_overrides(out, DATASET), *overrides])
+
+
+def run_row(out: Path, seeds: list[int], overrides: tuple[str, ...], name: str, scst: bool) -> dict:
+    """Every seed's cross-entropy run with `overrides` (named NAME-seedSEED), its last checkpoint scored,
+    and, with `scst`, the self-critical stage from it (NAME-scst-seedSEED or, for the plain row, the
+    historical scst-seedSEED; `SCST`'s settings only: the overrides are cross-entropy settings)."""
+    row: dict = {"overrides": list(overrides), "reports": [], "lasts": [], "scst": [], "timings": {}}
+    label = "" if name == "ce" else f"{name} "
+    for seed in seeds:
+        report, row["timings"][f"{label}seed {seed}"] = run_once(
+            out, seed=seed, overrides=overrides, name=name
+        )
+        row["reports"].append(report)
+        t = time.perf_counter()
+        row["lasts"].append(last_checkpoint_report(Path(report["run"])))
+        row["timings"][f"{label}seed {seed}"]["evaluate last"] = round(time.perf_counter() - t, 1)
+        if scst:
+            init = f"scst.init_from={report['run']}"
+            stage = "scst" if name == "ce" else f"{name}-scst"
+            report, row["timings"][f"{label}seed {seed} SCST"] = run_once(
+                out, seed=seed, overrides=(init, *SCST), name=stage
+            )
+            row["scst"].append(report)
+    return row
+
+
+def print_row(row: dict, seeds: list[int]) -> None:
+    """A row's tables: the model per seed beside the floor and human agreement, the checkpoints
+    scored and, when run, the self-critical stage with its gains."""
+    reports, lasts, scst = row["reports"], row["lasts"], row["scst"]
+    print(table(summarize(reports), [f"seed {s}" for s in seeds]))
+    print("\ncheckpoints scored (train.select):")
+    for seed, report in zip(seeds, reports, strict=True):
+        print(f"  seed {seed}: {report['checkpoint'] or 'step ' + str(report['step'])}")
+    if scst:
+        print("\nafter self-critical training (" + ", ".join(SCST) + "):")
+        print(table(summarize(scst), [f"seed {s}" for s in seeds]))
+        for level in reports[0]["scores"]:
+            print(gains_table(seeds, reports, lasts, scst, level))
+
+
+def compare_table(seeds: list[int], plain: dict, option: dict, metric: str = "CIDEr-D") -> str:
+    """Per level: `metric` of both rows' held-out runs per seed with mean ± sd and the mean training
+    seconds; then whether the option's mean lies within the plain row's seed-to-seed spread (between
+    its lowest and highest seed), and the difference of means in the plain row's standard deviations."""
+    rows = {"plain": plain, "option": option}
+    lines = []
+    for level in plain["reports"][0]["scores"]:
+        lines += [
+            f"\n{metric} ({level} tokens), held-out split",
+            "| row | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd | train s (mean) |",
+            "|---|" + "---|" * len(seeds) + "---|---|",
+        ]
+        stats = {}
+        for key, row in rows.items():
+            scores = [r["scores"][level]["vicap"][metric] for r in row["reports"]]
+            sd = statistics.stdev(scores) if len(scores) > 1 else 0.0
+            stats[key] = (scores, statistics.fmean(scores), sd)
+            train_s = statistics.fmean(
+                t["train"] for k, t in row["timings"].items() if not k.endswith("SCST")
+            )
+            name = " ".join(row["overrides"][len(plain["overrides"]) :]) if key == "option" else "plain"
+            lines.append(
+                f"| {name} | "
+                + " | ".join(f"{x:.3f}" for x in scores)
+                + f" | {stats[key][1]:.3f} ± {sd:.3f} "
+                f"| {train_s:.1f} |"
+            )
+        (lo, hi), mean, sd = (min(stats["plain"][0]), max(stats["plain"][0])), *stats["plain"][1:]
+        diff = stats["option"][1] - mean
+        inside = lo <= stats["option"][1] <= hi
+        in_sd = f" ({diff / sd:+.1f} sd of plain)" if sd else ""
+        lines.append(f"option mean - plain mean: {diff:+.3f}{in_sd}")
+        lines.append(
+            f"option mean within the plain seeds' spread [{lo:.3f}, {hi:.3f}]: {'yes' if inside else 'NO'}"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, help="where data, stand-ins and runs go (default: a temp dir)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="train.seed of each run")
     p.add_argument("--images", type=int, help="training images (held out: a tenth); default 3000")
     p.add_argument("--no-scst", action="store_true", help="skip the self-critical stage after each run")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a recipe override for every cross-entropy run (repeatable), checked as `vicap train --set` is",
+    )
+    p.add_argument(
+        "--compare",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="also train the same seeds with these overrides on top (the option row) and print both rows "
+        "side by side",
+    )
     args = p.parse_args()
     if args.images is not None and args.images < 10:
         p.error(f"--images {args.images}: need at least 10 (a tenth of them are held out)")
     if len(set(args.seeds)) != len(args.seeds):
         p.error(f"--seeds {' '.join(map(str, args.seeds))}: each seed once")
+    plain_overrides = tuple(args.overrides)
+    option_overrides = (*plain_overrides, *args.compare)
+    from vicap.errors import RecipeError
+
+    for flag, overrides in (("--set", plain_overrides), ("--compare", option_overrides)):
+        try:
+            check_overrides(args.out or Path("OUT"), overrides)  # paths are not checked: any will do
+        except RecipeError as e:
+            p.error(f"{flag}: {e}")
     from vicap.log import configure
 
     configure()
     out = args.out or Path(tempfile.mkdtemp(prefix="vicap-quality-"))
     t0 = time.perf_counter()
     timings = {"build": build(out, images=args.images)}
-    reports, lasts, scst = [], [], []
-    for seed in args.seeds:
-        report, timings[f"seed {seed}"] = run_once(out, seed=seed)
-        reports.append(report)
-        t = time.perf_counter()
-        lasts.append(last_checkpoint_report(Path(report["run"])))
-        timings[f"seed {seed}"]["evaluate last"] = round(time.perf_counter() - t, 1)
-        if not args.no_scst:
-            init = f"scst.init_from={report['run']}"
-            report, timings[f"seed {seed} SCST"] = run_once(
-                out, seed=seed, overrides=(init, *SCST), name="scst"
-            )
-            scst.append(report)
-    summary = summarize(reports)
+    plain = run_row(out, args.seeds, plain_overrides, "ce", not args.no_scst)
+    timings.update(plain["timings"])
+    option = None
+    if args.compare:
+        option = run_row(out, args.seeds, option_overrides, "option", not args.no_scst)
+        timings.update(option["timings"])
     wall = round(time.perf_counter() - t0, 1)
-    r = reports[0]
+    r = plain["reports"][0]
     print(f"\nhard set: {r['images']} held-out images, {r['references']} reference captions; {out}")
     print(f'floor: always the most frequent training caption, "{r["baseline_caption"]}"')
-    print(table(summary, [f"seed {s}" for s in args.seeds]))
-    print("\ncheckpoints scored (train.select):")
-    for seed, report in zip(args.seeds, reports, strict=True):
-        print(f"  seed {seed}: {report['checkpoint'] or 'step ' + str(report['step'])}")
-    if scst:
-        print("\nafter self-critical training (" + ", ".join(SCST) + "):")
-        print(table(summarize(scst), [f"seed {s}" for s in args.seeds]))
-        for level in reports[0]["scores"]:
-            print(gains_table(args.seeds, reports, lasts, scst, level))
+    if plain_overrides:
+        print("every run: " + " ".join(plain_overrides))
+    print_row(plain, args.seeds)
+    if option:
+        print("\noption row: " + " ".join(args.compare))
+        print_row(option, args.seeds)
+        print(compare_table(args.seeds, plain, option))
     print("\nwall time (s):\n" + stage_table(timings) + f"\ntotal {wall} s")
+
+    def record(row: dict) -> dict:
+        return {
+            "overrides": row["overrides"],
+            "summary": summarize(row["reports"]),
+            "checkpoints": [r["checkpoint"] for r in row["reports"]],
+            "last_checkpoint_scores": [r["scores"] for r in row["lasts"]],
+            "scst": {"settings": SCST, "summary": summarize(row["scst"]) if row["scst"] else None},
+        }
+
     (out / "quality.json").write_text(
         json.dumps(
             {
                 "seeds": args.seeds,
-                "summary": summary,
-                "checkpoints": [r["checkpoint"] for r in reports],
-                "last_checkpoint_scores": [r["scores"] for r in lasts],
-                "scst": {"settings": SCST, "summary": summarize(scst) if scst else None},
+                **record(plain),
+                "option": record(option) if option else None,
                 "timings_s": timings,
                 "wall_s": wall,
             },

@@ -40,12 +40,34 @@ tokenizer (median 12, std about 3, a long tail), as many as COCO's Karpathy trai
 (566,747). The reference computes its max_seq_len over all of them, as the original does. The timed
 batches are the first of them.
 
+More rows, each against vicap's fp32 step on the same batches (--bf16, --compile):
+- vicap-bf16: `train.mixed_precision = "bf16"` (Accelerate's autocast; weights and AdamW stay fp32).
+- vicap-lm-bf16 (frozen LM only): `decoder.dtype = "bfloat16"`: GPT-2's weights stored in bf16, the
+  mapper in fp32 (its prefix cast to the LM's dtype, the logits back to fp32 for the loss).
+  bf16 rounding changes the loss: these rows print their per-step loss minus vicap's fp32 loss.
+- vicap-compile: vicap's model under `torch.compile(model, dynamic=True)` (compiled in the warm-up step).
+
+FLOPs: torch.utils.flop_counter.FlopCounterMode over the untimed warm-up step (forward, backward,
+optimizer) counts the matrix products the step executes, 2 m n k FLOPs for an (m x k)(k x n) product
+(mm, addmm, bmm, and scaled-dot-product attention as its two products, QK^T and AV, over the full
+query x key square: 4 B H T S d forward, 2.5x that backward with the scores recomputed; torch's
+formulas, registered here for the CPU attention kernel too). Per linear layer over N rows that is
+2 N d_in d_out forward, the same again for the gradient of its input, and the same once more for the
+gradient of its weight only when the weight trains. A frozen LM (requires_grad off) therefore counts
+forward + activations' gradients (about 2x forward; no weight-gradient products are executed), a
+trained one about 3x. The reference leaves GPT-2's parameters requiring gradients, so autograd
+executes their weight-gradient products too: they are counted in its row (executed, though unused),
+as are its padded positions and its logits at every position. The count of the warm-up batch is
+scaled to the timed batches' mean LM positions; FLOP/s = that x steps/s, shown as a fraction of this
+machine's matmul peak, measured here in every round (the best FLOP/s of a 2048^3 torch.mm, fp32 and
+bf16, at the sides' thread count): bf16 rows against the bf16 peak, the others against fp32's.
+
 Each side runs in its own child process (so peak memory is its own), in turn, for --rounds rounds on
 a possibly busy machine; steps/s is the median over rounds of (timed steps / their wall time), after
 one untimed warm-up step, and each speed-up is the median of the rounds' ratios.
 
     python bench/train_throughput.py [--setting transformer|mlp] [--captions flickr8k|coco]
-        [--batch-size 40] [--steps 3] [--rounds 2] [--threads 0] [--no-grouped] [--bf16]
+        [--batch-size 40] [--steps 3] [--rounds 2] [--threads 0] [--no-grouped] [--bf16] [--compile]
 """
 
 from __future__ import annotations
@@ -76,6 +98,16 @@ FLICKR8K_MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "flick
 SETTINGS = {
     "transformer": {"mapper": "transformer", "prefix": 40, "tuning": "frozen", "lr": 1e-3},
     "mlp": {"mapper": "mlp", "prefix": 10, "tuning": "full", "lr": 2e-5},
+}
+
+
+NAMES = {
+    "reference": "reference (ClipCap's loop)",
+    "vicap": "vicap",
+    "vicap-grouped": "vicap, train.group_by_image = true",
+    "vicap-bf16": "vicap, train.mixed_precision = bf16 (autocast)",
+    "vicap-lm-bf16": 'vicap, decoder.dtype = "bfloat16" (frozen LM in bf16, mapper fp32)',
+    "vicap-compile": "vicap, torch.compile(model)",
 }
 
 
@@ -193,8 +225,10 @@ def run_reference(args, captions, images, features, max_seq_len) -> dict:
         for i in range(0, len(captions), args.batch_size)
     ]
     setup_rss = _rss_mb()
-    losses, times = [], []
-    for tokens, mask, prefix in batches:
+    losses, times, flops = [], [], None
+    for i, (tokens, mask, prefix) in enumerate(batches):
+        counter = counting(i == 0)  # the untimed warm-up step is the one counted
+        mode = counter.__enter__()
         t0 = time.perf_counter()
         embedding_text = gpt.transformer.wte(tokens)
         prefix_projections = mapper(prefix).view(-1, k, 768)
@@ -206,11 +240,14 @@ def run_reference(args, captions, images, features, max_seq_len) -> dict:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()  # frozen: the mapper's gradients only; GPT-2's keep accumulating, as in the original
+        counter.__exit__(None, None, None)
         times.append(time.perf_counter() - t0)
         losses.append(float(loss))
+        flops = mode.get_total_flops() if mode else flops
     return {
         "losses": losses,
         "times": times,
+        "step_flops": flops,
         "learned_tokens": [int((t != 0).sum()) for t, _, _ in batches],
         "positions": [int(t.numel() + k * t.shape[0]) for t, _, _ in batches],
         "setup_rss_mb": setup_rss,
@@ -233,6 +270,8 @@ def run_vicap(args, captions, images, features, max_seq_len) -> dict:
     setting = SETTINGS[args.setting]
     k = setting["prefix"]
     gpt, original = build_common(setting)
+    if args.child == "vicap-lm-bf16":  # decoder.dtype = "bfloat16": the frozen LM's weights in bf16
+        gpt.to(torch.bfloat16)
     decoder = Decoder(
         lm=gpt, tokenizer=None, hidden_size=768, eos_token_id=EOS, pad_token_id=EOS, prompt_ids=[]
     )
@@ -248,6 +287,8 @@ def run_vicap(args, captions, images, features, max_seq_len) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_decay(0, args.steps + 1))
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
+    if args.child == "vicap-compile":  # dynamic: every batch has its own caption length
+        model = torch.compile(model, dynamic=True)
 
     class Store:  # the Collator reads rows of a (memory-mapped) feature array
         pass
@@ -260,17 +301,22 @@ def run_vicap(args, captions, images, features, max_seq_len) -> dict:
         for i in range(0, len(captions), args.batch_size)
     ]
     setup_rss = _rss_mb()
-    losses, times = [], []
-    for batch in batches:
+    losses, times, flops = [], [], None
+    for i, batch in enumerate(batches):
         t0 = time.perf_counter()
-        loss_sum, n_tokens, _ = optimizer_step(
-            model, optimizer, scheduler, [batch], accelerator, grad_clip=0.0, params=params
-        )
+        # The untimed warm-up step is the one counted (not under compile, which traces it: the
+        # compiled step runs the same products as vicap's)
+        with counting(i == 0 and args.child != "vicap-compile") as counter:
+            loss_sum, n_tokens, _ = optimizer_step(
+                model, optimizer, scheduler, [batch], accelerator, grad_clip=0.0, params=params
+            )
+        flops = counter.get_total_flops() if counter else flops
         times.append(time.perf_counter() - t0)
         losses.append(float(loss_sum / n_tokens))
     return {
         "losses": losses,
         "times": times,
+        "step_flops": flops,
         "learned_tokens": [int(b["attention_mask"].sum()) for b in batches],
         # LM positions computed: the prefix once per caption, or once per image when grouped
         "positions": [int(b["input_ids"].numel() + k * b["features"].shape[0]) for b in batches],
@@ -280,11 +326,58 @@ def run_vicap(args, captions, images, features, max_seq_len) -> dict:
     }
 
 
+class counting:
+    """FlopCounterMode over one step when `on` (else nothing): `with counting(on) as c:` gives the
+    counter, whose get_total_flops() is read after the block."""
+
+    def __init__(self, on: bool):
+        import torch
+        from torch.utils import flop_counter as fc
+
+        cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        if cpu not in fc.flop_registry:  # CPU attention: the same products as the other kernels'
+            # (fc.sdpa_flop and sdpa_backward_flop are the registered forms: they take tensors)
+            fc.register_flop_formula(cpu, get_raw=True)(fc.sdpa_flop)
+            backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+            fc.register_flop_formula(backward, get_raw=True)(fc.sdpa_backward_flop)
+        self.mode = fc.FlopCounterMode(display=False) if on else None
+
+    def __enter__(self):
+        return self.mode.__enter__() if self.mode else None
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc) if self.mode else None
+
+
+def matmul_peak(threads: int) -> dict:
+    """This machine's matmul peak, measured: the best FLOP/s of a 2048^3 fp32 and bf16 torch.mm over a
+    few repeats, at the threads the sides use."""
+    import torch
+
+    n, out = 2048, {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        torch.mm(a, b)  # warm-up: kernels, allocator
+        best = min(_timed(lambda a=a, b=b: torch.mm(a, b)) for _ in range(5))
+        out[name] = 2 * n**3 / best
+    out["threads"] = torch.get_num_threads()
+    return out
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def child(args) -> None:
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.child == "peak":
+        print("RESULT " + json.dumps(matmul_peak(args.threads)))
+        return
     captions, images, features, max_seq_len, _ = make_data(args.captions, args.batch_size, args.steps + 1)
     run = run_reference if args.child == "reference" else run_vicap
     result = run(args, captions, images, features, max_seq_len)
@@ -313,11 +406,11 @@ def main() -> None:
     p.add_argument(
         "--bf16",
         action="store_true",
-        help="also time vicap with train.mixed_precision = bf16 (informational: bf16 rounding changes the loss)",
+        help="also time vicap with train.mixed_precision = bf16 and, with a frozen LM, decoder.dtype = "
+        "bfloat16 (bf16 rounding changes the loss: its difference from vicap's fp32 loss is printed)",
     )
-    p.add_argument(
-        "--child", choices=["reference", "vicap", "vicap-grouped", "vicap-bf16"], help=argparse.SUPPRESS
-    )
+    p.add_argument("--compile", action="store_true", help="also time vicap's model under torch.compile")
+    p.add_argument("--child", choices=[*NAMES, "peak"], help=argparse.SUPPRESS)
     args = p.parse_args()
     setting = SETTINGS[args.setting]
     args.lr = setting["lr"] if args.lr is None else args.lr
@@ -339,10 +432,15 @@ def main() -> None:
     )
     print(f"machine: {os.cpu_count()} CPUs visible, load average {os.getloadavg()[0]:.2f} at start")
     sides = ["reference", "vicap"] + ([] if args.no_grouped else ["vicap-grouped"])
-    sides += ["vicap-bf16"] if args.bf16 else []
-    results: dict[str, list[dict]] = {side: [] for side in sides}
+    sides += (
+        ["vicap-bf16"] + (["vicap-lm-bf16"] if setting["tuning"] == "frozen" else []) if args.bf16 else []
+    )
+    sides += ["vicap-compile"] if args.compile else []
+    results: dict[str, list[dict]] = {side: [] for side in [*sides, "peak"]}
     for r in range(args.rounds):
-        for side in sides:
+        for side in ["peak", *sides]:
+            if side not in results:  # it failed in an earlier round
+                continue
             cmd = [sys.executable, __file__, "--child", side] + [
                 f"--setting={args.setting}",
                 f"--captions={args.captions}",
@@ -355,10 +453,25 @@ def main() -> None:
                 cmd, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1")
             )
             line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if line is None:
+            if line is None and side in (
+                "peak",
+                "reference",
+                "vicap",
+            ):  # the others are measured against these
                 sys.exit(f"{side} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+            if line is None:  # an optional row (torch.compile, bf16): said and left out, the others go on
+                print(f"  round {r + 1} {side} failed, left out:\n{out.stderr[-1500:]}")
+                sides.remove(side)
+                del results[side]
+                continue
             res = json.loads(line[len("RESULT ") :])
             results[side].append(res)
+            if side == "peak":
+                print(
+                    f"  round {r + 1} matmul peak (2048^3 torch.mm): fp32 {res['fp32'] / 1e9:.1f} GFLOP/s, "
+                    f"bf16 {res['bf16'] / 1e9:.1f} GFLOP/s, {res['threads']} threads"
+                )
+                continue
             timed = res["times"][1:]
             print(
                 f"  round {r + 1} {side:13s}: {len(timed) / sum(timed):.4f} steps/s "
@@ -374,7 +487,12 @@ def main() -> None:
         rate = statistics.median(sps(r) for r in runs)
         tokens = sum(runs[0]["learned_tokens"][1:]) / len(runs[0]["learned_tokens"][1:])
         positions = sum(runs[0]["positions"][1:]) / len(runs[0]["positions"][1:])
+        # The counted step is the warm-up one (batch 0): scaled to the timed batches' mean positions
+        counted = runs[0]["step_flops"] or results["vicap"][0]["step_flops"]  # compile: vicap's
+        flops = counted * positions / runs[0]["positions"][0]
         return {
+            "flops": flops,
+            "flops_s": flops * rate,
             "steps_s": rate,
             "captions_s": rate * args.batch_size,
             "tokens_s": rate * tokens,
@@ -389,32 +507,42 @@ def main() -> None:
         per_round = [sps(v) / sps(b) for b, v in zip(results[base], results[side], strict=True)]
         return statistics.median(per_round), per_round
 
-    names = {
-        "reference": "reference (ClipCap's loop)",
-        "vicap": "vicap",
-        "vicap-grouped": "vicap, train.group_by_image = true",
-        "vicap-bf16": "vicap, train.mixed_precision = bf16 (not the equal-loss comparison)",
-    }
+    peak = {k: max(r[k] for r in results["peak"]) for k in ("fp32", "bf16")}
     print()
     print(
-        "| loop | steps/s | captions/s | caption tokens/s | LM positions/step | peak RSS (MB) | "
-        "peak RSS above setup (MB) |"
+        "| loop | steps/s | captions/s | caption tokens/s | LM positions/step | GFLOP/step | GFLOP/s | "
+        "of matmul peak | peak RSS (MB) | peak RSS above setup (MB) |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for side in sides:
         s = summary(side)
+        dtype = "bf16" if "bf16" in side else "fp32"
         print(
-            f"| {names[side]} | {s['steps_s']:.4f} | {s['captions_s']:.2f} | {s['tokens_s']:.1f} | "
-            f"{s['positions']:.0f} | {s['peak']:.0f} | {s['step_mem']:.0f} |"
+            f"| {NAMES[side]} | {s['steps_s']:.4f} | {s['captions_s']:.2f} | {s['tokens_s']:.1f} | "
+            f"{s['positions']:.0f} | {s['flops'] / 1e9:.0f} | {s['flops_s'] / 1e9:.1f} | "
+            f"{100 * s['flops_s'] / peak[dtype]:.0f}% of {dtype} | {s['peak']:.0f} | {s['step_mem']:.0f} |"
         )
+    print(
+        f"matmul peak measured here (best of the rounds): fp32 {peak['fp32'] / 1e9:.1f} GFLOP/s, "
+        f"bf16 {peak['bf16'] / 1e9:.1f} GFLOP/s"
+    )
     print()
     ref = results["reference"][0]["losses"]
     print(f"per-step loss, {'reference':13s}: {', '.join(f'{x:.6f}' for x in ref)}")
     unequal = []
+    fp32 = results["vicap"][0]["losses"]
     for side in sides[1:]:
         losses = results[side][0]["losses"]
+        if "bf16" in side:  # bf16 rounding: reported against vicap's fp32 loss on the same batches
+            diffs = [y - x for x, y in zip(fp32, losses, strict=True)]
+            worst = max(abs(d) / x for d, x in zip(diffs, fp32, strict=True))
+            print(
+                f"per-step loss, {side:13s}: {', '.join(f'{x:.6f}' for x in losses)}  (minus vicap fp32: "
+                f"{', '.join(f'{d:+.4f}' for d in diffs)}; max relative {worst:.1e}: bf16 rounding)"
+            )
+            continue
         rel = max(abs(x - y) / abs(x) for x, y in zip(ref, losses, strict=True))
-        verdict = "informational" if side == "vicap-bf16" else ("equal" if rel <= 1e-4 else "NOT EQUAL")
+        verdict = "equal" if rel <= 1e-4 else "NOT EQUAL"
         print(
             f"per-step loss, {side:13s}: {', '.join(f'{x:.6f}' for x in losses)}  "
             f"(max relative difference {rel:.2e}: {verdict})"
@@ -435,9 +563,7 @@ def main() -> None:
         "GPT-2 gradients allocated after the steps: "
         + ", ".join(f"{side} {results[side][0]['gpt_grads_allocated']}" for side in sides)
     )
-    for side, base in [(s, "reference") for s in sides[1:]] + (
-        [("vicap-grouped", "vicap")] if "vicap-grouped" in sides else []
-    ):
+    for side, base in [(s, "reference") for s in sides[1:]] + [(s, "vicap") for s in sides[2:]]:
         median, per_round = ratio(side, base)
         print(
             f"speed-up ({side} / {base} steps/s): {median:.2f}x, median over {len(per_round)} round(s) "
