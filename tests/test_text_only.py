@@ -284,7 +284,7 @@ def test_text_only_run_captions_images(tmp_path, ktvic_dir, tiny_lm_dir, text_cl
     meta = read_checkpoint(list_checkpoints(run_dir)[-1]).meta
     sources = json.loads(meta["sources"])
     distinct = len(set(builders.ktvic_captions(ktvic_dir)))
-    assert sources == {"image_captions": 0, "sentences": distinct, "text_only": True}
+    assert sources == {"image_captions": 0, "sentences": distinct, "sentence_pairs": 0, "text_only": True}
     assert read_log(run_dir)[-1]["step"] > 0
     # no training image was even encoded: the rows are the test images and the sentences
     rows = open_store(load_encoder(recipe.encoder), recipe.data.features_dir).rows
