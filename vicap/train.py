@@ -797,7 +797,7 @@ def clipcap_job(recipe, accelerator, *, progress: bool = True) -> TrainJob:
         summary = ", ".join(filter(None, [summary, f"{len(part)} {what}s of {getattr(recipe, name).source}"]))
     shares = recipe.mix.counts(recipe.train.batch_size) if recipe.mix.shares else {}
     for name, count in shares.items():
-        if count and name not in parts:  # data.image_fraction > 0 of a manifest without training images
+        if count and not len(parts.get(name, ())):  # e.g. no training image of the manifest has features
             raise RecipeError(f"mix.{name} = {getattr(recipe.mix, name)}: no {name} to draw from in this run")
     train_set = MixedPairs(list(parts.values()), [shares[n] for n in parts] if shares else None)
     if len(parts) == 1 and not shares:
