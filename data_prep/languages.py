@@ -93,6 +93,11 @@ class Language:
         """Segmentation modes this language supports."""
         return ("none", "char", *(m for m in self.segmenters if m not in ("none", "char")))
 
+    @property
+    def normalizer_name(self) -> str:
+        """The normalizer's dotted name, as manifests and metric protocols record it."""
+        return f"{self.normalizer.__module__}.{self.normalizer.__qualname__}"
+
     def normalize(self, text: str, lowercase: bool = False) -> str:
         """Normalize one caption; never changes which words it has."""
         out = self.normalizer(text)
@@ -146,7 +151,7 @@ class Language:
         return {
             "language": self.code,
             "level": level,
-            "normalizer": f"{self.normalizer.__module__}.{self.normalizer.__qualname__}",
+            "normalizer": self.normalizer_name,
             "segmentation": mode,
             "segmenter": self.segmenter_version() if mode not in ("none", "char") else "",
             "lowercase": "yes",

@@ -9,6 +9,10 @@ every later line is one image::
     {"image_id": "42", "image": "train-images/00042.jpg", "split": "train",
      "captions": ["..."], "caption_ids": ["7"]}
 
+A sentence pair (the `text` adapter with a source column) has no image (``"image": ""``), its
+target-language sentence as its one caption, and the source-language sentence, normalized for the
+CLIP text tower, under "source": ``{"image": "", "captions": ["Một con mèo."], "source": "A cat.", ...}``.
+
 An image kept inside a tar shard (webdataset) names the shard and, under "member", its name in the
 shard: ``{"image": "shards/00003.tar", "member": "000030042.jpg", ...}``.
 
@@ -50,6 +54,7 @@ class Record:
     captions: tuple[str, ...]
     caption_ids: tuple[str, ...]
     member: str | None = None  # the image's name inside the tar shard `image`, when it is in one
+    source: str | None = None  # a sentence pair's source-language sentence (its caption is the target)
 
     def __post_init__(self) -> None:
         if len(self.captions) != len(self.caption_ids):
@@ -61,11 +66,10 @@ class Record:
         row = {"image_id": self.image_id, "image": self.image}
         if self.member is not None:
             row["member"] = self.member
-        return row | {
-            "split": self.split,
-            "captions": list(self.captions),
-            "caption_ids": list(self.caption_ids),
-        }
+        row |= {"split": self.split, "captions": list(self.captions), "caption_ids": list(self.caption_ids)}
+        if self.source is not None:
+            row["source"] = self.source
+        return row
 
 
 @dataclass
@@ -162,6 +166,11 @@ def _record_from(obj: object, where: str) -> Record:
     member = obj.get("member")
     if member is not None and (not isinstance(member, str) or not member):
         raise ManifestError(f"{where}: 'member' must be a member's name in the tar shard, got {member!r}")
+    source = obj.get("source")
+    if source is not None and (not isinstance(source, str) or not source or len(obj["captions"]) != 1):
+        raise ManifestError(
+            f"{where}: 'source' must be a sentence pair's source sentence, with one caption (its target)"
+        )
     return Record(
         obj["image_id"],
         obj["image"],
@@ -169,6 +178,7 @@ def _record_from(obj: object, where: str) -> Record:
         tuple(obj["captions"]),
         tuple(obj["caption_ids"]),
         member,
+        source,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -86,6 +87,25 @@ def tiny_clip_dir(tmp_path_factory) -> Path:
     return save_open_clip(
         model, TINY_CLIP_CFG, clip_preprocess_cfg(32), tmp_path_factory.mktemp("clip") / "c"
     )
+
+
+@pytest.fixture(scope="session")
+def text_clip_dir(tmp_path_factory, tiny_lm_dir: Path) -> Path:
+    """A tiny open_clip model whose text tower reads the tiny LM's BPE, saved in its folder and named
+    in text_cfg (as `vicap demo` saves its stand-in CLIP)."""
+    import open_clip
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    cfg = json.loads(json.dumps(TINY_CLIP_CFG))
+    cfg["text_cfg"]["vocab_size"] = len(tok)
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**cfg)
+    out = tmp_path_factory.mktemp("text-clip") / "c"
+    out.mkdir()
+    tok.save_pretrained(out)
+    cfg["text_cfg"].update(hf_tokenizer_name="tiny", tokenizer_kwargs={"pad_token": tok.eos_token})
+    return save_open_clip(model, cfg, clip_preprocess_cfg(32), out)
 
 
 def tiny_llama_config(

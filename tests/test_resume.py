@@ -321,6 +321,7 @@ def test_bad_checkpoint_is_a_clear_error(trained_run: Path, tmp_path: Path, case
         ("train.seed=1", "train.seed: checkpoint 42 vs recipe 1"),
         ("data.max_tokens=12", "data.max_tokens: checkpoint 40 vs recipe 12"),
         ("mapper.prefix_length=3", "mapper.prefix_length: checkpoint 2 vs recipe 3"),
+        ("mix.images=1.0", "mix.images: checkpoint 0.0 vs recipe 1.0"),  # another batch order
         ("train.log_every=3", None),  # how often it logs or saves may change on resume
         ("generate.beam_size=2", None),
     ],

@@ -13,33 +13,12 @@ from typer.testing import CliRunner
 from data_prep.datasets import prepare
 from data_prep.errors import DataPrepError
 from tests import builders
-from tests.conftest import TINY_CLIP_CFG, tiny_recipe_overrides
+from tests.conftest import tiny_recipe_overrides
 from vicap.cli import app
-from vicap.encoders import load_encoder, save_open_clip
+from vicap.encoders import load_encoder
 from vicap.errors import ModelLoadError
 from vicap.features import extract_features, open_store, text_key
 from vicap.recipe import EncoderConfig, RecipeError, load_recipe
-
-
-@pytest.fixture(scope="module")
-def text_clip_dir(tmp_path_factory, tiny_lm_dir: Path) -> Path:
-    """A tiny open_clip model whose text tower reads the tiny LM's BPE, saved in its folder and named
-    in text_cfg (as `vicap demo` saves its stand-in CLIP)."""
-    import open_clip
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
-    cfg = json.loads(json.dumps(TINY_CLIP_CFG))
-    cfg["text_cfg"]["vocab_size"] = len(tok)
-    torch.manual_seed(0)
-    model = open_clip.CLIP(**cfg)
-    out = tmp_path_factory.mktemp("text-clip") / "c"
-    out.mkdir()
-    tok.save_pretrained(out)
-    cfg["text_cfg"].update(hf_tokenizer_name="tiny", tokenizer_kwargs={"pad_token": tok.eos_token})
-    from vicap.encoders import clip_preprocess_cfg
-
-    return save_open_clip(model, cfg, clip_preprocess_cfg(32), out)
 
 
 def _encoder(clip: Path, **kw):
@@ -284,7 +263,7 @@ def test_text_only_run_captions_images(tmp_path, ktvic_dir, tiny_lm_dir, text_cl
     meta = read_checkpoint(list_checkpoints(run_dir)[-1]).meta
     sources = json.loads(meta["sources"])
     distinct = len(set(builders.ktvic_captions(ktvic_dir)))
-    assert sources == {"image_captions": 0, "sentences": distinct, "text_only": True}
+    assert sources == {"image_captions": 0, "sentences": distinct, "sentence_pairs": 0, "text_only": True}
     assert read_log(run_dir)[-1]["step"] > 0
     # no training image was even encoded: the rows are the test images and the sentences
     rows = open_store(load_encoder(recipe.encoder), recipe.data.features_dir).rows

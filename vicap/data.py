@@ -270,28 +270,44 @@ def build_pairs(
     return CaptionPairs(store, rows, captions, tokens, skipped)
 
 
+def is_pairs(manifest: Manifest) -> bool:
+    """A manifest of sentence pairs (the `text` adapter with a source column), not of sentences."""
+    return "source_normalizer" in manifest.meta
+
+
+def sentence_inputs(manifest: Manifest) -> tuple[list[str], str]:
+    """What the text tower embeds for each caption of a text manifest, in caption order, and the
+    normalizer that made it: a sentence itself, or a sentence pair's source sentence."""
+    if is_pairs(manifest):
+        return [r.source for r in manifest.records for _ in r.captions], manifest.meta["source_normalizer"]
+    return [c for r in manifest.records for c in r.captions], manifest.meta.get("normalizer", "")
+
+
 def build_text_pairs(
     manifest: Manifest, store: FeatureStore, decoder: Decoder, *, segment: str, max_tokens: int
 ) -> CaptionPairs:
-    """One pair per sentence of a text corpus's manifest (the `text` adapter's: records without
-    images): the sentence's own text-embedding row (`vicap.features.text_key`, under the manifest's
-    normalizer) and its token ids, from the same caption cache as image captions."""
+    """One pair per caption of a text manifest (the `text` adapter's: records without images): the
+    text-embedding row of its `sentence_inputs` (the sentence itself, or a sentence pair's source
+    sentence; `vicap.features.text_key`) and its token ids, from the same caption cache as image
+    captions."""
     tokens = caption_tokens(
         manifest, decoder, store.root.parent / "captions", segment=segment, max_tokens=max_tokens
     )
-    normalizer = manifest.meta.get("normalizer", "")
-    rows = [store.text_row(text, normalizer) for rec in manifest.records for text in rec.captions]
+    texts, normalizer = sentence_inputs(manifest)
+    rows = [store.text_row(text, normalizer) for text in texts]
     captions = np.arange(int(tokens.first[-1]), dtype=np.int64)  # every caption, in record order
     return CaptionPairs(store, np.asarray(rows, dtype=np.int64), captions, tokens)
 
 
 class MixedPairs(ConcatDataset):
-    """Pairs of several sources over one feature store (image captions, then a text corpus's
-    sentences): one dataset, so one global shuffle mixes them in proportion to their sizes."""
+    """Pairs of several sources over one feature store (image captions, a text corpus's sentences,
+    sentence pairs), laid end to end. Without `counts`, one global shuffle mixes them in proportion to
+    their sizes; with `counts` (items of each part in every global batch: recipe [mix]),
+    `GlobalBatches` fills every global batch with that many items of each part."""
 
-    def __init__(self, parts: list[CaptionPairs]) -> None:
+    def __init__(self, parts: list[CaptionPairs], counts: list[int] | None = None) -> None:
         super().__init__(parts)
-        self.parts = parts
+        self.parts, self.counts = parts, counts
 
     @property
     def rows(self) -> np.ndarray:
@@ -337,6 +353,9 @@ class GlobalBatches(Sampler[list[int]]):
     process has a batch at every step; that is at most world - 1 captions an epoch, none on one
     process. `start` skips that many global batches of the current epoch (resuming mid-epoch).
     With `lengths` (train.group_by_length), the shuffled order is regrouped by length first.
+    With `parts` (the sizes of consecutive sources of the items, and each one's count of items in every
+    global batch: recipe [mix]), every global batch holds exactly that many items of each source (see
+    `mixed_order`).
     With `images` (each item's image; train.group_by_image), the images are shuffled and each one's
     items laid end to end, so a global batch holds whole images with all their captions; it is still
     cut every `batch_size` items, so an image at a batch's (or a process slice's) edge is split
@@ -354,7 +373,10 @@ class GlobalBatches(Sampler[list[int]]):
         world: int = 1,
         lengths: np.ndarray | None = None,
         images: np.ndarray | None = None,
+        parts: tuple[list[int], list[int]] | None = None,
     ) -> None:
+        if parts is not None and (sum(parts[1]) != batch_size or sum(parts[0]) != n):
+            raise ValueError(f"parts {parts} do not add up to {n} items and batches of {batch_size}")
         if batch_size < world:
             raise RecipeError(
                 f"train.batch_size = {batch_size} is the global batch and must be at least the number of "
@@ -365,6 +387,7 @@ class GlobalBatches(Sampler[list[int]]):
         self.epoch, self.start = 0, 0
         self.lengths = lengths  # given: global batches grouped by length (see `length_grouped`)
         self.images = images
+        self.parts = parts if shuffle else None
         if images is not None:  # items by image (stable: an image's items keep their order)
             self._by_image = np.argsort(images, kind="stable")
             _, self._starts, self._counts = np.unique(
@@ -376,6 +399,8 @@ class GlobalBatches(Sampler[list[int]]):
 
     def __len__(self) -> int:
         """Global batches per epoch (the same on every process)."""
+        if self.parts is not None:  # enough for the source that needs the most to be seen once
+            return max(math.ceil(size / count) for size, count in zip(*self.parts, strict=True) if count)
         full, rest = divmod(self.n, self.batch_size)
         return full + (1 if rest >= self.world else 0)
 
@@ -383,6 +408,8 @@ class GlobalBatches(Sampler[list[int]]):
         """Every index once, in epoch `epoch`'s order (cut into global batches by `__iter__`)."""
         if not self.shuffle:
             return list(range(self.n))
+        if self.parts is not None:
+            return self.mixed_order(epoch)
         g = torch.Generator()
         g.manual_seed(self.seed + epoch)
         if self.images is None:
@@ -398,6 +425,30 @@ class GlobalBatches(Sampler[list[int]]):
         start, count = starts[order], counts[order]
         at = np.repeat(start - (np.cumsum(count) - count), count) + np.arange(self.n, dtype=np.int64)
         return self._by_image[at].tolist()
+
+    def mixed_order(self, epoch: int) -> list[int]:
+        """Epoch `epoch`'s global batches of a [mix]: each source is an endless stream of its items,
+        every pass over them a new seeded shuffle, and global batch b of the run (epoch x len + step)
+        takes its next `count` items from each stream, shuffled together so that every process's
+        slice holds every source. An epoch is as many global batches as the source that needs the
+        most takes to be seen once; a smaller source repeats (a new pass) within it, none is cut.
+        Everything follows from (seed, epoch, step), so a resumed run reads the same batches."""
+        batches, first = len(self), 0
+        columns = []
+        for s, (size, count) in enumerate(zip(*self.parts, strict=True)):
+            if count:
+                at = np.arange(epoch * batches * count, (epoch + 1) * batches * count, dtype=np.int64)
+                passes = at // size
+                items = np.empty_like(at)
+                for p in range(int(passes[0]), int(passes[-1]) + 1):
+                    shuffle = np.random.default_rng([self.seed, 1 + s, p]).permutation(size)
+                    picked = passes == p
+                    items[picked] = shuffle[at[picked] - p * size]
+                columns.append(first + items.reshape(batches, count))
+            first += size
+        table = np.concatenate(columns, axis=1)  # a global batch a row, the sources side by side
+        within = np.random.default_rng([self.seed, 0, epoch]).random(table.shape).argsort(axis=1)
+        return np.take_along_axis(table, within, axis=1).reshape(-1).tolist()
 
     def slices(self, chunk: list[int]) -> list[list[int]]:
         """A global batch's per-process slices, in rank order."""

@@ -69,11 +69,20 @@ def report_markdown(report: dict) -> str:
         "",
     ]
     if training := report.get("training"):
+        texts = " and ".join(
+            f"the {what} of `{training[key]}`"
+            for key, what in (("text_source", "sentences"), ("pairs_source", "sentence pairs"))
+            if training.get(key)
+        )
         if training["text_only"]:
-            said = f"Trained without images: on the sentences of `{training['text_source']}` alone (CapDec-style)."
+            said = f"Trained without images: on {texts} alone (CapDec-style)."
         else:
             said = f"Trained on {training['image_fraction']:.0%} of the training images' caption pairs" + (
-                f" and the sentences of `{training['text_source']}`." if training["text_source"] else "."
+                f" and {texts}." if texts else "."
+            )
+        if training.get("mix"):
+            said += (
+                " Each global batch: " + ", ".join(f"{v:.0%} {k}" for k, v in training["mix"].items()) + "."
             )
         out += [said, ""]
     for level, rows in report["scores"].items():
@@ -246,11 +255,14 @@ def evaluate_run(
         device=str(dev),
         checkpoint=run.which,
     )
-    if recipe.text.source or recipe.data.image_fraction < 1:  # what it was trained on, when not every pair
+    # what it was trained on, when not every pair
+    if recipe.text.source or recipe.pairs.source or recipe.data.image_fraction < 1:
         report["training"] = {
             "text_only": recipe.text_only,
             "text_source": recipe.text.source,
+            "pairs_source": recipe.pairs.source,
             "image_fraction": recipe.data.image_fraction,
+            "mix": {k: v for k, v in recipe.mix.shares.items() if v},
         }
     write_report(run.run_dir, report, manifest, scored, captions)
     return report

@@ -55,29 +55,41 @@ def prepare_manifest(recipe: Recipe, run_dir: Path) -> Manifest:
     return read_manifest(out)
 
 
-def prepare_text_manifest(recipe: Recipe, run_dir: Path) -> Manifest | None:
-    """The run's text corpus (`text.source`) read by the `text` adapter in data.language, written once
-    to <run>/text_manifest.jsonl (its report beside it) and reused afterwards; None without one."""
+def prepare_text_manifest(recipe: Recipe, run_dir: Path, kind: str = "text") -> Manifest | None:
+    """The run's text corpus (`kind` "text": `text.source`) or sentence pairs ("pairs": `pairs.source`)
+    read by the `text` adapter in data.language, written once to <run>/<kind>_manifest.jsonl (its report
+    beside it) and reused afterwards; None when the recipe has none."""
     from data_prep.datasets import prepare, report_path
 
-    if not recipe.text.source:
+    if kind == "text":
+        source, options = recipe.text.source, {"text_column": recipe.text.column}
+    else:
+        p = recipe.pairs
+        source = p.source
+        options = {
+            "text_column": p.target_column,
+            "source_column": p.source_column,
+            "source_language": p.source_language,
+        }
+    if not source:
         return None
-    out = Path(run_dir) / "text_manifest.jsonl"
+    out = Path(run_dir) / f"{kind}_manifest.jsonl"
     if not out.exists():
         report = prepare(
             "text",
-            Path(recipe.text.source),
+            Path(source),
             out,
             language=recipe.data.language,
             seed=recipe.train.seed,
             stats=False,
-            text_column=recipe.text.column,
+            **options,
         )
         log.info(
-            "prepared %s from %s: %d sentences (%d problems; report: %s)",
+            "prepared %s from %s: %d %s (%d problems; report: %s)",
             out,
-            recipe.text.source,
+            source,
             report.counts["captions"],
+            "sentences" if kind == "text" else "sentence pairs",
             len(report.problems),
             report_path(out),
         )
@@ -92,13 +104,15 @@ def run_text_features(
     progress: bool = True,
     accelerator=None,
 ) -> tuple[FeatureStore, torch.Tensor | None]:
-    """Every sentence of the text corpus embedded by the encoder's text tower into the run's feature
-    store (beside its images), and the modality offset: the mean embedding of the images in
-    `text.offset_images` minus the mean sentence embedding (None when no folder is named)."""
+    """Every sentence of the text corpus (or every source sentence of the sentence pairs) embedded by
+    the encoder's text tower into the run's feature store (beside its images), and, for the text
+    corpus, the modality offset: the mean embedding of the images in `text.offset_images` minus the
+    mean sentence embedding (None when no folder is named)."""
     from data_prep.images import walk_images
+    from vicap.data import is_pairs, sentence_inputs
 
     offset_images: list = []
-    if recipe.text.offset_images:
+    if recipe.text.offset_images and not is_pairs(text_manifest):
         folder = Path(recipe.text.offset_images)
         if not folder.is_dir():
             raise RecipeError(f"text.offset_images = {recipe.text.offset_images!r}: not a folder")
@@ -108,8 +122,7 @@ def run_text_features(
         offset_images = scan.images
         if not offset_images:
             raise RecipeError(f"text.offset_images = {recipe.text.offset_images!r}: no images in it")
-    texts = [c for r in text_manifest.records for c in r.captions]
-    normalizer = text_manifest.meta.get("normalizer", "")
+    texts, normalizer = sentence_inputs(text_manifest)
     store = extract_features(
         load_encoder(recipe.encoder, text=True),
         offset_images,

@@ -477,6 +477,107 @@ class TextConfig(Section):
         )
 
 
+PAIR_SUFFIXES = (".tsv", ".csv", ".jsonl", ".ndjson")
+
+
+@dataclass(frozen=True)
+class PairsConfig(Section):
+    """Cross-lingual sentence pairs: each pair trains the mapper to say the target-language sentence
+    from the CLIP text embedding of its source-language sentence (e.g. English COCO captions with their
+    Vietnamese translations, through a multilingual CLIP)."""
+
+    KEY = "pairs"
+
+    source: str = option(
+        "a file of sentence pairs read by the `text` adapter: a .tsv/.csv with a header row, or a .jsonl, "
+        "with a source-sentence column and a target-sentence column. The target (in data.language) is "
+        "normalized and segmented as every caption; the mapper's input is the source sentence's noisy, "
+        "L2-normalized text embedding. '' (the default): no sentence pairs",
+        "",
+    )
+    source_column: str = option("the column or .jsonl key of the source-language sentences", "source")
+    target_column: str = option("the column or .jsonl key of their translations (data.language)", "target")
+    source_language: str = option(
+        "language code of the source sentences: their normalization before the CLIP text tower", "en"
+    )
+
+    def validate(self) -> None:
+        for key in ("source_column", "target_column", "source_language"):
+            value = getattr(self, key)
+            check(bool(value), f"pairs.{key}", value, "must not be empty")
+            check(
+                bool(self.source) or value == getattr(PairsConfig, key),
+                f"pairs.{key}",
+                value,
+                "applies only with sentence pairs: set pairs.source",
+            )
+        check(
+            self.source_column != self.target_column,
+            "pairs.target_column",
+            self.target_column,
+            "is pairs.source_column too: name the two columns of a pair",
+        )
+        check(
+            _LANGUAGE_CODE.fullmatch(self.source_language) is not None or self.source_language == "generic",
+            "pairs.source_language",
+            self.source_language,
+            "not a language code (en, vi, pt-BR, ...)",
+        )
+        check(
+            not self.source or self.source.lower().endswith(PAIR_SUFFIXES),
+            "pairs.source",
+            self.source,
+            f"sentence pairs are read from a file with two named columns: {', '.join(PAIR_SUFFIXES)}",
+        )
+
+
+# The training sources a [mix] share can name, and what makes each present in a recipe.
+MIX_SOURCES = {
+    "images": "data.image_fraction > 0",
+    "text": "text.source",
+    "pairs": "pairs.source",
+}
+
+
+@dataclass(frozen=True)
+class MixConfig(Section):
+    """How the training sources fill each global batch. All 0 (the default): every present source's
+    items are shuffled together, so each source fills batches in proportion to its size. Otherwise
+    each present source gets its fixed share of every global batch of train.batch_size items."""
+
+    KEY = "mix"
+
+    images: float = option(
+        "share of every global batch drawn from the image-caption pairs (the data.image_fraction subset "
+        "of the training images); 0 with every share 0: in proportion to the sources' sizes",
+        0.0,
+    )
+    text: float = option("share of every global batch drawn from the [text] corpus's sentences", 0.0)
+    pairs: float = option("share of every global batch drawn from the [pairs] sentence pairs", 0.0)
+
+    def validate(self) -> None:
+        for name in MIX_SOURCES:
+            value = getattr(self, name)
+            check(0.0 <= value <= 1.0, f"mix.{name}", value, "must be in [0, 1]")
+
+    @property
+    def shares(self) -> dict[str, float]:
+        """Source -> its share of a global batch; empty when the sources mix by size."""
+        shares = {name: getattr(self, name) for name in MIX_SOURCES}
+        return shares if any(shares.values()) else {}
+
+    def counts(self, batch_size: int) -> dict[str, int]:
+        """Source -> its items in every global batch of `batch_size`: the shares rounded so that they
+        add up to the batch (largest remainder first, ties in source order)."""
+        shares = self.shares
+        exact = {name: share * batch_size for name, share in shares.items()}
+        counts = {name: int(x) for name, x in exact.items()}
+        by_remainder = sorted(shares, key=lambda name: -(exact[name] - counts[name]))
+        for name in by_remainder[: batch_size - sum(counts.values())]:
+            counts[name] += 1
+        return counts
+
+
 @dataclass(frozen=True)
 class GenerateConfig(Section):
     KEY = "generate"
@@ -759,15 +860,26 @@ class Recipe(RecipeSchema):
     eval: EvalConfig
     scst: ScstConfig = field(default_factory=ScstConfig)
     text: TextConfig = field(default_factory=TextConfig)
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+    mix: MixConfig = field(default_factory=MixConfig)
     name: str = ""
     description: str = ""
 
-    OPTIONAL = ("scst", "text")
+    OPTIONAL = ("scst", "text", "pairs", "mix")
 
     @property
     def text_only(self) -> bool:
-        """Trained without a single image: on the [text] corpus alone."""
-        return bool(self.text.source) and self.data.image_fraction == 0
+        """Trained without a single image: on the [text] corpus and/or the [pairs] alone."""
+        return bool(self.text.source or self.pairs.source) and self.data.image_fraction == 0
+
+    @property
+    def sources(self) -> dict[str, bool]:
+        """Which training sources the recipe gives (see MIX_SOURCES)."""
+        return {
+            "images": self.data.image_fraction > 0,
+            "text": bool(self.text.source),
+            "pairs": bool(self.pairs.source),
+        }
 
     def check(self) -> None:
         check(
@@ -777,35 +889,41 @@ class Recipe(RecipeSchema):
             "applies to cross-entropy training; self-critical training (scst.init_from) samples its "
             "own captions per image",
         )
-        check(
-            not (self.text.source and self.train.group_by_image),
-            "train.group_by_image",
-            True,
-            "groups the captions of each image; a text corpus (text.source) has sentences, not images",
-        )
-        if self.text.source:  # sentences and images meet on the unit sphere (CapDec normalizes both)
+        for key in ("text.source", "pairs.source"):
+            if not (self.text.source if key == "text.source" else self.pairs.source):
+                continue
+            check(
+                not self.train.group_by_image,
+                "train.group_by_image",
+                True,
+                f"groups the captions of each image; {key} gives sentences, not images",
+            )
+            # sentences and images meet on the unit sphere (CapDec normalizes both)
             check(
                 self.encoder.normalize,
                 "encoder.normalize",
                 self.encoder.normalize,
-                "text.source trains on L2-normalized text embeddings, so image features must be "
+                f"{key} trains on L2-normalized text embeddings, so image features must be "
                 "L2-normalized too: set encoder.normalize = true",
             )
             check(
                 not self.encoder.patch_tokens,
                 "encoder.patch_tokens",
                 self.encoder.patch_tokens,
-                "text embeddings have no patch tokens: text.source needs encoder.patch_tokens = false",
+                f"text embeddings have no patch tokens: {key} needs encoder.patch_tokens = false",
             )
         check(
-            self.data.image_fraction > 0 or bool(self.text.source),
+            self.data.image_fraction > 0 or bool(self.text.source or self.pairs.source),
             "data.image_fraction",
             self.data.image_fraction,
-            "0 leaves nothing to train on: set text.source to a text corpus, or a fraction above 0",
+            "0 leaves nothing to train on: set text.source to a text corpus, pairs.source to sentence "
+            "pairs, or a fraction above 0",
         )
+        self._check_mix()
         if self.scst.init_from:
             for key, value, default in (
                 ("text.source", self.text.source, ""),
+                ("pairs.source", self.pairs.source, ""),
                 ("data.image_fraction", self.data.image_fraction, 1.0),
             ):
                 check(
@@ -826,10 +944,59 @@ class Recipe(RecipeSchema):
                     "applies only to a self-critical stage: set scst.init_from to the run to start from",
                 )
 
+    def _check_mix(self) -> None:
+        """[mix] shares: one for each source the recipe gives and none for a source it does not, adding
+        up to 1, each at least one item of train.batch_size."""
+        shares = self.mix.shares
+        if not shares:
+            return
+        for name, present in self.sources.items():
+            if shares[name] > 0:
+                check(present, f"mix.{name}", shares[name], f"a share of nothing: set {MIX_SOURCES[name]}")
+            else:
+                check(
+                    not present,
+                    f"mix.{name}",
+                    shares[name],
+                    f"{MIX_SOURCES[name]} is given but gets no share of the batches: give it one, or "
+                    "remove it",
+                )
+        total = sum(shares.values())
+        check(
+            abs(total - 1) < 1e-6,
+            "mix.images + mix.text + mix.pairs",
+            round(total, 6),
+            "the shares of a global batch must add up to 1",
+        )
+        counts = self.mix.counts(self.train.batch_size)
+        for name, share in shares.items():
+            check(
+                share == 0 or counts[name] > 0,
+                f"mix.{name}",
+                share,
+                f"is no item of a global batch of train.batch_size = {self.train.batch_size}: raise one "
+                "of them",
+            )
+        check(
+            not self.train.group_by_length,
+            "train.group_by_length",
+            True,
+            "regroups items across global batches by length, which would break the [mix] shares; set "
+            "it to false",
+        )
+
     def summary(self) -> str:
         line = f"{self.encoder.model} -> {self.mapper.type} -> {self.decoder.model}, tuning={self.decoder.tuning}"
         if self.text.source:
-            line += f"; text corpus {self.text.source}" + (" alone (no images)" if self.text_only else "")
+            line += f"; text corpus {self.text.source}"
+        if self.pairs.source:
+            line += (
+                f"; sentence pairs {self.pairs.source} ({self.pairs.source_language} -> {self.data.language})"
+            )
+        if self.text_only:
+            line += " (no images)"
+        if self.mix.shares:
+            line += "; each batch " + " + ".join(f"{v:g} {k}" for k, v in self.mix.shares.items() if v)
         if self.scst.init_from:
             line += f"; self-critical training from {self.scst.init_from} ({self.scst.init_checkpoint} checkpoint)"
         return line

@@ -311,7 +311,7 @@ def start_run(kind: RunKind, recipe, accelerator, *, resume: bool) -> Checkpoint
         run_diffs = recipe_differences(
             ckpt.recipe.to_dict(),
             recipe.to_dict(),
-            [k for k in ("train", "data", "scst", "text") if k in type(recipe).sections()],
+            [k for k in ("train", "data", "scst", "text", "pairs", "mix") if k in type(recipe).sections()],
             allowed=RESUME_FREE,
         )
         if run_diffs:
@@ -354,12 +354,20 @@ def _loader(job: TrainJob, dataset: Dataset, *, shuffle: bool, rank: int, world:
         world=world,
         lengths=lengths,
         images=job.images if shuffle else None,
+        parts=_mix_parts(dataset) if shuffle else None,
     )
     # The loader's own generator: iterating it never draws from the global RNG (dropout's), which
     # would put a resumed run's dropout masks out of step.
     return DataLoader(
         dataset, batch_sampler=batches, collate_fn=job.collate, generator=torch.Generator().manual_seed(0)
     )
+
+
+def _mix_parts(dataset: Dataset) -> tuple[list[int], list[int]] | None:
+    """The sizes of a mixed training set's sources and each one's items per global batch (recipe
+    [mix]), or None when its sources mix by size."""
+    counts = getattr(dataset, "counts", None)
+    return None if counts is None else ([len(p) for p in dataset.parts], counts)
 
 
 def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
@@ -752,9 +760,11 @@ def clipcap_job(recipe, accelerator, *, progress: bool = True) -> TrainJob:
     from vicap.model import CaptionModel
 
     manifest, paired, store = _clipcap_data(recipe, accelerator, progress=progress)
-    text_manifest, offset = None, None
+    text_manifest, pairs_manifest, offset = None, None, None
     if recipe.text.source:  # the same store, now holding the corpus's sentences too
-        text_manifest, store, offset = _text_data(recipe, accelerator, progress=progress)
+        text_manifest, store, offset = _text_data(recipe, accelerator, "text", progress=progress)
+    if recipe.pairs.source:  # and the source sentences of the sentence pairs
+        pairs_manifest, store, _ = _text_data(recipe, accelerator, "pairs", progress=progress)
     decoder = load_decoder(recipe.decoder)
     set_seed(recipe.train.seed)  # again: feature extraction may or may not have drawn from the RNG
     model = CaptionModel.from_recipe(recipe, store.dim, decoder)
@@ -767,21 +777,35 @@ def clipcap_job(recipe, accelerator, *, progress: bool = True) -> TrainJob:
         return build_pairs(manifest, records, store, decoder, **tokens)
 
     train_set = pairs("train", paired)
-    if train_set is None and text_manifest is None:
+    if train_set is None and text_manifest is None and pairs_manifest is None:
         raise RecipeError(f"manifest {manifest.path} has no 'train' split")
     group = recipe.train.group_by_image
     summary = f"{len(train_set)} captions of {len(set(train_set.rows.tolist()))} images" if train_set else ""
     collate = Collator(store, decoder.pad_token_id, group=group)
-    sources = {"image_captions": len(train_set) if train_set else 0, "sentences": 0}
-    if text_manifest is not None:
-        sentences = build_text_pairs(text_manifest, store, decoder, **tokens)
-        if not len(sentences):
-            raise RecipeError(f"text.source = {recipe.text.source!r}: no usable sentence in it")
-        sources["sentences"] = len(sentences)
-        summary = ", ".join(filter(None, [summary, f"{len(sentences)} sentences of {recipe.text.source}"]))
-        train_set = MixedPairs([p for p in (train_set, sentences) if p is not None])
-        if offset is not None:
-            collate = _shift_sentences(collate, store, sentences.rows, offset)
+    sources = {"image_captions": len(train_set) if train_set else 0, "sentences": 0, "sentence_pairs": 0}
+    parts = {"images": train_set} if train_set is not None else {}
+    for name, key, m, what in (
+        ("text", "sentences", text_manifest, "sentence"),
+        ("pairs", "sentence_pairs", pairs_manifest, "sentence pair"),
+    ):
+        if m is None:
+            continue
+        part = parts[name] = build_text_pairs(m, store, decoder, **tokens)
+        if not len(part):
+            raise RecipeError(f"{name}.source = {getattr(recipe, name).source!r}: no usable {what} in it")
+        sources[key] = len(part)
+        summary = ", ".join(filter(None, [summary, f"{len(part)} {what}s of {getattr(recipe, name).source}"]))
+    shares = recipe.mix.counts(recipe.train.batch_size) if recipe.mix.shares else {}
+    for name, count in shares.items():
+        if count and not len(parts.get(name, ())):  # e.g. no training image of the manifest has features
+            raise RecipeError(f"mix.{name} = {getattr(recipe.mix, name)}: no {name} to draw from in this run")
+    train_set = MixedPairs(list(parts.values()), [shares[n] for n in parts] if shares else None)
+    if len(parts) == 1 and not shares:
+        train_set = train_set.parts[0]  # one source: its own pairs, as ever
+    if shares:
+        summary += "; every global batch " + " + ".join(f"{shares[n]} {n}" for n in parts)
+    if offset is not None:
+        collate = _shift_sentences(collate, store, parts["text"].rows, offset)
     fields = _clipcap_fields(recipe, manifest, store, model)
     fields["meta"]["sources"] = json.dumps({**sources, "text_only": sources["image_captions"] == 0})
     return TrainJob(
@@ -813,13 +837,14 @@ def _paired_images(recipe, manifest) -> list:
     return kept
 
 
-def _text_data(recipe, accelerator, *, progress: bool):
-    """The text corpus's manifest (text.source), the feature store with its sentences, and the
-    modality offset (None without text.offset_images)."""
+def _text_data(recipe, accelerator, kind: str, *, progress: bool):
+    """The manifest of the text corpus (`kind` "text": text.source) or of the sentence pairs ("pairs":
+    pairs.source), the feature store with their sentences, and the modality offset (None without
+    text.offset_images, and for sentence pairs)."""
     from vicap.pipeline import prepare_text_manifest, run_text_features
 
     with accelerator.main_process_first():
-        text_manifest = prepare_text_manifest(recipe, Path(recipe.train.output_dir))
+        text_manifest = prepare_text_manifest(recipe, Path(recipe.train.output_dir), kind)
     store, offset = run_text_features(recipe, text_manifest, progress=progress, accelerator=accelerator)
     return text_manifest, store, offset
 

@@ -185,7 +185,7 @@ def _provenance(source: Path, lang, val_fraction: float, seed: int, options: dic
     return {
         "language": lang.code,
         "source": str(source.absolute()),
-        "normalizer": f"{lang.normalizer.__module__}.{lang.normalizer.__qualname__}",
+        "normalizer": lang.normalizer_name,
         "val_fraction": val_fraction,
         "seed": seed,
         "options": {k: str(Path(v).absolute()) if isinstance(v, Path) else v for k, v in options.items()},

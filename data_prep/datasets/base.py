@@ -12,13 +12,13 @@ import hashlib
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from data_prep import text as T
 from data_prep.errors import SettingError
 from data_prep.images import TarMember, check_images
-from data_prep.languages import Language
+from data_prep.languages import Language, get_language
 from data_prep.manifest import Record, relative_image_path
 from data_prep.report import Problem
 from data_prep.textio import SURROGATES
@@ -47,6 +47,7 @@ class RawCaption:
     text: object  # not yet validated: may be None or a number in broken files
     file: str
     where: str
+    source: object = None  # a sentence pair's source-language sentence (not yet validated); None: no pair
 
 
 @dataclass
@@ -124,34 +125,34 @@ def _unique_images(raw: AdapterOutput, tally: _Tally) -> dict[str, RawImage]:
     return images
 
 
-def _caption_text(c: RawCaption, language: Language, max_chars: int | None, tally: _Tally) -> str | None:
-    """The caption normalized, or None (and a problem) when it cannot be used."""
+def _caption_text(
+    c: RawCaption, language: Language, max_chars: int | None, tally: _Tally, what: str = "caption"
+) -> str | None:
+    """The caption normalized, or None (and a problem) when it cannot be used. `what` names the text
+    in messages ("source sentence of" for a sentence pair's source side)."""
+    name = f"{what} {c.caption_id!r}"
     if not isinstance(c.text, str) or not any(ch.isalnum() for ch in c.text):
         # Whitespace or punctuation only ("`", "]" occur in UIT-ViIC): nothing to learn from.
-        tally.skip_caption("empty_caption", c, f"caption {c.caption_id!r} has no words: {c.text!r}")
+        tally.skip_caption("empty_caption", c, f"{name} has no words: {c.text!r}")
         return None
     if SURROGATES.search(c.text):
         # JSON allows "\ud800" escapes that stand for no character; no tokenizer can read them
-        tally.skip_caption("invalid_text", c, f"caption {c.caption_id!r} holds a lone surrogate: {c.text!r}")
+        tally.skip_caption("invalid_text", c, f"{name} holds a lone surrogate: {c.text!r}")
         return None
     if not T.is_nfc(c.text):
-        tally.problems.append(
-            Problem("nfd_text", c.file, c.where, f"caption {c.caption_id!r} not NFC", "fixed")
-        )
+        tally.problems.append(Problem("nfd_text", c.file, c.where, f"{name} not NFC", "fixed"))
         tally.counts["captions_fixed"] += 1
     text = language.normalize(c.text)
     stray = language.unexpected_scripts(text)
     if stray:
         letters = "/".join(sorted(stray))
-        tally.skip_caption(
-            "unexpected_script", c, f"caption {c.caption_id!r} has {letters} letters: {text!r}"
-        )
+        tally.skip_caption("unexpected_script", c, f"{name} has {letters} letters: {text!r}")
         return None
     if max_chars is not None and len(text) > max_chars:
         tally.skip_caption(
             "long_caption",
             c,
-            f"caption {c.caption_id!r} has {len(text)} characters, over the limit of {max_chars}: {text[:60]!r}...",
+            f"{name} has {len(text)} characters, over the limit of {max_chars}: {text[:60]!r}...",
         )
         return None
     return text
@@ -159,11 +160,15 @@ def _caption_text(c: RawCaption, language: Language, max_chars: int | None, tall
 
 def _captions_per_image(
     raw: AdapterOutput, images: dict[str, RawImage], language: Language, max_chars: int | None, tally: _Tally
-) -> dict[str, list[tuple[str, str]]]:
-    """image id -> [(caption id, normalized text)] of the usable captions."""
+) -> tuple[dict[str, list[tuple[str, str]]], dict[str, str]]:
+    """image id -> [(caption id, normalized text)] of the usable captions, and a sentence pair's
+    image id -> its source sentence, normalized in the pairs' source language (`raw.meta`)."""
     caps: dict[str, list[tuple[str, str]]] = {i: [] for i in images}
+    sources: dict[str, str] = {}
+    source_language = get_language(raw.meta["source_language"]) if "source_language" in raw.meta else None
     seen: set[str] = set()
-    sentences: dict[str, str] = {}  # a text corpus's normalized sentence -> where it was first seen
+    # a text corpus's normalized sentence, or a pair's (source, target), -> where it was first seen
+    sentences: dict[str | tuple[str, str], str] = {}
     for c in raw.captions:
         if c.caption_id in seen:
             tally.skip_caption("duplicate_caption_id", c, f"caption id {c.caption_id!r} seen before")
@@ -175,16 +180,25 @@ def _captions_per_image(
             )
             continue
         text = _caption_text(c, language, max_chars, tally)
-        if text is not None and images[c.image_id].path is None:  # a sentence of a text corpus
-            if text in sentences:
-                tally.skip_caption(
-                    "duplicate_text", c, f"the same sentence as {sentences[text]}: {text[:60]!r}"
-                )
+        source = None
+        if text is not None and c.source is not None:  # a sentence pair: its source side is checked too
+            source = _caption_text(
+                replace(c, text=c.source), source_language, max_chars, tally, "source sentence of"
+            )
+            if source is None:
                 continue
-            sentences[text] = f"{c.file} {c.where}"
+        if text is not None and images[c.image_id].path is None:  # a sentence of a text corpus
+            key = text if source is None else (source, text)
+            if key in sentences:
+                what = "sentence" if source is None else "pair"
+                tally.skip_caption("duplicate_text", c, f"the same {what} as {sentences[key]}: {text[:60]!r}")
+                continue
+            sentences[key] = f"{c.file} {c.where}"
         if text is not None:
             caps[c.image_id].append((c.caption_id, text))
-    return caps
+            if source is not None:
+                sources[c.image_id] = source
+    return caps, sources
 
 
 def _images_to_keep(
@@ -241,7 +255,7 @@ def build_records(
         list(raw.problems), {"images_read": len(raw.images), "captions_read": len(raw.captions), **counts}
     )
     images = _unique_images(raw, tally)
-    caps = _captions_per_image(raw, images, language, max_caption_chars, tally)
+    caps, sources = _captions_per_image(raw, images, language, max_caption_chars, tally)
     kept = _images_to_keep(images, caps, check, tally)
     train_ids = [im.image_id for im in kept if im.split == "train"]
     val = val_images(train_ids, val_fraction, seed) if val_fraction else set()
@@ -257,6 +271,7 @@ def build_records(
             captions=tuple(t for _, t in caps[im.image_id]),
             caption_ids=tuple(i for i, _ in caps[im.image_id]),
             member=im.path.name if isinstance(im.path, TarMember) else None,
+            source=sources.get(im.image_id),
         )
         for im in kept
     ]

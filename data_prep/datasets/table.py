@@ -41,10 +41,16 @@ def _json_rows(path: Path, out: AdapterOutput) -> Iterator[tuple[int, dict]]:
 
 
 def _csv_rows(
-    path: Path, image_column: str, caption_column: str, out: AdapterOutput, *, headerless: bool = True
+    path: Path,
+    image_column: str,
+    caption_column: str,
+    out: AdapterOutput,
+    *,
+    headerless: bool = True,
+    hint: str = "name the caption column with --option caption_column=NAME",
 ) -> Iterator[tuple[int, dict]]:
     """A CSV/TSV's rows as dicts by header. `headerless`: a two-column file without a header row is
-    read as image,caption."""
+    read as image,caption. `hint` ends the error for a header without `caption_column`."""
     lines = text_lines(path, SourceError)
     first = next(lines, "")
     suffix = path.suffix.lower()
@@ -62,10 +68,7 @@ def _csv_rows(
         else:
             raise SourceError(f"{path}:1: no column {image_column!r} in header {header}")
     if caption_column not in header:
-        raise SourceError(
-            f"{path}:1: no column {caption_column!r} in header {header}; name the caption column "
-            "with --option caption_column=NAME"
-        )
+        raise SourceError(f"{path}:1: no column {caption_column!r} in header {header}; {hint}")
     while True:
         n = reader.line_num + 1
         try:
