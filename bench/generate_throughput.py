@@ -34,7 +34,8 @@ machine. The reference (and vicap at batch 1) decode every --ref-every-th of the
 batch 32 (the reference is slow); captions/s is computed over the images each one decoded.
 
 --bf16 adds vicap at batch 32 under `generate.precision = "bf16"` (vicap.device.autocast, as `vicap
-caption` runs it), greedy and beam, where this machine's autocast has bf16: its captions/s, its ratio
+caption` runs it) and with the LM's weights in bf16 (`decoder.dtype = "bfloat16"`, no autocast),
+greedy and beam, where this machine has bf16: each one's captions/s, its ratio
 over the reference, and how many of its captions equal fp32's (bf16 rounding may change a close
 choice, so this is reported, not required; the fp32 captions are the ones checked against the reference).
 """
@@ -191,11 +192,17 @@ def original_clipcap_beam(model, prefix: torch.Tensor, beam_size: int = BEAMS) -
 # ---------------------------------------------------------------------------------------- one job
 
 
+# --bf16 rows: generate.precision = "bf16" (autocast over fp32 weights), and the LM's weights in bf16
+BF16 = {"vicap-bf16": "bf16 autocast", "vicap-lm-bf16": "LM in bf16"}
+
+
 def run_job(job: dict) -> dict:
     from vicap.device import autocast
 
     torch.set_num_threads(job["threads"])
     model, features = build(job["eos_scale"], job["pool"])
+    if job["impl"] == "vicap-lm-bf16":  # decoder.dtype = "bfloat16": the LM's weights in bf16
+        model.lm.to(torch.bfloat16)
     features = features[job["indices"]]
     precision = "bf16" if job["impl"] == "vicap-bf16" else "fp32"
     with torch.no_grad(), autocast(torch.device("cpu"), precision):
@@ -258,7 +265,7 @@ def main() -> int:
     if args.original_beam:
         plan.append(("reference-original", BEAMS, 1, subset))
     if args.bf16:
-        plan += [("vicap-bf16", beams, n, list(range(n))) for beams in (1, BEAMS)]
+        plan += [(impl, beams, n, list(range(n))) for impl in BF16 for beams in (1, BEAMS)]
     common = {"threads": args.threads, "eos_scale": args.eos_scale, "pool": n}
     t_start = time.perf_counter()
     runs: dict[tuple, list[dict]] = {}
@@ -302,12 +309,13 @@ def main() -> int:
             f"beam {BEAMS}: the original generate_beam returns vicap's caption for {same}/{len(orig)} (different rules)"
         )
     if args.bf16:
-        for beams in (1, BEAMS):
-            fp32, bf16 = best[("vicap", beams, n)]["captions"], best[("vicap-bf16", beams, n)]["captions"]
-            same = sum(a == b for a, b in zip(fp32, bf16, strict=True))
-            print(
-                f"beam {beams}: vicap bf16 vs fp32 at batch {n}: {same}/{n} captions identical (informational)"
-            )
+        for impl in BF16:
+            for beams in (1, BEAMS):
+                fp32, bf16 = best[("vicap", beams, n)]["captions"], best[(impl, beams, n)]["captions"]
+                same = sum(a == b for a, b in zip(fp32, bf16, strict=True))
+                print(
+                    f"beam {beams}: {impl} vs fp32 at batch {n}: {same}/{n} captions identical (informational)"
+                )
     for beams in (1, BEAMS):
         lengths = [len(c) for c in best[("vicap", beams, n)]["captions"]]
         print(
@@ -335,11 +343,11 @@ def main() -> int:
                 f"| {mode:6s} | {batch:5d} | {cps:12.2f} | {ref_cps:16.3f} | {cps / ref_cps:5.1f}x |"
                 f" {v['peak_rss_mb']:11.0f} MB | {r['peak_rss_mb']:15.0f} MB |"
             )
-            if args.bf16 and batch == n:
-                v = best[("vicap-bf16", beams, batch)]
+            for impl, label in BF16.items() if args.bf16 and batch == n else ():
+                v = best[(impl, beams, batch)]
                 cps = len(v["captions"]) / v["seconds"]
                 print(
-                    f"| {mode:6s} | {batch:5d} bf16 | {cps:7.2f} | {ref_cps:16.3f} | {cps / ref_cps:5.1f}x |"
+                    f"| {mode:6s} | {batch:5d}, {label} | {cps:12.2f} | {ref_cps:16.3f} | {cps / ref_cps:5.1f}x |"
                     f" {v['peak_rss_mb']:11.0f} MB | {r['peak_rss_mb']:15.0f} MB |"
                 )
     if args.original_beam:

@@ -97,8 +97,12 @@ def test_gemma_embeddings_are_scaled_by_the_lm_itself(lms: dict[str, Path]) -> N
 def test_the_output_layer_gets_a_contiguous_input_when_decoding(lms: dict[str, Path], family: str) -> None:
     """logits_to_keep=1 hands the output layer a strided view of the last position, which a bfloat16
     F.linear on CPU multiplies by copying the whole (vocab, hidden) weight per row; the decoder's hook
-    hands it a contiguous copy, and the logits are those of the full forward's last position."""
+    hands it a contiguous copy (CaptionModel sets that up), and the logits are those of the full
+    forward's last position."""
     dec = load_decoder(DecoderConfig(model=str(lms[family]), dtype="bfloat16"))
+    CaptionModel(MapperConfig(prefix_length=2), 8, dec, "frozen")  # sets the hook on the LM, once
+    CaptionModel(MapperConfig(prefix_length=2), 8, dec, "frozen")
+    assert len(dec.lm.get_output_embeddings()._forward_pre_hooks) == 1
     seen: list[bool] = []
     dec.lm.get_output_embeddings().register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous()))
     embeds = dec.lm.get_input_embeddings()(torch.tensor([[3, 7, 9, 11], [5, 6, 8, 10]]))

@@ -72,6 +72,14 @@ def fuse_activations(lm: nn.Module) -> int:
     return swapped
 
 
+def contiguous_output_input(lm: nn.Module) -> None:
+    """Give the LM's output layer a contiguous input (see `_contiguous_input`), once per LM."""
+    head = lm.get_output_embeddings()
+    if head is not None and not getattr(head, "_vicap_contiguous_input", False):
+        head.register_forward_pre_hook(_contiguous_input)
+        head._vicap_contiguous_input = True
+
+
 def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
     """A forward pre-hook for the LM's output layer: its input made contiguous.
 
@@ -119,9 +127,6 @@ def load_decoder(cfg: DecoderConfig) -> Decoder:
         raise ModelLoadError(f"decoder {cfg.model!r} defines no EOS token; captions need one to stop")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     hidden = lm.get_input_embeddings().embedding_dim
-    head = lm.get_output_embeddings()
-    if head is not None:
-        head.register_forward_pre_hook(_contiguous_input)
     if cfg.tuning == "frozen":
         lm.requires_grad_(False)
     lm.eval()

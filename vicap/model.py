@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from vicap.decoders import Decoder, add_lora, fuse_activations
+from vicap.decoders import Decoder, add_lora, contiguous_output_input, fuse_activations
 from vicap.mappers import build_mapper
 from vicap.recipe import DecoderConfig, MapperConfig, Recipe, RecipeError
 
@@ -111,6 +111,7 @@ class CaptionModel(nn.Module):
         self.decoder = decoder  # tokenizer and special ids; decoder.lm is registered below
         self.lm = decoder.lm
         fuse_activations(self.lm)  # the same function, one fused kernel (see fuse_activations)
+        contiguous_output_input(self.lm)  # bfloat16 decoding on CPU (see _contiguous_input)
         # The mapper is built before any LoRA weights, so its initialisation under a seed does not
         # depend on the tuning mode.
         self.mapper = build_mapper(mapper_cfg, encoder_dim, decoder.hidden_size)
