@@ -205,6 +205,17 @@ PAIRS_ON = {"pairs.source": "p.tsv", "encoder.normalize": True}
             "train.group_by_length",
         ),
         ("unknown mix key", {"mix.image": 1.0}, "mix.image"),
+        (
+            "pairs with an encoder without a text tower",
+            {**PAIRS_ON, "encoder.name": "timm", "encoder.model": "m", "encoder.pretrained": "w.safetensors"},
+            "encoder.name",
+        ),
+        ("self-critical with shares", {"scst.init_from": "runs/x", "mix.images": 1.0}, "mix.images"),
+        (
+            "a text corpus in a .json list",
+            {"text.source": "c.json", "encoder.normalize": True},
+            "text.source",
+        ),
         ("unknown pairs key", {"pairs.file": "p.tsv"}, "pairs.file"),
     ],
 )

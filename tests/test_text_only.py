@@ -158,6 +158,12 @@ def test_hf_clip_text_tower(tmp_path, tiny_lm_dir) -> None:
         ("CSV without the column", "c.csv", "a,b\nx,y\n", "no column 'text'"),
         ("not UTF-8", "c.txt", b"M\xf4t c\xe2u.\n", "not UTF-8"),
         ("missing file", "none.txt", None, "text corpus not found|source not found"),
+        (
+            "a JSON list, not JSON lines",
+            "c.json",
+            '["Một câu.", "Hai câu."]\n',
+            r"c\.json: a text corpus is a \.txt",
+        ),
     ],
 )
 def test_text_adapter_bad_input(tmp_path, case, name, content, expected) -> None:
@@ -293,3 +299,35 @@ def test_cli_error_for_a_missing_corpus(tmp_path, ktvic_dir, tiny_lm_dir, text_c
     res = CliRunner().invoke(app, ["train", "demo_vi_synthetic", *sets])
     assert res.exit_code == 2
     assert "error: " in res.stderr and "none.txt" in res.stderr and "Traceback" not in res.output
+
+
+# --------------------------------------------------------------------------- run files
+
+
+def test_a_text_manifest_follows_the_recipe_on_a_new_start(tmp_path) -> None:
+    """A run that stopped before its first checkpoint is started again with another corpus: the
+    manifest written by the first start is not reused for it."""
+    from vicap.pipeline import prepare_text_manifest
+
+    firsts = []
+    for name, sentence in (("a.txt", "Một con mèo."), ("b.txt", "Hai con chó.")):
+        (tmp_path / name).write_text(sentence + "\n", encoding="utf-8")
+        sets = ["data.source=d", f"text.source={tmp_path / name}", "encoder.normalize=true"]
+        manifest = prepare_text_manifest(load_recipe("demo_vi_synthetic", sets), tmp_path / "run", "text")
+        firsts.append(manifest.records[0].captions)
+    assert firsts == [("Một con mèo.",), ("Hai con chó.",)]
+
+
+def test_an_image_fraction_of_no_image_is_an_error(tmp_path, ktvic_dir) -> None:
+    from data_prep.manifest import read_manifest
+    from vicap.train import _paired_images
+
+    prepare("ktvic", ktvic_dir, tmp_path / "m.jsonl", language="vi", stats=False)
+    manifest = read_manifest(tmp_path / "m.jsonl")
+    recipe = load_recipe("demo_vi_synthetic", ["data.source=d", "data.image_fraction=0.01"])
+    with pytest.raises(RecipeError, match=r"data\.image_fraction = 0\.01: .* is none"):
+        _paired_images(recipe, manifest)
+    kept = _paired_images(
+        load_recipe("demo_vi_synthetic", ["data.source=d", "data.image_fraction=0.5"]), manifest
+    )
+    assert 0 < len(kept) < len(manifest.split("train"))

@@ -58,7 +58,8 @@ def prepare_manifest(recipe: Recipe, run_dir: Path) -> Manifest:
 def prepare_text_manifest(recipe: Recipe, run_dir: Path, kind: str = "text") -> Manifest | None:
     """The run's text corpus (`kind` "text": `text.source`) or sentence pairs ("pairs": `pairs.source`)
     read by the `text` adapter in data.language, written once to <run>/<kind>_manifest.jsonl (its report
-    beside it) and reused afterwards; None when the recipe has none."""
+    beside it) and reused afterwards while the recipe names the same file, options and language (written
+    again otherwise); None when the recipe has none."""
     from data_prep.datasets import prepare, report_path
 
     if kind == "text":
@@ -74,6 +75,12 @@ def prepare_text_manifest(recipe: Recipe, run_dir: Path, kind: str = "text") -> 
     if not source:
         return None
     out = Path(run_dir) / f"{kind}_manifest.jsonl"
+    if out.exists():  # written by an earlier start of this run: reused only if the recipe still says so
+        meta = read_manifest(out).meta
+        now = (str(Path(source)), options, recipe.data.language)
+        if (meta.get("source"), meta.get("options"), meta.get("language")) != now:
+            log.info("%s: written from other %s settings; prepared again", out, kind)
+            out.unlink()
     if not out.exists():
         report = prepare(
             "text",

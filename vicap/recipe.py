@@ -438,6 +438,9 @@ class TrainConfig(TrainSettings):
         )
 
 
+PAIR_SUFFIXES = (".tsv", ".csv", ".jsonl", ".ndjson")  # files with named columns
+
+
 @dataclass(frozen=True)
 class TextConfig(Section):
     """Text-only training (CapDec, Nukrai et al. 2022): sentences of the target language train the
@@ -470,14 +473,17 @@ class TextConfig(Section):
                 "applies only with a text corpus: set text.source",
             )
         check(
+            not self.source or self.source.lower().endswith((".txt", *PAIR_SUFFIXES)),
+            "text.source",
+            self.source,
+            "a text corpus is a .txt (one sentence a line), .jsonl/.ndjson, .csv or .tsv file",
+        )
+        check(
             not self.source.lower().endswith(".txt") or self.column == "text",
             "text.column",
             self.column,
             f"a .txt corpus ({self.source}) is one sentence a line and has no columns: remove text.column",
         )
-
-
-PAIR_SUFFIXES = (".tsv", ".csv", ".jsonl", ".ndjson")
 
 
 @dataclass(frozen=True)
@@ -530,6 +536,8 @@ class PairsConfig(Section):
             f"sentence pairs are read from a file with two named columns: {', '.join(PAIR_SUFFIXES)}",
         )
 
+
+TEXT_TOWERS = ("open_clip", "hf_clip")  # encoders that keep a text tower (vicap.encoders)
 
 # The training sources a [mix] share can name, and what makes each present in a recipe.
 MIX_SOURCES = {
@@ -898,6 +906,13 @@ class Recipe(RecipeSchema):
                 True,
                 f"groups the captions of each image; {key} gives sentences, not images",
             )
+            check(
+                self.encoder.name in TEXT_TOWERS,
+                "encoder.name",
+                self.encoder.name,
+                f"has no text tower to embed {key}'s sentences; use a CLIP encoder "
+                f"({' or '.join(TEXT_TOWERS)})",
+            )
             # sentences and images meet on the unit sphere (CapDec normalizes both)
             check(
                 self.encoder.normalize,
@@ -925,13 +940,14 @@ class Recipe(RecipeSchema):
                 ("text.source", self.text.source, ""),
                 ("pairs.source", self.pairs.source, ""),
                 ("data.image_fraction", self.data.image_fraction, 1.0),
+                *((f"mix.{name}", getattr(self.mix, name), 0.0) for name in MIX_SOURCES),
             ):
                 check(
                     value == default,
                     key,
                     value,
-                    "self-critical training samples captions of the training images; it has no text corpus "
-                    "and uses every image",
+                    "self-critical training samples captions of the training images: no text corpus, "
+                    "sentence pairs or [mix] shares, and every image",
                 )
         if not self.scst.init_from:  # no SCST stage: its other keys would be accepted and ignored
             default = ScstConfig()

@@ -833,6 +833,11 @@ def _paired_images(recipe, manifest) -> list:
         return records
     chosen = val_images([r.image_id for r in records], fraction, recipe.train.seed) if fraction else set()
     kept = [r for r in records if r.image_id in chosen]
+    if fraction and not kept:  # rounds to no image: say so rather than train on text alone or fail later
+        raise RecipeError(
+            f"data.image_fraction = {fraction}: {fraction} of the {len(records)} training images is none; "
+            "raise it, or set 0 to train without images"
+        )
     log.info("data.image_fraction = %s: %d of %d training images paired", fraction, len(kept), len(records))
     return kept
 

@@ -67,6 +67,10 @@ def read_text(
         raise SourceNotFoundError(
             f"text corpus not found: {source} (expected a .txt, .jsonl, .csv or .tsv file)"
         )
+    if source.suffix.lower() not in (".txt", *TABLE_SUFFIXES, *JSON_SUFFIXES):
+        raise SettingError(  # a .json list or any other format would be read as lines of text
+            f"{source}: a text corpus is a .txt (one sentence a line), .jsonl/.ndjson, .csv or .tsv file"
+        )
     pairs = bool(source_column)
     if pairs and source.suffix.lower() not in (*TABLE_SUFFIXES, *JSON_SUFFIXES):
         raise SettingError(
