@@ -55,16 +55,19 @@ def _scst(tiny_recipe, ce_run: Path, tmp_path: Path, name: str = "scst", **extra
     )
 
 
-def test_loss_and_gradients_match_a_hand_computation(ce_run: Path) -> None:
+@pytest.mark.parametrize("stop", ["eos", "another stop id"])
+def test_loss_and_gradients_match_a_hand_computation(ce_run: Path, stop: str) -> None:
     loaded = load_run(ce_run)
     model = loaded.model.eval()  # no dropout: the two forward passes must see the same network
-    eos = model.decoder.eos_token_id
-    a, b = [5, 9, 12], [7, 7]  # a ended with EOS, b was cut at max_new_tokens
+    # a ended with a stop token (the trained EOS, or another one the LM declares, as Gemma's
+    # <end_of_turn>: the one sampled is the one whose log-prob counts), b was cut at max_new_tokens
+    end = model.decoder.eos_token_id if stop == "eos" else 3
+    a, b = [5, 9, 12], [7, 7]
     rewards = {"a": 1.5, "b": 0.25}
     rewarder = Rewarder({"0": ["x"]}, language="vi", level="syllable")
     objective = SelfCritical(model, ScstConfig(samples=2), GenerateConfig(), rewarder, ["0"], segment="none")
     # The samples and their rewards are given; the objective computes the rest.
-    objective._captions = lambda features, cfg: [_Hyp(a, 0.0, True), _Hyp(b, 0.0, False)]
+    objective._captions = lambda features, cfg: [_Hyp(a, 0.0, True, end), _Hyp(b, 0.0, False)]
     objective._rewards = lambda hyps, keys: torch.tensor(
         [rewards["a"] if h.ids == a else rewards["b"] for h in hyps]
     )
@@ -86,7 +89,7 @@ def test_loss_and_gradients_match_a_hand_computation(ce_run: Path) -> None:
         return torch.stack([logp[n - 1 + i, t] for i, t in enumerate(tokens)]).mean()
 
     # mean baseline of two samples: each is compared with the other
-    hand = -((1.5 - 0.25) * mean_logp(a + [eos]) + (0.25 - 1.5) * mean_logp(b))
+    hand = -((1.5 - 0.25) * mean_logp(a + [end]) + (0.25 - 1.5) * mean_logp(b))
     assert float(out["loss_sum"].detach()) == pytest.approx(float(hand.detach()), rel=1e-5, abs=1e-6)
     want = torch.autograd.grad(hand, params)
     for g, w in zip(got, want, strict=True):

@@ -67,6 +67,7 @@ class _Hyp:
     ids: list[int]
     score: float
     finished: bool
+    end: int | None = None  # the stop token that ended it (dropped from ids); None: none, or a stop string
 
 
 # ---------------------------------------------------------------------------------------- post-processing
@@ -310,15 +311,16 @@ def decode_batch(
         n = int(lengths[r])
         ids = seqs[r, :n].tolist()
         finished = bool(ids) and ids[-1] in dec.stop_ids
+        end = ids[-1] if finished else None
         ids = ids[:-1] if finished else ids
         if cfg.stop:
             # A row generate stopped at the stop string ends there; in greedy/sample output it is
             # followed by padding, which may be the EOS token and must not count.
             stop_n = _stop_length(ids, cfg.stop, dec.tokenizer)
             if stop_n is not None:
-                ids, n, finished = ids[:stop_n], stop_n, True
+                ids, n, finished, end = ids[:stop_n], stop_n, True, None
         lengths[r] = n
-        hyps.append(_Hyp(ids, 0.0, finished))
+        hyps.append(_Hyp(ids, 0.0, finished, end))
     if beams > 1:
         scores = _beam_scores(rec, seqs, out.beam_indices.cpu(), lengths)
     else:  # (generate decodes beam_size = 1 greedily)
@@ -327,7 +329,7 @@ def decode_batch(
         scores = torch.where(steps[None, :] < lengths[:, None], logp, torch.zeros_like(logp)).sum(dim=1)
     if cfg.strategy == "beam":
         scores = scores / lengths.clamp(min=1).double().pow(cfg.length_penalty).float()
-    hyps = [_Hyp(h.ids, float(s), h.finished) for h, s in zip(hyps, scores.tolist(), strict=True)]
+    hyps = [_Hyp(h.ids, float(s), h.finished, h.end) for h, s in zip(hyps, scores.tolist(), strict=True)]
     n = cfg.n_best
     return [sorted(hyps[i : i + n], key=lambda h: -h.score) for i in range(0, rows, n)]
 

@@ -130,9 +130,9 @@ class SelfCritical(nn.Module):
             baseline = self._rewards(self._captions(features, self.greedy), keys)[:, None].expand(-1, k)
         else:
             baseline = (rewards.sum(dim=1, keepdim=True) - rewards) / (k - 1)
-        # The sampled tokens (with EOS where the caption ended), teacher-forced for their log-probs.
-        eos = self.model.decoder.eos_token_id
-        seqs = [h.ids + [eos] * h.finished for h in samples]
+        # The sampled tokens, with the stop token that was sampled where one ended the caption (any of
+        # the LM's stop ids), teacher-forced for their log-probs.
+        seqs = [h.ids + ([h.end] if h.end is not None else []) for h in samples]
         width = max(1, max(len(s) for s in seqs))
         ids = torch.full((len(seqs), width), self.model.decoder.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
