@@ -98,6 +98,19 @@ def test_a_gguf_file_is_converted_once_into_the_cache(ggufs, tmp_path: Path, cap
     assert sorted(f.name[16:] for f in (tmp_path / "cache" / "gguf").iterdir()) == ["-bfloat16", "-float32"]
 
 
+def test_a_conversion_that_fails_leaves_nothing_in_the_cache(ggufs, tmp_path: Path, monkeypatch) -> None:
+    from transformers import PreTrainedTokenizerBase
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setenv("VICAP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", full_disk)
+    with pytest.raises(Exception, match="No space left"):
+        load_decoder(DecoderConfig(model=str(ggufs["gemma3"][0])))
+    assert list((tmp_path / "cache" / "gguf").iterdir()) == []  # the model written before it is gone too
+
+
 def test_a_folder_and_decoder_gguf_file_name_the_same_file(ggufs) -> None:
     path, _ = ggufs["llama"]
     by_file = load_decoder(DecoderConfig(model=str(path)))

@@ -118,10 +118,14 @@ def gguf_folder(ref: ModelRef, dtype: str) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(parent, gguf_file=name, local_files_only=True)
     tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    lm.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    source = {"gguf_file": str(file.absolute()), "sha256": digest, "architecture": arch, "dtype": dtype}
-    (tmp / "vicap_gguf.json").write_text(json.dumps(source, indent=1) + "\n", encoding="utf-8")
+    try:
+        lm.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        source = {"gguf_file": str(file.absolute()), "sha256": digest, "architecture": arch, "dtype": dtype}
+        (tmp / "vicap_gguf.json").write_text(json.dumps(source, indent=1) + "\n", encoding="utf-8")
+    except BaseException:  # a full disk, a stop: no half-written model left in the cache
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     try:
         tmp.rename(folder)
     except OSError:  # another process finished the same conversion first: theirs is as good
