@@ -15,6 +15,7 @@ from vicap.baseline.model import LSTMDecoder, beam_search
 from vicap.baseline.recipe import LSTMConfig, is_baseline_recipe, load_baseline_recipe
 from vicap.baseline.vocab import BOS, EOS, SPECIALS, SentencePieceVocab, Vocab, caption_tokens
 from vicap.cli import app
+from vicap.errors import ModelLoadError
 from vicap.evaluate import FLOOR, HUMAN
 from vicap.recipe import RecipeError, find_recipe, shipped_recipes
 
@@ -224,7 +225,11 @@ FROZEN_ONE_REGION = ["encoder.trainable=false", "encoder.grid=1", "encoder.image
         ("no weights file", [*TIMM, *FROZEN_ONE_REGION, "encoder.weights=none"], "needs the model's weights"),
         ("trainable", [*TIMM, *FROZEN_ONE_REGION, "encoder.trainable=true"], "a timm CNN is used frozen"),
         ("grid", [*TIMM, *FROZEN_ONE_REGION, "encoder.grid=2"], "gives one pooled region; use 1"),
-        ("image size", [*TIMM, *FROZEN_ONE_REGION, "encoder.image_size=64"], "timm's own data config"),
+        (
+            "image size",
+            [*TIMM, *FROZEN_ONE_REGION, "encoder.image_size=64"],
+            "set it back to its default, 224",
+        ),
     ],
 )
 def test_bad_timm_cnn_settings_name_the_key(case: str, overrides: list[str], message: str) -> None:
@@ -258,3 +263,9 @@ def test_timm_cnn_reads_vicaps_feature_store(tmp_path: Path, ktvic_dir: Path) ->
         assert all(k.startswith("decoder.") for k in f.keys())  # the timm CNN is rebuilt from its file
     report = evaluate_baseline(run, ["generate.strategy=greedy", 'eval.metrics=["BLEU"]', "eval.human=false"])
     assert set(report["scores"]["syllable"]) == {"CNN+LSTM (show_tell)", FLOOR}
+
+    # a weights file that is not there is named by the baseline's own key
+    gone = [*TIMM[:2], f"encoder.weights={tmp_path / 'gone.safetensors'}", *FROZEN_ONE_REGION]
+    overrides = _tiny_overrides(tmp_path / "2", ktvic_dir)
+    with pytest.raises(ModelLoadError, match=r"^encoder\.weights = '.*gone\.safetensors': file not found"):
+        train_baseline(load_baseline_recipe(DEMO, [*overrides, *gone]), progress=False)

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -72,6 +73,10 @@ def test_paths_pil_images_and_tensors_caption_as_vicap_caption_does(
     assert [r["image"] for r in by_pil] == ["<image 0>", "<image 1>", "<image 2>"]
     by_tensor = captioner([captioner.preprocess(im) for im in pil], **GREEDY)
     assert _texts(by_tensor) == _texts(cli) and by_tensor[0]["image"] == "<tensor 0>"
+    batch = torch.stack([captioner.preprocess(im) for im in pil])  # one (B, 3, H, W) tensor: B images
+    assert captioner(batch, **GREEDY) == by_tensor
+    with pytest.raises(UsageError, match=r"<tensor 0>: a tensor of shape \(1, 3, 3"):
+        captioner([batch[:1, :, :3]], **GREEDY)
     # one input on its own, mixed inputs in one call
     assert _texts(captioner(images[0], **GREEDY)) == _texts(cli[:1])
     assert _texts(captioner([pil[0], images[1]], **GREEDY)) == _texts(cli[:2])

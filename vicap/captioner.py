@@ -217,8 +217,16 @@ class Captioner:
         "error"} for a file that could not be used (strict=True raises ImageError instead). Files are
         named by their path, other inputs by position ("<image 2>"). `strategy` and `changes`
         (beam_size=3, n_best=2, ...) adjust the recipe's [generate] settings (see `settings`)."""
-        single = isinstance(images, (str, Path, TarMember, Image.Image, torch.Tensor))
-        items = [images] if single else list(images)
+        single = isinstance(images, (str, Path, TarMember, Image.Image)) or (
+            isinstance(images, torch.Tensor) and images.dim() == 3
+        )
+        items = [images] if single else list(images)  # a (B, 3, H, W) tensor: B images
+        for i, item in enumerate(items):
+            if isinstance(item, torch.Tensor) and item.dim() != 3:
+                raise UsageError(
+                    f"<tensor {i}>: a tensor of shape {tuple(item.shape)}; give preprocessed images as "
+                    "(3, H, W) tensors or one (B, 3, H, W) batch"
+                )
         cfg = self.settings(strategy, **changes)
         return list(self._caption(items, cfg, strict=strict, progress=progress, num_workers=num_workers))
 

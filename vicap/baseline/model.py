@@ -126,6 +126,8 @@ class CNNEncoder(nn.Module):
             from vicap.encoders import load_encoder
             from vicap.recipe import EncoderConfig
 
+            if not Path(cfg.weights).expanduser().is_file():  # named by the baseline's own key
+                raise ModelLoadError(f"encoder.weights = {cfg.weights!r}: file not found")
             self.vicap_encoder = load_encoder(
                 EncoderConfig(name="timm", model=cfg.model, pretrained=cfg.weights)
             )

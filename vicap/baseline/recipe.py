@@ -101,7 +101,8 @@ class CNNConfig(Section):
                 self.image_size == IMAGE_SIZE,
                 "encoder.image_size",
                 self.image_size,
-                "a timm CNN is preprocessed by timm's own data config; leave it unset",
+                f"is not used with encoder.cnn = 'timm' (timm's own data config preprocesses): set it back "
+                f"to its default, {IMAGE_SIZE}",
             )
         check(self.image_size >= 16, "encoder.image_size", self.image_size, "must be >= 16")
         check(self.grid >= 1, "encoder.grid", self.grid, "must be >= 1")
